@@ -1,0 +1,102 @@
+"""Text generation with the KV cache: greedy or temperature / nucleus (top-p) sampling.
+
+python -m ref.generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ref.model import KVCache, Transformer
+from ref.tokenizer import Tokenizer
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p; the rest get -inf.
+    The most likely token is always kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """New token ids for each prompt (a batch, left padded, decoded with the KV cache). Rows that emit EOS stop
+    there; their ids end with EOS."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in tokenizer.batch(prompts))
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    cache, out = KVCache(), []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = model(ids, mask, cache=cache).logits[:, -1]
+    for _ in range(max_new_tokens):
+        tok = next_token(logits, temperature, top_p, generator)
+        out.append(tok)
+        if stop_at_eos and tokenizer.eos_id is not None:
+            done |= tok == tokenizer.eos_id
+            if done.all():
+                break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(tok[:, None], mask, cache=cache).logits[:, -1]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    if stop_at_eos and tokenizer.eos_id is not None:
+        rows = [r[: r.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in r else r for r in rows]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ref.checkpoint import load_model
+    from ref.errors import RefError
+    from ref.tokenizer import load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m ref.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="registry alias, local model folder, or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.max_new_tokens < 0 or not 0 < args.top_p <= 1:
+            raise RefError("--max-new-tokens must be >= 0 and --top-p in (0, 1]")
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        tok = load_tokenizer(args.model)
+    except RefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    for prompt, row in zip(args.prompt, rows, strict=True):
+        print(prompt + tok.decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
