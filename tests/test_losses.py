@@ -1,0 +1,277 @@
+"""ref.losses against hand-computed values, and compiled against eager."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ref import losses
+
+NAN = float("nan")
+
+
+def e(i: int, d: int = 4, scale: float = 1.0) -> torch.Tensor:
+    v = torch.zeros(d)
+    v[i] = scale
+    return v
+
+
+def padded_batch():
+    """Row 0 right-padded, row 1 left-padded; padding positions hold NaN and huge values."""
+    u = e(0)
+    h = torch.stack(
+        [
+            torch.stack([e(0, scale=3.0), e(1, scale=2.0), e(0, scale=-1.0), torch.full((4,), NAN)]),
+            torch.stack([torch.full((4,), 1e30), e(0, scale=0.5), e(2, scale=7.0), e(0, scale=-4.0)]),
+        ]
+    )
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    return h, u, mask
+
+
+# ---- eq. 4 and 5: cosine losses ----
+
+
+def test_cosine_forget_aligned_orthogonal_opposite_with_garbage_padding():
+    h, u, mask = padded_batch()
+    h.requires_grad_(True)
+    loss = losses.cosine_forget_loss(h, u, mask)
+    # real tokens: cos = 1, 0, -1 (row 0) and 1, 0, -1 (row 1) -> 1 - cos = 0, 1, 2, 0, 1, 2 -> mean 1
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(1.0, abs=1e-7)
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+    assert (h.grad[0, 3] == 0).all() and (h.grad[1, 0] == 0).all()
+
+
+def test_cosine_forget_bool_mask_and_bf16_input():
+    h, u, mask = padded_batch()
+    h = torch.nan_to_num(h, nan=5.0, posinf=5.0).bfloat16()  # bf16 has no room for 1e30
+    loss = losses.cosine_forget_loss(h, u, mask.bool())
+    assert loss.dtype == torch.float32
+    # every real-token vector above is exactly representable in bf16, so the value is still exactly 1
+    assert loss.item() == pytest.approx(1.0, abs=1e-7)
+
+
+def test_cosine_forget_gradient_by_hand():
+    # d/dh (1 - cos(h, u)) = -(u/|h||u| - cos * h/|h|^2); at h = (1, 1), u = (1, 0): cos = 1/sqrt2
+    h = torch.tensor([[[1.0, 1.0]]], requires_grad=True)
+    losses.cosine_forget_loss(h, torch.tensor([1.0, 0.0]), torch.ones(1, 1)).backward()
+    c = 1 / math.sqrt(2)
+    expected = -(torch.tensor([1.0, 0.0]) / math.sqrt(2) - c * torch.tensor([1.0, 1.0]) / 2)
+    torch.testing.assert_close(h.grad[0, 0], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_retain_values():
+    h, _, mask = padded_batch()
+    h0 = torch.stack(
+        [
+            torch.stack([e(0, scale=10.0), e(2), e(0), torch.full((4,), -3.0)]),  # cos 1, 0, -1
+            torch.stack([e(3), e(0, scale=0.5), e(2, scale=-1.0), e(3)]),  # cos 1, -1, 0
+        ]
+    )
+    # 1 - cos: 0, 1, 2 | 0, 2, 1 -> mean 1
+    assert losses.cosine_retain_loss(h, h0, mask).item() == pytest.approx(1.0, abs=1e-7)
+    assert losses.cosine_retain_loss(h, h, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_of_zero_vector_is_zero_not_nan():
+    # eps: a real token whose state is exactly 0 gives cos = 0 (loss 1) and a finite gradient
+    h = torch.zeros(1, 1, 4, requires_grad=True)
+    loss = losses.cosine_forget_loss(h, e(0), torch.ones(1, 1))
+    loss.backward()
+    assert loss.item() == 1.0 and torch.isfinite(h.grad).all()
+
+
+# ---- eq. 2 and 3: RMU losses ----
+
+
+def test_rmu_forget_by_hand():
+    h, u, mask = padded_batch()
+    c = 2.0
+    # per real token, mean over D=4 of (h - 2 e0)^2:
+    # row 0: (3-2)^2/4 = 0.25; (4 + 4)/4 = 2; (-3)^2/4 = 2.25
+    # row 1: (-1.5)^2/4 = 0.5625; (4 + 49)/4 = 13.25; 36/4 = 9
+    expected = (0.25 + 2 + 2.25 + 0.5625 + 13.25 + 9) / 6
+    assert losses.rmu_forget_loss(h, u, c, mask).item() == pytest.approx(expected, rel=1e-6)
+    # a 0-dim tensor coefficient (what adaptive_steering_coefficient returns) gives the same
+    assert losses.rmu_forget_loss(h, u, torch.tensor(c), mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_rmu_losses_equal_reference_mse_without_padding():
+    # the reference RMU code uses F.mse_loss over [B, T, D]; with no padding our scale must be the same
+    g = torch.Generator().manual_seed(0)
+    h, h0 = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    u = F.normalize(torch.rand(8, generator=g), dim=0)
+    ones = torch.ones(2, 5, dtype=torch.bool)
+    ref_forget = F.mse_loss(h, 6.5 * u.expand_as(h))
+    torch.testing.assert_close(losses.rmu_forget_loss(h, u, 6.5, ones), ref_forget, rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses.rmu_retain_loss(h, h0, ones), F.mse_loss(h, h0), rtol=1e-6, atol=0)
+
+
+def test_rmu_retain_by_hand():
+    h, _, mask = padded_batch()
+    h0 = torch.where(mask.bool()[..., None], h, 0.0)
+    h0[0, 1, 1] = 0.0  # token (0, 1): diff 2 in one dim -> 4/4 = 1
+    h0[1, 3] = e(0, scale=-2.0)  # token (1, 3): diff -2 -> 1
+    assert losses.rmu_retain_loss(h, h0, mask).item() == pytest.approx(2 / 6, rel=1e-6)
+
+
+def test_adaptive_steering_coefficient_by_hand():
+    h = torch.tensor([[[3.0, 4.0], [6.0, 8.0], [1e6, 1e6]]])  # norms 5, 10, padding
+    c = losses.adaptive_steering_coefficient(h, torch.tensor([[1, 1, 0]]), beta=5.0)
+    assert c.dtype == torch.float32 and c.dim() == 0
+    assert c.item() == pytest.approx(5.0 * 7.5, rel=1e-7)
+
+
+# ---- last token and eq. 6 ----
+
+
+def test_last_token_left_and_right_padding():
+    h = torch.arange(3 * 4).float().reshape(3, 4, 1) * torch.ones(3, 4, 2)  # h[b, t] = 4b + t
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    out = losses.last_token(h, mask)
+    assert out.shape == (3, 2)
+    assert out[:, 0].tolist() == [1.0, 7.0, 11.0]
+
+
+def test_last_token_rejects_empty_row():
+    with pytest.raises(ValueError, match="no real token"):
+        losses.last_token(torch.zeros(2, 3, 4), torch.tensor([[1, 1, 0], [0, 0, 0]]))
+
+
+def test_probe_projection_loss_by_hand():
+    h_last = [
+        torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]),
+        torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 1.0]]),
+    ]
+    directions = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    total, per_layer = losses.probe_projection_loss(h_last, directions)
+    # layer 0: projections 2, 1 -> (4 + 1)/2 = 2.5; layer 1: 3, 2 -> (9 + 4)/2 = 6.5
+    torch.testing.assert_close(per_layer, torch.tensor([2.5, 6.5]), rtol=0, atol=0)
+    assert total.item() == 9.0
+
+
+def test_shape_errors():
+    h = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="mask"):
+        losses.cosine_forget_loss(h, e(0), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="u must be"):
+        losses.rmu_forget_loss(h, torch.ones(5), 1.0, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="h0"):
+        losses.cosine_retain_loss(h, torch.zeros(2, 3, 5), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="directions"):
+        losses.probe_projection_loss([torch.zeros(2, 4)], torch.zeros(2, 4))
+
+
+# ---- torch.compile ----
+
+
+@pytest.fixture
+def compile_on():
+    losses.set_compile(True)
+    yield
+    losses.set_compile(True)
+
+
+def _random_case(b: int, t: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, t, d, generator=g).requires_grad_(True)
+    h0 = torch.randn(b, t, d, generator=g)
+    u = F.normalize(torch.rand(d, generator=g), dim=0)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, : t // 4] = False  # some left padding
+    mask[-1, -3:] = False  # some right padding
+    with torch.no_grad():
+        h[~mask] = 1e4  # garbage in padding
+    return h, h0, u, mask
+
+
+CASES = {
+    "rmu_forget": (losses.rmu_forget_loss, lambda h, h0, u, m: (h, u, 6.5, m)),
+    "rmu_retain": (losses.rmu_retain_loss, lambda h, h0, u, m: (h, h0, m)),
+    "cosine_forget": (losses.cosine_forget_loss, lambda h, h0, u, m: (h, u, m)),
+    "cosine_retain": (losses.cosine_retain_loss, lambda h, h0, u, m: (h, h0, m)),
+    "probe_projection": (
+        lambda h, w: losses.probe_projection_loss([h[:, 5 + i] for i in range(w.shape[0])], w)[0],
+        lambda h, h0, u, m: (h, torch.stack([u, F.normalize(h0[0, 0], dim=0), -u])),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_matches_eager_value_and_gradient(name, compile_on):
+    """Each function is compiled once (dynamic=True) and then serves a second shape without recompiling.
+
+    Tolerance: the fused kernels reorder fp32 sums of ~2k terms; the expected relative difference is a few
+    1e-7, so rtol 1e-5 (atol 1e-8 for the tiny per-element gradients, ~1e-4 each) leaves margin while a real
+    mistake (a missing mask, a wrong mean) would be off by percents.
+    """
+    fn, make_args = CASES[name]
+    cfn = losses.compiled(fn)
+    assert losses.compiled(fn) is cfn  # cached
+    for shape, seed in [((2, 16, 64), 0), ((3, 20, 64), 1)]:
+        h, h0, u, mask = _random_case(*shape, seed)
+        args = make_args(h, h0, u, mask)
+        # a fallback to eager (or a recompilation for the second shape) would make this test meaningless
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch._dynamo.config.patch(error_on_recompile=shape[1] == 20):
+                value_c = cfn(*args)
+        assert not [w for w in caught if "torch.compile of" in str(w.message)]
+        (grad_c,) = torch.autograd.grad(value_c, h)
+        value_e = fn(*args)
+        (grad_e,) = torch.autograd.grad(value_e, h)
+        torch.testing.assert_close(value_c, value_e, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-8)
+        assert torch.isfinite(grad_c).all()
+    assert losses._compiled[fn] is not fn  # really compiled, not fallen back
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, compile_on):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fn = lambda h, u, m: losses.cosine_forget_loss(h, u, m)  # a fresh function: fresh cache entry
+    cfn = losses.compiled(fn)
+    h, u, mask = padded_batch()
+    with pytest.warns(UserWarning, match="torch.compile of .* failed"):
+        assert cfn(h, u, mask).item() == pytest.approx(1.0, abs=1e-7)
+    with warnings.catch_warnings(record=True) as caught:  # one warning only: later calls run eager quietly
+        warnings.simplefilter("always")
+        assert cfn(h, u, mask).item() == pytest.approx(1.0, abs=1e-7)
+    assert not [w for w in caught if "torch.compile of" in str(w.message)]
+
+
+def test_bad_input_to_compiled_raises_and_keeps_compilation(monkeypatch, compile_on):
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args, **kw):
+            calls.append(1)
+            return fn(*args, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fn = lambda h, u, m: losses.cosine_forget_loss(h, u, m)
+    cfn = losses.compiled(fn)
+    with pytest.raises(ValueError, match="mask"):
+        cfn(torch.zeros(2, 3, 4), e(0), torch.ones(2, 5))
+    h, u, mask = padded_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfn(h, u, mask)
+    assert not [w for w in caught if "torch.compile of" in str(w.message)]
+    assert len(calls) == 2  # both calls went through the "compiled" function
+    losses.set_compile(False)
+    cfn(h, u, mask)
+    assert len(calls) == 2  # switched off: eager
