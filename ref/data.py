@@ -1,0 +1,283 @@
+"""The prepared data directory (DESIGN section 6): read, validate, and cut into shuffled batches.
+
+A data directory holds plain jsonl files and a `manifest.json` that says, for each goal, which files play
+which role:
+
+    {"wmdp": {"forget": ["forget/wmdp-bio.jsonl", "forget/wmdp-cyber.jsonl"], "retain": "retain/wikitext.jsonl",
+              "eval_forget": ["mc/wmdp-bio.jsonl"], "eval_retain": ["mc/mmlu.jsonl"], "mc_mode": "letter"},
+     "toxicity": {"forget": "forget/paradetox-toxic.jsonl", "retain": "retain/wikitext.jsonl",
+                  "probe": "probe/trust.jsonl", "eval_prompts": "prompts/rtp-challenging.jsonl",
+                  "eval_retain": ["mc/mmlu.jsonl"], "scorer": "trust"}}
+
+Paths are relative to the directory. Row schemas: forget/retain {"text"}, probe {"text", "label" 0/1 (1 = toxic)},
+mc {"question", "choices" (4 strings), "answer" 0..3, "subject" (optional)}, prompts {"prompt"}.
+Several forget corpora alternate as topics during unlearning, as in the RMU reference; each is named by its
+file stem ("wmdp-cyber"). `--data demo` and `--data hub` name directories that data_prep writes on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ref.errors import RefError
+from ref.registry import cache_dir
+
+GOALS = ("wmdp", "toxicity")
+MC_MODES = ("letter", "cloze")
+LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain")  # a single path or a list of paths
+PATH_KEYS = ("probe", "eval_prompts")  # a single path
+STR_KEYS = ("mc_mode", "scorer")
+LAYOUT_HINT = "see DESIGN.md section 6 for the layout"
+
+
+@dataclass
+class GoalData:
+    root: Path
+    goal: str
+    forget: dict[str, list[str]]  # corpus name (file stem) -> texts; the corpora alternate as topics
+    retain: list[str]
+    probe: list[tuple[str, int]] | None  # (text, label), label 1 = toxic; toxicity only
+    eval_forget: dict[str, Path]  # task name (file stem) -> MC jsonl
+    eval_retain: dict[str, Path]
+    eval_prompts: Path | None
+    mc_mode: str  # "letter" (lm-eval format) or "cloze" (length-normalised answer text, for small models)
+    scorer: str | None
+    manifest: dict  # the raw manifest, all goals
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All rows of a jsonl file (blank lines skipped); each row must be a JSON object."""
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs, so that errors about a row can name its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefError(f"data file {path} not found; fix the path or re-run the data preparation that writes it")
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RefError(f"{path} is not UTF-8 text ({e}); re-encode it as UTF-8 jsonl") from None
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RefError(f"{path} line {i} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise RefError(f"{path} line {i} is a JSON {type(row).__name__}, not an object; write one object a line")
+        rows.append((i, row))
+    return rows
+
+
+def _field(row: dict, key: str, kind: type, path: Path, i: int):
+    # bool is a subclass of int: a label or answer of `true` is a mistake, not 1
+    if key not in row or not isinstance(row[key], kind) or isinstance(row[key], bool):
+        got = "missing" if key not in row else f"{type(row[key]).__name__} {repr(row[key])[:40]}"
+        raise RefError(f"{path} line {i}: field {key!r} is {got}, expected {kind.__name__}; fix that line")
+    return row[key]
+
+
+def read_texts(path: Path) -> list[str]:
+    """The "text" field of every row; empty or whitespace-only texts are dropped."""
+    texts = [_field(row, "text", str, path, i) for i, row in _numbered_rows(path)]
+    return [t for t in texts if t.strip()]
+
+
+def read_probe(path: Path) -> list[tuple[str, int]]:
+    """(text, label) rows, label 1 = toxic, 0 = not; empty texts are dropped."""
+    out = []
+    for i, row in _numbered_rows(path):
+        text, label = _field(row, "text", str, path, i), _field(row, "label", int, path, i)
+        if label not in (0, 1):
+            raise RefError(f"{path} line {i}: label is {label}, expected 0 (not toxic) or 1 (toxic); fix that line")
+        if text.strip():
+            out.append((text, label))
+    return out
+
+
+def read_mc(path: Path) -> list[dict]:
+    """Validated multiple-choice rows: question str, choices [4 str], answer int in 0..3, subject str (optional)."""
+    numbered = _numbered_rows(path)
+    for i, row in numbered:
+        _field(row, "question", str, path, i)
+        choices = _field(row, "choices", list, path, i)
+        if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+            raise RefError(f"{path} line {i}: 'choices' must be 4 strings, got {len(choices)} items; fix that line")
+        answer = _field(row, "answer", int, path, i)
+        if not 0 <= answer <= 3:
+            raise RefError(f"{path} line {i}: 'answer' is {answer}, expected an index 0..3 into choices; fix that line")
+        if "subject" in row and not isinstance(row["subject"], str):
+            raise RefError(f"{path} line {i}: 'subject' must be a string; fix that line")
+    if not numbered:
+        raise RefError(f"{path} has no questions; write at least one MC row")
+    return [row for _, row in numbered]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The "prompt" field of every row (non-empty)."""
+    prompts = [_field(row, "prompt", str, path, i) for i, row in _numbered_rows(path)]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise RefError(f'{path} has no prompts; write rows of the form {{"prompt": str}}')
+    return prompts
+
+
+def _paths(root: Path, goal: str, key: str, value) -> list[Path]:
+    """One manifest entry (a path or a list of paths) -> existing files under root."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise RefError(f"{root}/manifest.json: {goal}.{key} must be a path or a non-empty list of paths")
+    paths = [root / v for v in values]
+    for p in paths:
+        if not p.is_file():
+            raise RefError(
+                f"{goal}.{key} names {p}, which does not exist; fix {root}/manifest.json or re-run data_prep"
+            )
+    return paths
+
+
+def _by_stem(paths: list[Path], goal: str, key: str) -> dict[str, Path]:
+    named = {p.stem: p for p in paths}
+    if len(named) != len(paths):
+        raise RefError(f"{goal}.{key} has two files with the same name stem; rename one (the stem names the corpus)")
+    return named
+
+
+def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[str] | None = None) -> GoalData:
+    """Read and validate everything the manifest names for `goal`; errors are RefError with a one-line fix.
+
+    Texts (forget, retain, probe) are loaded; MC and prompt files are validated here but returned as paths,
+    since evaluation reads them itself. `topics` keeps only the named forget corpora.
+    """
+    root = Path(data_dir)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise RefError(
+            f"{root} has no manifest.json; pass --data demo, --data hub, or a directory with one ({LAYOUT_HINT})"
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefError(f"{mpath} is not valid JSON ({e}); fix it ({LAYOUT_HINT})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get(goal), dict):
+        have = sorted(k for k, v in manifest.items() if isinstance(v, dict)) if isinstance(manifest, dict) else []
+        raise RefError(f"{mpath} has no entry for goal {goal!r} (it has {have}); add one or choose another goal")
+    entry = manifest[goal]
+    unknown = sorted(set(entry) - set(LIST_KEYS + PATH_KEYS + STR_KEYS))
+    if unknown:
+        raise RefError(
+            f"{mpath}: unknown keys {unknown} for goal {goal!r}; known: {list(LIST_KEYS + PATH_KEYS + STR_KEYS)}"
+        )
+    for key in ("forget", "retain"):
+        if key not in entry:
+            raise RefError(f"{mpath}: goal {goal!r} has no {key!r} entry; name its {key} corpus file(s)")
+    for key in PATH_KEYS + STR_KEYS:
+        if key in entry and not isinstance(entry[key], str):
+            raise RefError(f"{mpath}: {goal}.{key} must be a string")
+
+    def corpus(name: str, path: Path) -> list[str]:
+        texts = read_texts(path)
+        if len(texts) < min_texts:
+            raise RefError(f"corpus {name} ({path}) has only {len(texts)} texts; need at least {min_texts}")
+        return texts
+
+    forget = {
+        name: corpus(name, p)
+        for name, p in _by_stem(_paths(root, goal, "forget", entry["forget"]), goal, "forget").items()
+    }
+    if topics is not None:
+        missing = [t for t in topics if t not in forget]
+        if missing or not topics:
+            raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
+        forget = {t: forget[t] for t in topics}
+    retain = [t for p in _paths(root, goal, "retain", entry["retain"]) for t in corpus(p.stem, p)]
+
+    probe = None
+    if "probe" in entry:
+        (ppath,) = _paths(root, goal, "probe", entry["probe"])
+        probe = read_probe(ppath)
+        counts = [sum(label == c for _, label in probe) for c in (0, 1)]
+        if min(counts) < min_texts:
+            raise RefError(
+                f"probe {ppath} has {counts[1]} toxic and {counts[0]} non-toxic texts; need at least {min_texts} each"
+            )
+
+    evals = {}
+    for key in ("eval_forget", "eval_retain"):
+        evals[key] = _by_stem(_paths(root, goal, key, entry[key]), goal, key) if key in entry else {}
+        for p in evals[key].values():
+            read_mc(p)
+    prompts = None
+    if "eval_prompts" in entry:
+        (prompts,) = _paths(root, goal, "eval_prompts", entry["eval_prompts"])
+        read_prompts(prompts)
+
+    mc_mode = entry.get("mc_mode", "letter")
+    if mc_mode not in MC_MODES:
+        raise RefError(f"{mpath}: {goal}.mc_mode is {mc_mode!r}; use one of {list(MC_MODES)}")
+    return GoalData(
+        root=root,
+        goal=goal,
+        forget=forget,
+        retain=retain,
+        probe=probe,
+        eval_forget=evals["eval_forget"],
+        eval_retain=evals["eval_retain"],
+        eval_prompts=prompts,
+        mc_mode=mc_mode,
+        scorer=entry.get("scorer"),
+        manifest=manifest,
+    )
+
+
+def resolve_data_dir(data: str, goal: str | None = None) -> Path:
+    """--data value -> a directory with manifest.json.
+
+    "demo": the project's own small offline data, written into the cache on first use.
+    "hub": the paper's datasets, downloaded and converted on first use (only what `goal` needs, when given).
+    Anything else: an existing directory with a manifest.json.
+    """
+    if data == "demo":
+        from data_prep.demo import write_demo_data  # lazy: ref does not need data_prep otherwise
+
+        return write_demo_data(cache_dir() / "data" / "demo")
+    if data == "hub":
+        out = cache_dir() / "data" / "hub"
+        mpath = out / "manifest.json"
+        if mpath.is_file():
+            try:
+                prepared = json.loads(mpath.read_text(encoding="utf-8"))
+            except ValueError:
+                raise RefError(f"{mpath} is corrupt; delete {out} to prepare the hub data again") from None
+            if goal is None or goal in prepared:
+                return out
+        from data_prep.hub import prepare_hub_data  # lazy: it needs pyarrow and network access to the hub
+
+        return prepare_hub_data(out, goals=[goal] if goal else list(GOALS))
+    path = Path(data).expanduser()
+    if not (path / "manifest.json").is_file():
+        what = "has no manifest.json" if path.is_dir() else "is not a directory"
+        raise RefError(f"--data {data}: {path} {what}; pass demo, hub, or a prepared data directory ({LAYOUT_HINT})")
+    return path
+
+
+def batches(texts: list[str], batch_size: int, seed: int, epoch: int) -> list[list[str]]:
+    """One epoch of `texts` in batches, shuffled deterministically per (seed, epoch).
+
+    The last incomplete batch is dropped when there is at least one full batch; with fewer texts than
+    batch_size the whole (shuffled) corpus is one short batch.
+    """
+    if batch_size < 1:
+        raise RefError(f"batch size is {batch_size}; use a positive batch size")
+    order = np.random.default_rng([seed, epoch]).permutation(len(texts))
+    shuffled = [texts[i] for i in order]
+    n = len(shuffled) // batch_size * batch_size or len(shuffled)
+    return [shuffled[i : i + batch_size] for i in range(0, n, batch_size)]
