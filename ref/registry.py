@@ -38,3 +38,47 @@ def cache_dir() -> Path:
 def local_model_dir(alias: str) -> Path:
     """Folder where data_prep writes an offline model (HF layout: config.json, safetensors, tokenizer.json)."""
     return cache_dir() / "models" / alias
+
+
+@dataclass(frozen=True)
+class UnlearnDefaults:
+    """Per-model defaults of ref.unlearn. Layer indices count blocks from 0; "layer i" is the residual stream after
+    block i (the RMU reference hooks `model.layers[7]`, i.e. layer 7 here)."""
+
+    tap_layer: int  # RMU and the cosine WMDP objective read the residual stream here
+    update_layers: tuple[int, ...]  # layers whose `update_params` are trained (WMDP)
+    tox_layers: tuple[int, ...]  # the 9 probed layers of eq. 6: 3 early, 3 middle, 3 late (toxicity)
+    update_params: tuple[str, ...] = ("mlp.down_proj.weight",)  # selected by name inside each updated layer
+    steering: float = 6.5  # RMU steering coefficient c
+    rmu_alpha: float = 1200.0  # RMU retain weight
+    alpha0: float = 1.0  # initial alpha of REINFORCE (ours), WMDP goal
+    alpha0_toxicity: float = 1.0  # initial alpha of REINFORCE (ours), toxicity goal
+    max_len: int = 512  # forget/retain truncation in tokens (RMU reference: 512)
+
+
+def spread_layers(num_layers: int) -> tuple[int, ...]:
+    """Three consecutive layers around 15%, 50% and 80% of the depth: the paper's 3 early, 3 middle, 3 late.
+    The paper does not list its indices; this spread is ours."""
+    centres = [round(num_layers * f) for f in (0.15, 0.5, 0.8)]
+    return tuple(i for c in centres for i in (c - 1, c, c + 1))
+
+
+def generic_defaults(num_layers: int) -> UnlearnDefaults:
+    """For a model outside the registry: the RMU reference's layer 7 (or the middle of a shallow model)."""
+    tap = min(7, num_layers // 2)
+    return UnlearnDefaults(tap, tuple(range(max(0, tap - 2), tap + 1)), spread_layers(num_layers))
+
+
+# Sources: WMDP RMU reference (layer 7, down_proj of layers 5-7, steering 6.5 and alpha 1200 for Zephyr-7B, a
+# Mistral-7B fine-tune; no published values for Llama-3.1 / Qwen2.5 / Olmo-3, so we use Zephyr's). alpha0: the
+# paper's reported final alphas (Llama 43, Mistral 78, Qwen 5.7, Olmo 0.41), so a short run starts near the
+# published balance and REINFORCE adapts it from there.
+UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
+    "mistral-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=78.0, alpha0_toxicity=78.0),
+    "llama3.1-8b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=43.0, alpha0_toxicity=43.0),
+    "qwen2.5-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(28), alpha0=5.7, alpha0_toxicity=5.7),
+    "olmo3-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=0.41, alpha0_toxicity=0.41),
+    # SmolLM2-135M (30 layers, hidden 576): the reference's layer 7 (a quarter of the depth, as 7 of 32);
+    # steering and alphas measured on the demo data (README, "Unlearning on the demo data").
+    "smollm2-135m": UnlearnDefaults(7, (5, 6, 7), spread_layers(30), steering=20.0, rmu_alpha=100.0, max_len=128),
+}

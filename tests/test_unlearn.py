@@ -1,0 +1,206 @@
+"""The unlearning loop on a tiny random Llama-family model and tiny data, for every goal and method."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import ref
+import ref.unlearn as U
+from ref.errors import RefError
+from ref.model import Transformer
+
+WORDS = "river mountain garden violin planet copper window harvest lantern meadow".split()
+RUDE = "idiot stupid worthless pathetic moron loser".split()
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+
+    def sentence(words, n=12):
+        return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
+
+    write_jsonl(root / "forget/alpha.jsonl", [{"text": "the planet " + sentence(WORDS[:5])} for _ in range(8)])
+    write_jsonl(root / "forget/beta.jsonl", [{"text": "copper " + sentence(WORDS[3:8])} for _ in range(8)])
+    write_jsonl(root / "forget/rude.jsonl", [{"text": "you are a " + sentence(RUDE, 6)} for _ in range(8)])
+    write_jsonl(root / "retain/general.jsonl", [{"text": sentence(WORDS)} for _ in range(12)])
+    probe = [{"text": "you " + sentence(RUDE, 5), "label": 1} for _ in range(20)]
+    probe += [{"text": "the " + sentence(WORDS, 5), "label": 0} for _ in range(20)]
+    write_jsonl(root / "probe/probe.jsonl", probe)
+    mc = [{"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 0}]
+    write_jsonl(root / "mc/q.jsonl", mc)
+    write_jsonl(root / "prompts/p.jsonl", [{"prompt": "you are"}])
+    manifest = {
+        "wmdp": {"forget": ["forget/alpha.jsonl", "forget/beta.jsonl"], "retain": "retain/general.jsonl",
+                 "eval_forget": ["mc/q.jsonl"], "eval_retain": ["mc/q.jsonl"]},
+        "toxicity": {"forget": ["forget/rude.jsonl"], "retain": "retain/general.jsonl", "probe": "probe/probe.jsonl",
+                     "eval_prompts": "prompts/p.jsonl", "eval_retain": ["mc/q.jsonl"]},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def settings(tiny_dirs, data_dir, out, **kw) -> U.Settings:
+    base = dict(model=str(tiny_dirs["llama"]), data=str(data_dir), out=str(out), tap_layer=2, update_layers=[1, 2],
+                tox_layers=[0, 1, 2], lr=1e-2, epochs=2, batch_size=4, max_len=24, steering=4.0, compile=False,
+                save_every=2)  # fmt: skip
+    return U.Settings(**{**base, **kw})
+
+
+CASES = [("wmdp", "ours"), ("wmdp", "rmu"), ("wmdp", "adaptive-rmu"), ("toxicity", "ours"), ("toxicity", "rmu")]
+
+
+@pytest.mark.parametrize("goal,method", CASES)
+def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, data_dir, tmp_path, goal, method):
+    calls = []
+    load = U.load_model
+
+    def load_and_watch(*a, **k):  # observe which blocks run during training (the library has no hooks)
+        m = load(*a, **k)
+        for i, b in enumerate(m.model.layers):
+            b.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i))
+        m.lm_head.register_forward_pre_hook(lambda mod, args: calls.append("lm_head"))
+        return m
+
+    U.load_model = load_and_watch
+    try:
+        kw = {} if method == "ours" else {"alpha": 1.0}  # the reference's 1200 suits 7B models, not this one
+        if goal == "toxicity" and method == "ours":
+            kw["update_layers"] = None  # default: the probed layers themselves
+        u = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "run", goal=goal, method=method, **kw))
+    finally:
+        U.load_model = load
+    deepest = max(u.taps)
+    assert calls and max(c for c in calls if c != "lm_head") == deepest and "lm_head" not in calls
+    # one copy of the weights: a single Transformer, plus the original values of the updated tensors only
+    gc.collect()
+    assert sum(isinstance(o, Transformer) for o in gc.get_objects()) == 1
+    assert sum(t.numel() for t in u.originals.values()) == sum(p.numel() for p in u.params.values())
+
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = 8 if goal == "wmdp" else 4  # 2 epochs x 2 batches of 4 texts per topic (2 topics for wmdp)
+    assert len(rows) == json.loads((tmp_path / "run/run.json").read_text())["steps"] == steps
+    for topic, texts in u.data.forget.items():  # the forget loss on the whole corpus, before and after
+        fids, fmask = u.encode(texts)
+        rids, rmask = u.encode(u.data.retain[:4])
+        fpre, rpre = u.prefix(fids, fmask), u.prefix(rids, rmask)
+        h0 = u.frozen_taps(rpre, rmask)
+        with torch.no_grad():
+            before = u.objective(u.frozen_taps(fpre, fmask), fmask, h0, h0, rmask, topic)[0]
+            after = u.objective(u.updated_taps(fpre, fmask), fmask, h0, h0, rmask, topic)[0]
+        assert after < 0.95 * before, f"{topic}: forget loss did not go down: {before} -> {after}"
+    if method == "ours":
+        assert all({"reward", "policy_mean", "policy_std"} <= set(r) for r in rows)
+    if goal == "toxicity" and method == "ours":
+        assert set(rows[0]["forget_loss_layers"]) == {"0", "1", "2"}
+        assert (tmp_path / "run/probes.safetensors").exists()
+
+    original = ref.load_model(tiny_dirs["llama"], device="cpu")
+    trained = dict(u.model.named_parameters())
+    changed = {k for k, p in original.named_parameters() if not torch.equal(p, trained[k])}
+    expected = {f"model.layers.{i}.mlp.down_proj.weight" for i in u.update_layers}
+    assert u.update_layers == ([0, 1, 2] if goal == "toxicity" and method == "ours" else [1, 2])
+    assert changed == expected  # all other tensors bit-identical
+    assert set(load_file(tmp_path / "run/updated.safetensors")) == expected
+
+    ids, mask = u.encode(["the planet river garden", "copper window"])
+    frozen = u.frozen_taps(u.prefix(ids, mask), mask)
+    with torch.no_grad():
+        taps = original(ids, mask, taps=u.taps).taps
+    for i in u.taps:
+        assert torch.equal(frozen[i], taps[i])  # the frozen pass is exactly the original model
+
+    saved = tmp_path / "run/model"
+    with torch.no_grad():
+        ours = ref.load_model(saved, device="cpu")(ids, mask).logits
+        mine = u.model(ids, mask).logits
+        theirs = (
+            AutoModelForCausalLM.from_pretrained(saved)
+            .eval()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+            .logits
+        )
+    real = mask.bool()
+    assert torch.equal(ours, mine)
+    assert (theirs - ours)[real].abs().max() <= 1e-5  # same fp32 ops; see test_golden_families
+    assert (tmp_path / "run/summary.md").read_text().startswith("# Unlearning run")
+
+
+def metrics(path):
+    drop = {"tokens_per_s", "elapsed_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run_and_seed_is_deterministic(
+    tiny_dirs, data_dir, tmp_path
+):
+    full = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "a"))
+    again = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "b"))
+    assert metrics(tmp_path / "a/metrics.jsonl") == metrics(tmp_path / "b/metrics.jsonl")
+
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c"), stop_after_step=3)
+    assert len(metrics(tmp_path / "c/metrics.jsonl")) == 3
+    resumed = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", resume=True))
+    for k, p in full.params.items():
+        assert torch.equal(p, resumed.params[k]) and torch.equal(p, again.params[k])
+    assert metrics(tmp_path / "a/metrics.jsonl") == metrics(tmp_path / "c/metrics.jsonl")
+
+
+def test_compiled_and_eager_runs_agree(tiny_dirs, data_dir, tmp_path):
+    eager = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "e", max_steps=2))
+    comp = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", max_steps=2, compile=True))
+    for k, p in eager.params.items():
+        torch.testing.assert_close(p, comp.params[k], rtol=1e-4, atol=1e-6)  # fused kernels reorder fp32 sums
+
+
+def test_bad_input_gives_clear_errors(tiny_dirs, data_dir, tmp_path):
+    def fails(match, **kw):
+        with pytest.raises(RefError, match=match) as e:
+            U.unlearn(settings(tiny_dirs, data_dir, tmp_path / f"bad{len(list(tmp_path.iterdir()))}", **kw))
+        assert "\n" not in str(e.value)
+
+    fails("layer 9 is out of range", tap_layer=9)
+    fails("unknown parameter name 'mlp.down_projx.weight'", update_params=["mlp.down_projx.weight"])
+    fails("above the deepest tap", tap_layer=1, update_layers=[2])
+    short = tmp_path / "short"
+    write_jsonl(short / "forget/a.jsonl", [{"text": "one"}, {"text": "two"}, {"text": ""}])
+    write_jsonl(short / "retain/r.jsonl", [{"text": f"retain {i}"} for i in range(8)])
+    (short / "manifest.json").write_text(
+        json.dumps({"wmdp": {"forget": ["forget/a.jsonl"], "retain": "retain/r.jsonl"}})
+    )
+    fails("only 2 texts", data=str(short))
+
+    U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "exists", max_steps=1))
+    fails_in_place = pytest.raises(RefError, match="already exists: pass --resume")
+    with fails_in_place:
+        U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "exists"))
+    with pytest.raises(RefError, match="nothing to resume"):
+        U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "fresh", resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, data_dir, tmp_path, monkeypatch):
+    objective = U.Unlearner.objective
+    calls = []
+
+    def poisoned(self, *a):
+        lf, lr, per = objective(self, *a)
+        calls.append(1)
+        return (lf * float("nan") if len(calls) > 6 else lf), lr, per  # ours: 2 objective calls a step
+
+    monkeypatch.setattr(U.Unlearner, "objective", poisoned)
+    with pytest.raises(RefError, match=r"step 4: loss is not finite.*last good checkpoint \(step 2\)"):
+        U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "nan"))
+    assert torch.load(tmp_path / "nan/checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "nan/model").exists()
