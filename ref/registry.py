@@ -54,6 +54,7 @@ class UnlearnDefaults:
     alpha0: float = 1.0  # initial alpha of REINFORCE (ours), WMDP goal
     alpha0_toxicity: float = 1.0  # initial alpha of REINFORCE (ours), toxicity goal
     max_len: int = 512  # forget/retain truncation in tokens (RMU reference: 512)
+    lr: float = 5e-5  # AdamW learning rate (the paper's and the RMU reference's)
 
 
 def spread_layers(num_layers: int) -> tuple[int, ...]:
@@ -79,6 +80,9 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
     "qwen2.5-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(28), alpha0=5.7, alpha0_toxicity=5.7),
     "olmo3-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=0.41, alpha0_toxicity=0.41),
     # SmolLM2-135M (30 layers, hidden 576): the reference's layer 7 (a quarter of the depth, as 7 of 32);
-    # steering and alphas measured on the demo data (README, "Unlearning on the demo data").
-    "smollm2-135m": UnlearnDefaults(7, (5, 6, 7), spread_layers(30), steering=20.0, rmu_alpha=100.0, max_len=128),
+    # lr 1e-3: at 5e-5 the cosine forget loss moves by 2% in the 30 demo steps (0.99 -> 0.97), at 1e-3 to 0.33.
+    # steering 550: about 5x the median layer-7 token norm (111) on the demo forget corpus (Adaptive RMU's rule).
+    "smollm2-135m": UnlearnDefaults(
+        7, (5, 6, 7), spread_layers(30), steering=550.0, rmu_alpha=100.0, max_len=128, lr=1e-3
+    ),
 }

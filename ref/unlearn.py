@@ -66,7 +66,7 @@ class Settings:
     beta: float = 5.0  # Adaptive RMU
     raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
     probe_l2: float = 1e-2
-    lr: float = 5e-5
+    lr: float | None = None  # registry default (5e-5, the paper's)
     policy_lr: float = 1e-2
     epochs: int = 2
     max_steps: int | None = None
@@ -121,11 +121,12 @@ class Unlearner:
         self.policy = AlphaPolicy(alpha0, lr=s.policy_lr, seed=s.seed) if rein else None
         self.alpha = s.alpha if s.alpha is not None else (d.rmu_alpha if s.method != "ours" else alpha0)
         self.max_len = s.max_len or d.max_len
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=s.lr, eps=1e-6, weight_decay=0.0)
+        self.lr = s.lr or d.lr
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=self.lr, eps=1e-6, weight_decay=0.0)
         losses.set_compile(s.compile)
         s.resolved = dict(tap_layer=self.tap, taps=self.taps, update_layers=self.update_layers,
                           updated_tensors=list(self.params), tox_layers=self.tox_layers, alpha=self.alpha,
-                          alpha0=alpha0 if rein else None, reinforce=rein, max_len=self.max_len,
+                          alpha0=alpha0 if rein else None, reinforce=rein, max_len=self.max_len, lr=self.lr,
                           steering=self.steering_fixed if s.method == "rmu" else None)  # fmt: skip
 
     def select_params(self) -> dict[str, torch.nn.Parameter]:
@@ -411,7 +412,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--steering", type=float, default=None, help="RMU steering coefficient c")
     a("--beta", type=float, default=Settings.beta, help="Adaptive RMU: c = beta * mean forget activation norm")
     a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
-    a("--lr", type=float, default=Settings.lr)
+    a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")
     a("--policy-lr", type=float, default=Settings.policy_lr, help="REINFORCE (Adam) learning rate")
     a("--epochs", type=int, default=Settings.epochs)
     a("--max-steps", type=int, default=None)
