@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import ref
 from ref.config import read_config
+from tests.checks import cached_and_recomputed_logits
 from tests.conftest import FAMILIES
 
 FP32_ATOL = 1e-5
@@ -113,19 +114,11 @@ def test_start_layer_resumes_from_a_prefix(tiny_dirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decoding_equals_full_recompute(tiny_dirs, family):
-    from ref.model import KVCache
-
     tok, model = ref.load_tokenizer(tiny_dirs[family]), ref.load_model(tiny_dirs[family], device="cpu")
     ids, mask = tok.batch(PROMPTS)
-    extra = torch.randint(3, tok.vocab_size, (ids.shape[0], 6))
-    with torch.no_grad():
-        cache = KVCache()
-        steps = [model(ids, mask, cache=cache).logits[:, -1]]
-        for t in range(extra.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            steps.append(model(extra[:, t : t + 1], mask, cache=cache).logits[:, -1])
-        full = model(torch.cat([ids, extra], 1), mask).logits[:, -extra.shape[1] - 1 :]
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=FP32_ATOL, rtol=0)
+    extra = torch.randint(3, tok.vocab_size, (ids.shape[0], 6), generator=torch.Generator().manual_seed(0))
+    cached, full = cached_and_recomputed_logits(model, ids, mask, extra)
+    torch.testing.assert_close(cached, full, atol=FP32_ATOL, rtol=0)
 
 
 def test_family_flags_are_read_from_the_configs(tiny_dirs):

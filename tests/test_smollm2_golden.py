@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ref
 from data_prep.smollm2 import prepare_smollm2
 from ref.generate import generate
-from ref.model import KVCache
+from tests.checks import cached_and_recomputed_logits
 
 LOGIT_ATOL = 1e-3
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
@@ -62,15 +62,9 @@ def test_greedy_continuations_equal_transformers(smollm2):
 def test_kv_cache_decoding_equals_full_recompute(smollm2):
     _, model, tok, _ = smollm2
     ids, mask = tok.batch(PROMPTS)
-    new = torch.tensor([[tok.encode(" and")[0]] * 3] * len(PROMPTS))
-    with torch.no_grad():
-        cache = KVCache()
-        steps = [model(ids, mask, cache=cache).logits[:, -1]]
-        for t in range(new.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            steps.append(model(new[:, t : t + 1], mask, cache=cache).logits[:, -1])
-        full = model(torch.cat([ids, new], 1), mask).logits[:, -new.shape[1] - 1 :]
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=LOGIT_ATOL, rtol=0)
+    new = torch.tensor([tok.encode(" and the river")] * len(PROMPTS))
+    cached, full = cached_and_recomputed_logits(model, ids, mask, new)
+    torch.testing.assert_close(cached, full, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_tokenizer_ids_equal_transformers(smollm2):
