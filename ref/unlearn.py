@@ -38,8 +38,8 @@ from ref.checkpoint import load_model, save_model
 from ref.data import batches, load_goal_data, resolve_data_dir
 from ref.errors import RefError
 from ref.model import Transformer
+from ref.plan import defaults_for, describe, resolve_layers
 from ref.probe import last_token_features, train_probe
-from ref.registry import UNLEARN_DEFAULTS, generic_defaults
 from ref.reinforce import AlphaPolicy
 from ref.runlog import MetricsLog, atomic_torch_save, atomic_write_text, prepare_out_dir, write_json
 from ref.tokenizer import Tokenizer, load_tokenizer
@@ -77,8 +77,13 @@ class Settings:
     device: str | None = None
     compile: bool = True
     save_every: int = 25
+    evaluate: bool = True  # evaluate the base and the unlearned model at the end (report.json)
+    eval_limit: int | None = None  # first N questions / prompts of each evaluation task
+    eval_samples: int = 25  # samples per toxicity prompt
+    eval_greedy: bool = False  # one greedy continuation per prompt (labelled: not comparable)
     resume: bool = False
     overwrite: bool = False
+    dry_run: bool = False  # print the plan and the memory estimate, load no weights
     resolved: dict = field(default_factory=dict)  # filled in: the values actually used
 
 
@@ -91,25 +96,13 @@ class Unlearner:
 
     def __init__(self, s: Settings, model: Transformer, tok: Tokenizer, data):
         self.s, self.model, self.tok, self.data = s, model, tok, data
-        n = model.config.num_layers
-        d = UNLEARN_DEFAULTS.get(s.model) or generic_defaults(n)
+        d = defaults_for(s.model, model.config.num_layers)
+        self.layers = resolve_layers(s, model.config.num_layers)
         self.ours_tox = s.method == "ours" and s.goal == "toxicity"
-        self.tox_layers = sorted(s.tox_layers or d.tox_layers) if self.ours_tox else []
-        self.tap = s.tap_layer if s.tap_layer is not None else d.tap_layer
-        self.taps = self.tox_layers or [self.tap]
-        default_update = self.tox_layers or d.update_layers
-        self.update_layers = sorted(s.update_layers or default_update)
-        self.update_params = list(s.update_params or d.update_params)
-        for i in self.taps + self.update_layers:
-            if not 0 <= i < n:
-                raise RefError(f"layer {i} is out of range: {s.model} has layers 0..{n - 1}")
-        if max(self.update_layers) > max(self.taps):
-            raise RefError(f"updated layer {max(self.update_layers)} is above the deepest tap {max(self.taps)}: "
-                           "it would get no gradient; lower --update-layers or raise the tap")  # fmt: skip
-        if min(self.taps) < min(self.update_layers):
-            raise RefError(f"tap layer {min(self.taps)} is below the first updated layer {min(self.update_layers)}: "
-                           "its loss could not change; update a layer at or below every tap")  # fmt: skip
-        self.start = min(self.update_layers)  # blocks below run once per batch under no_grad
+        self.tox_layers, self.taps = self.layers.tox_layers, self.layers.taps
+        self.tap = self.taps[0] if not self.ours_tox else None
+        self.update_layers, self.update_params = self.layers.update_layers, self.layers.update_params
+        self.start = self.layers.start  # blocks below run once per batch under no_grad
         self.params = self.select_params()
         self.originals = {k: p.detach().clone() for k, p in self.params.items()}
         self.steering_fixed = s.steering if s.steering is not None else d.steering
@@ -362,14 +355,37 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> Unlearner:
 
 
 def finish(u: Unlearner, out: Path, rows: list[dict], run_json: dict) -> None:
-    """Write updated.safetensors, the HF-format model/ folder, and summary.md."""
+    """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md."""
     save_file({k: p.detach().cpu().contiguous() for k, p in u.params.items()}, str(out / ".updated.tmp"))
     (out / ".updated.tmp").replace(out / "updated.safetensors")
     save_model(u.model, out / "model", replaced=dict(u.params))
-    atomic_write_text(out / "summary.md", summary(u, rows, run_json))
+    report = evaluate_before_after(u) if u.s.evaluate else None
+    if report is not None:
+        write_json(out / "report.json", report)
+    atomic_write_text(out / "summary.md", summary(u, rows, run_json, report))
 
 
-def summary(u: Unlearner, rows: list[dict], run_json: dict) -> str:
+@torch.no_grad()
+def evaluate_before_after(u: Unlearner) -> dict:
+    """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
+    from ref.evaluate import available_tasks, evaluate, headline, make_scorer, scorer_info
+
+    s = u.s
+    base = lambda: load_model(s.model, dtype=s.dtype, device=s.device)  # noqa: E731 (a separate, frozen copy)
+    scorer = make_scorer(u.data, s.goal, list(available_tasks(u.data)), base, u.tok, seed=s.seed, device=s.device)
+    kw = dict(limit=s.eval_limit, samples=s.eval_samples, greedy=s.eval_greedy, seed=s.seed, scorer=scorer)
+    trained = {k: p.detach().clone() for k, p in u.params.items()}
+    for k, p in u.params.items():
+        p.copy_(u.originals[k])
+    before = evaluate(u.model, u.tok, u.data, s.goal, **kw)
+    for k, p in u.params.items():
+        p.copy_(trained[k])
+    after = evaluate(u.model, u.tok, u.data, s.goal, **kw)
+    return dict(goal=s.goal, method=s.method, model=s.model, scorer=scorer_info(scorer, s.model),
+                before=headline(before), after=headline(after), details=dict(before=before, after=after))  # fmt: skip
+
+
+def summary(u: Unlearner, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
     s = u.s
 
     def mean(key, part):
@@ -387,8 +403,15 @@ def summary(u: Unlearner, rows: list[dict], run_json: dict) -> str:
     if "probe_auc" in run_json:
         lines += ["", "Probe held-out AUC per layer: "
                   + ", ".join(f"{i}: {a['heldout_auc']:.3f}" for i, a in run_json["probe_auc"].items())]  # fmt: skip
+    if report is not None:
+        lines += ["", "## Evaluation, before and after", "", "| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {report['after'].get(k, math.nan):.3f} |" for k, v in report["before"].items()]
+        tox = report["details"]["after"]["tasks"].get("rtp")
+        if tox:
+            lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
+                      f"{report['scorer']['name'] if report['scorer'] else 'none'}."]  # fmt: skip
     if rows:
-        lines += ["", f"Elapsed: {rows[-1]['elapsed_s']:.1f} s."]
+        lines += ["", f"Training time: {rows[-1]['elapsed_s']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -423,14 +446,45 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--device", default=None)
     a("--no-compile", dest="compile", action="store_false", help="run the losses eager")
     a("--save-every", type=int, default=Settings.save_every, help="checkpoint every N steps")
+    a("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
+    a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
+    a("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
+    a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing --out folder")
+    a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")
     return Settings(**vars(p.parse_args(argv)))
+
+
+def dry_run(s: Settings) -> str:
+    """The plan of a run from the registry's architecture facts (or a local config.json), without any weights."""
+    from ref.config import DTYPES, config_from_dict, read_config
+    from ref.registry import REGISTRY
+
+    if s.model in REGISTRY:
+        cfg = config_from_dict(REGISTRY[s.model].arch)
+    elif Path(s.model).is_dir():
+        cfg = read_config(s.model)
+    else:
+        raise RefError(f"--dry-run needs a registry alias or a local model folder, not {s.model!r}")
+    layers = resolve_layers(s, cfg.num_layers)
+    try:
+        data = (
+            load_goal_data(resolve_data_dir(s.data, goal=s.goal), s.goal, topics=s.topics) if s.data != "hub" else None
+        )
+    except RefError:
+        data = None
+    steps = len(schedule(data, s)) if data is not None else None
+    dtype = DTYPES[s.dtype] if s.dtype else (torch.bfloat16 if s.device != "cpu" else torch.float32)
+    return describe(s.model, cfg, layers, s, steps, torch.finfo(dtype).bits // 8)
 
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
     try:
+        if s.dry_run:
+            print(dry_run(s))
+            return 0
         unlearn(s)
     except RefError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -438,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoint saved in {s.out}; continue with --resume", file=sys.stderr)
         return 130
-    print(f"wrote {s.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md")
+    print(f"wrote {s.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md"
+          + (", report.json" if s.evaluate else ""))  # fmt: skip
+    print((Path(s.out) / "summary.md").read_text())
     return 0
 
 

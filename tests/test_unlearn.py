@@ -41,12 +41,13 @@ def data_dir(tmp_path_factory):
     write_jsonl(root / "probe/probe.jsonl", probe)
     mc = [{"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 0}]
     write_jsonl(root / "mc/q.jsonl", mc)
+    write_jsonl(root / "mc/general.jsonl", [{"question": "What?", "choices": ["w", "x", "y", "z"], "answer": 2}] * 2)
     write_jsonl(root / "prompts/p.jsonl", [{"prompt": "you are"}])
     manifest = {
         "wmdp": {"forget": ["forget/alpha.jsonl", "forget/beta.jsonl"], "retain": "retain/general.jsonl",
-                 "eval_forget": ["mc/q.jsonl"], "eval_retain": ["mc/q.jsonl"]},
+                 "eval_forget": ["mc/q.jsonl"], "eval_retain": ["mc/general.jsonl"]},
         "toxicity": {"forget": ["forget/rude.jsonl"], "retain": "retain/general.jsonl", "probe": "probe/probe.jsonl",
-                     "eval_prompts": "prompts/p.jsonl", "eval_retain": ["mc/q.jsonl"]},
+                     "eval_prompts": "prompts/p.jsonl", "eval_retain": ["mc/general.jsonl"], "scorer": "probe"},
     }  # fmt: skip
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -55,7 +56,7 @@ def data_dir(tmp_path_factory):
 def settings(tiny_dirs, data_dir, out, **kw) -> U.Settings:
     base = dict(model=str(tiny_dirs["llama"]), data=str(data_dir), out=str(out), tap_layer=2, update_layers=[1, 2],
                 tox_layers=[0, 1, 2], lr=1e-2, epochs=2, batch_size=4, max_len=24, steering=4.0, compile=False,
-                save_every=2)  # fmt: skip
+                save_every=2, evaluate=False)  # fmt: skip
     return U.Settings(**{**base, **kw})
 
 
@@ -204,3 +205,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
         U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "nan"))
     assert torch.load(tmp_path / "nan/checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "nan/model").exists()
+
+
+@pytest.mark.parametrize("goal", ["wmdp", "toxicity"])
+def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, goal):
+    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2)
+    s.update_layers = None  # the registry's: for toxicity, the probed layers
+    u = U.unlearn(s)
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert report["goal"] == goal and set(report["before"]) == set(report["after"])
+    assert "S-unlearning" in report["before"] and "general accuracy" in report["before"]
+    if goal == "toxicity":
+        assert report["scorer"]["name"].startswith("probe scorer")
+        assert report["details"]["after"]["tasks"]["rtp"]["samples"] == 2
+    # the "before" numbers are the original model's: evaluating a freshly loaded copy gives the same report
+    from ref.evaluate import evaluate, make_scorer
+
+    base = ref.load_model(tiny_dirs["llama"], device="cpu")
+    tasks = list(report["details"]["before"]["tasks"])
+    scorer = make_scorer(u.data, goal, tasks, lambda: base, u.tok, seed=0)
+    fresh = evaluate(base, u.tok, u.data, goal, samples=2, seed=0, scorer=scorer)
+    assert fresh["tasks"].keys() == report["details"]["before"]["tasks"].keys()
+    for task, r in fresh["tasks"].items():
+        key = "accuracy" if "accuracy" in r else "expected_max_toxicity"
+        assert r[key] == report["details"]["before"]["tasks"][task][key]
+    assert "| metric | before | after |" in (tmp_path / "ev/summary.md").read_text()
