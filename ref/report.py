@@ -1,0 +1,305 @@
+"""Figures of a run folder written by ref.unlearn (and, when present, its report.json).
+
+    python -m ref.report RUN_DIR [--out DIR]        # PNGs into RUN_DIR/figures/ by default
+
+- losses.png: forget, retain and total loss over steps; toxicity runs add the per-layer forget losses of eq. 6
+  (the paper's figure 5).
+- alpha.png: the sampled alpha of each step and, with REINFORCE, the policy's exp(mu) with the band
+  exp(mu +- sigma) (sigma is in log-alpha space, see ref/reinforce.py).
+- probe_cosine.png: cosine similarity between the probe directions of the probed layers (paper figure 1).
+- probe_weights.png, probe_weights_grid.png: histograms of the probe weights, the middle probed layer and all
+  of them (paper figure 2).
+- before_after.png: every numeric metric that report.json has both before and after unlearning.
+
+matplotlib is an optional extra: it is imported only when a figure is drawn. We draw on a bare
+matplotlib.figure.Figure with the Agg canvas (no pyplot, no global state) and strip the PNG's software
+metadata, so the same run folder gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ref.errors import RefError
+
+# Bookkeeping entries of an evaluation report that are not metrics (counts, timings, settings).
+NOT_METRICS = {"n", "n_prompts", "correct", "seconds", "limit", "samples", "max_new_tokens", "seed", "layer"}
+WIDE = 100.0  # a log y axis when the positive values of a plot span more than this factor
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    """A Figure on the Agg canvas and its axes (a flat list), or a one-line RefError without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RefError("matplotlib is not installed: pip install matplotlib") from None
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    return fig, axes
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version string: deterministic bytes
+    return path
+
+
+def _log_if_wide(ax, values: list[float]) -> None:
+    positive = [v for v in values if math.isfinite(v)]
+    if positive and min(positive) > 0 and max(positive) / min(positive) > WIDE:
+        ax.set_yscale("log")
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl -> rows. A cut final line (a run still writing it) is dropped; a bad line elsewhere is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RefError(f"{path} line {i + 1} is not JSON: the metrics log is damaged") from None
+    return rows
+
+
+def load_probes(path: Path) -> dict[int, Tensor]:
+    """probes.safetensors -> {layer: raw probe weight [D]}, sorted by layer."""
+    tensors = load_file(str(path))
+    layers = sorted(int(k[len("layer") : -len(".weight")]) for k in tensors if k.endswith(".weight"))
+    if not layers:
+        raise RefError(f"{path} holds no 'layer{{i}}.weight' tensors: not a probes file of ref.unlearn")
+    return {i: tensors[f"layer{i}.weight"].float().flatten() for i in layers}
+
+
+def probe_cosine_matrix(probes: dict[int, Tensor]) -> Tensor:
+    """[L, L] float64 cosine similarities of the probe directions w_i / ||w_i||, layers in sorted order."""
+    if not probes:
+        raise ValueError("no probes: pass {layer: weight}")
+    w = torch.stack([probes[i].double().flatten() for i in sorted(probes)])
+    norms = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    if (norms == 0).any():
+        raise ValueError("a probe weight is all zeros: its direction (and cosine) is undefined")
+    u = w / norms
+    return u @ u.T
+
+
+def report_bars(report: dict) -> dict[str, tuple[float, float]]:
+    """{metric: (before, after)} for every numeric metric in both report["before"] and report["after"] (nested
+    dicts flattened to dotted names, counts and timings left out), or from a list
+    report["metrics"] = [{"name", "before", "after"}, ...]. Empty when the report has neither form."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, float]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS:
+                out[f"{prefix}{k}"] = float(v)
+        return out
+
+    if isinstance(report.get("before"), dict) and isinstance(report.get("after"), dict):
+        before, after = flat(report["before"]), flat(report["after"])
+        return {k: (before[k], after[k]) for k in before if k in after}
+    if isinstance(report.get("metrics"), list):
+        ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        return {str(m["name"]): (float(m["before"]), float(m["after"])) for m in report["metrics"]
+                if isinstance(m, dict) and "name" in m and ok(m.get("before")) and ok(m.get("after"))}  # fmt: skip
+    return {}
+
+
+# -------------------------------------------------------------------------------------------------- figures
+
+
+def plot_losses(rows: list[dict], path: Path) -> Path:
+    """Total, forget and retain loss over steps; a second panel with the per-layer forget losses (eq. 6) when
+    the rows carry forget_loss_layers (toxicity)."""
+    steps = [r["step"] for r in rows]
+    layers = sorted({int(k) for r in rows for k in r.get("forget_loss_layers", {})})
+    fig, axes = _figure(11 if layers else 6, 4, ncols=2 if layers else 1)
+    ax = axes[0]
+    values = []
+    for key, label, style in (
+        ("forget_loss", "forget", "C0-"),
+        ("retain_loss", "retain", "C2-"),
+        ("loss", "total", "k--"),
+    ):
+        ys = [r.get(key, math.nan) for r in rows]
+        ax.plot(steps, ys, style, label=label, marker="." if len(rows) < 50 else None)
+        values += ys
+    _log_if_wide(ax, values)
+    ax.set(title="Unlearning losses", xlabel="step", ylabel="loss")
+    ax.legend()
+    if layers:
+        ax = axes[1]
+        values = []
+        for i in layers:
+            ys = [r.get("forget_loss_layers", {}).get(str(i), math.nan) for r in rows]
+            ax.plot(steps, ys, label=f"layer {i}", marker="." if len(rows) < 50 else None)
+            values += ys
+        _log_if_wide(ax, values)
+        ax.set(title="Per-layer forget loss (eq. 6)", xlabel="step", ylabel="forget loss")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: lines cross
+    return _save(fig, path)
+
+
+def plot_alpha(rows: list[dict], path: Path) -> Path:
+    """The alpha each step used and, with REINFORCE, the policy's exp(mu) with the band exp(mu +- sigma)."""
+    steps = [r["step"] for r in rows]
+    fig, (ax,) = _figure(6, 4)
+    ax.plot(
+        steps,
+        [r["alpha"] for r in rows],
+        ".",
+        label="alpha of the step" + (" (sampled)" if "policy_mean" in rows[0] else ""),
+        color="C0",
+    )
+    policy = [r for r in rows if "policy_mean" in r and "policy_std" in r]
+    if policy:
+        xs = [r["step"] for r in policy]
+        ax.plot(xs, [r["policy_mean"] for r in policy], label="policy exp(μ)", color="C1")
+        lo = [r["policy_mean"] * math.exp(-r["policy_std"]) for r in policy]
+        hi = [r["policy_mean"] * math.exp(r["policy_std"]) for r in policy]
+        ax.fill_between(xs, lo, hi, color="C1", alpha=0.2, label="exp(μ ± σ)")
+        ax.set_yscale("log")  # alpha is log-normal under the policy
+    ax.set(title="Retain weight alpha" + (" (REINFORCE)" if policy else ""), xlabel="step", ylabel="alpha")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_probe_cosine(probes: dict[int, Tensor], path: Path) -> Path:
+    """Heatmap of probe_cosine_matrix, layer indices on both axes (paper figure 1)."""
+    cos = probe_cosine_matrix(probes)
+    layers = sorted(probes)
+    n = len(layers)
+    fig, (ax,) = _figure(1.2 + 0.55 * max(n, 5), 0.8 + 0.5 * max(n, 5))
+    im = ax.imshow(cos.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(n), [str(i) for i in layers])
+    ax.set_yticks(range(n), [str(i) for i in layers])
+    if n <= 16:
+        for a in range(n):
+            for b in range(n):
+                c = cos[a, b].item()
+                ax.text(b, a, f"{c:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(c) > 0.6 else "black")  # fmt: skip
+    ax.set(title="Cosine similarity of probe directions", xlabel="layer", ylabel="layer")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    return _save(fig, path)
+
+
+def _histogram(ax, layer: int, w: Tensor, bins: int) -> None:
+    ax.hist(w.double().numpy(), bins=bins, color="C0")
+    ax.axvline(0.0, color="k", lw=0.6)
+    ax.set_title(f"layer {layer}: mean {w.mean():.2g}, std {w.std():.2g}", fontsize="small")
+
+
+def plot_probe_weights(probes: dict[int, Tensor], path: Path, layer: int | None = None) -> Path:
+    """Histogram of one probe's weights (paper figure 2); the middle probed layer by default."""
+    layers = sorted(probes)
+    layer = layers[len(layers) // 2] if layer is None else layer
+    if layer not in probes:
+        raise RefError(f"no probe at layer {layer}; probed layers: {layers}")
+    fig, (ax,) = _figure(6, 4)
+    _histogram(ax, layer, probes[layer], bins=60)
+    ax.set(xlabel="probe weight", ylabel="count")
+    fig.suptitle(f"Probe weights, layer {layer} (D={probes[layer].numel()})")
+    return _save(fig, path)
+
+
+def plot_probe_weight_grid(probes: dict[int, Tensor], path: Path) -> Path:
+    """Histograms of every probed layer's weights, one small panel each."""
+    layers = sorted(probes)
+    ncols = min(3, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig, axes = _figure(3.2 * ncols, 2.4 * nrows, ncols=ncols, nrows=nrows)
+    for ax, i in zip(axes, layers, strict=False):  # spare panels stay empty
+        _histogram(ax, i, probes[i], bins=40)
+        ax.set(xlabel="probe weight", ylabel="count")
+    for ax in axes[len(layers) :]:
+        ax.set_axis_off()
+    fig.suptitle("Probe weights per layer")
+    return _save(fig, path)
+
+
+def plot_before_after(bars: dict[str, tuple[float, float]], path: Path, goal: str = "") -> Path:
+    """Grouped bars: each metric before and after unlearning, values written on the bars."""
+    names = list(bars)
+    fig, (ax,) = _figure(max(5.0, 1.0 + 0.9 * len(names)), 4.5)
+    width = 0.4
+    for k, (label, color) in enumerate((("before", "C0"), ("after", "C3"))):
+        xs = [j + (k - 0.5) * width for j in range(len(names))]
+        rects = ax.bar(xs, [bars[n][k] for n in names], width, label=label, color=color)
+        ax.bar_label(rects, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set(title=f"Before and after unlearning{f' ({goal})' if goal else ''}", ylabel="value")
+    ax.legend()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Every figure that the run folder's files allow, into `out` (default RUN_DIR/figures); returns the paths."""
+    run_dir = Path(run_dir)
+    out = run_dir / "figures" if out is None else Path(out)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise RefError(f"{run_dir} has no metrics.jsonl: pass a run folder written by python -m ref.unlearn")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    written = []
+    if rows:
+        written += [plot_losses(rows, out / "losses.png"), plot_alpha(rows, out / "alpha.png")]
+    else:
+        print(f"note: {run_dir / 'metrics.jsonl'} has no steps yet: no loss or alpha curves", file=sys.stderr)
+    if (run_dir / "probes.safetensors").is_file():
+        probes = load_probes(run_dir / "probes.safetensors")
+        written += [plot_probe_cosine(probes, out / "probe_cosine.png"),
+                    plot_probe_weights(probes, out / "probe_weights.png"),
+                    plot_probe_weight_grid(probes, out / "probe_weights_grid.png")]  # fmt: skip
+    if (run_dir / "report.json").is_file():
+        try:
+            report = json.loads((run_dir / "report.json").read_text())
+        except json.JSONDecodeError:
+            report = None
+        bars = report_bars(report) if isinstance(report, dict) else {}
+        if bars:
+            goal = str(report.get("goal", ""))
+            written.append(plot_before_after(bars, out / "before_after.png", goal))
+        else:
+            print(f"note: {run_dir / 'report.json'} has no before/after metrics: no bar chart", file=sys.stderr)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ref.report", description="Figures of a ref.unlearn run folder.")
+    p.add_argument("run_dir", type=Path, help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default RUN_DIR/figures)")
+    args = p.parse_args(argv)
+    try:
+        paths = write_figures(args.run_dir, args.out)
+    except (RefError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
