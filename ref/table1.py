@@ -1,0 +1,91 @@
+"""The paper's Table 1 in one command: base, rmu, adaptive-rmu and ours on both goals for each model, evaluated,
+with S-unlearning.
+
+    python -m ref.table1 --models mistral-7b,llama3.1-8b,qwen2.5-7b,olmo3-7b          # GPU box with hub access
+    python -m ref.table1 --models smollm2-135m --data demo --max-steps 10              # offline, this CPU
+
+Each run goes to OUT/MODEL/GOAL-METHOD (a normal ref.unlearn run folder; MODEL as folder_name gives it); a run
+whose report.json exists is not run again. The base row is the "before" evaluation of the runs (the same for
+every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ref.errors import RefError
+from ref.runlog import atomic_write_text, write_json
+from ref.unlearn import GOALS, METHODS, Settings, unlearn
+
+COLUMNS = {"wmdp": ("WMDP acc (U)", "retain acc (R)", "S"), "toxicity": ("toxicity (U)", "retain acc (R)", "S")}
+
+
+def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict) -> dict:
+    """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours."""
+    table: dict = {}
+    for model in models:
+        for goal in GOALS:
+            for method in METHODS:
+                run = out / folder_name(model) / f"{goal}-{method}"
+                if not (run / "report.json").exists():
+                    s = Settings(model=model, goal=goal, method=method, data=data, out=str(run),
+                                 max_steps=max_steps, overwrite=run.exists(), **extra)  # fmt: skip
+                    unlearn(s)
+                report = json.loads((run / "report.json").read_text())
+                rows = table.setdefault(model, {}).setdefault(goal, {})
+                rows.setdefault("base", cells(report["details"]["before"]))
+                rows[method] = cells(report["details"]["after"])
+    return table
+
+
+def folder_name(model: str) -> str:
+    """An alias as is, a local folder by its last component, a hub id with '/' as '--'."""
+    path = Path(model).expanduser()
+    return path.name if path.is_dir() else model.replace("/", "--")
+
+
+def cells(report: dict) -> dict:
+    s = report.get("s_unlearning") or {}
+    return dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
+
+
+def markdown(table: dict) -> str:
+    head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in COLUMNS[g]) + " |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(GOALS))]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for model, goals in table.items():
+        for row in ("base", *METHODS):
+            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in ("U", "R", "S")]
+            lines.append(f"| {model} | {row} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ref.table1", description=__doc__.splitlines()[0])
+    p.add_argument("--models", required=True, help="comma-separated registry aliases or model folders")
+    p.add_argument("--data", default="hub", help="hub | demo | a prepared data folder")
+    p.add_argument("--out", default="runs/table1")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on the steps of every run")
+    p.add_argument("--eval-samples", type=int, default=25, help="samples per toxicity prompt")
+    p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
+    try:
+        table = run_all([m.strip() for m in a.models.split(",") if m.strip()], out, a.data, a.max_steps, extra)
+    except RefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md = markdown(table)
+    write_json(out / "table1.json", table)
+    atomic_write_text(out / "table1.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
