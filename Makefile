@@ -26,8 +26,16 @@ prepare: setup
 test: lint prepare
 	$(PY) -m pytest -q
 
+# The offline demo: SmolLM2-135M, the project's demo data, the paper's method on both goals, evaluated before and
+# after, figures. Toxicity is sampled 5 times a prompt here (the protocol's 25 on a GPU box), labelled as such.
+DEMO := runs/demo
 demo: prepare
 	$(PY) -m ref.generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 20
+	$(PY) -m ref.unlearn --model smollm2-135m --goal wmdp --data demo --out $(DEMO)/wmdp --overwrite
+	$(PY) -m ref.unlearn --model smollm2-135m --goal toxicity --data demo --out $(DEMO)/toxicity --overwrite \
+		--eval-samples 5
+	$(PY) -m ref.report $(DEMO)/wmdp
+	$(PY) -m ref.report $(DEMO)/toxicity
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
