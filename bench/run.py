@@ -1,0 +1,360 @@
+"""`make bench`: ours against the baseline, one table, and bench-results.json.
+
+    python -m bench.run                                   # every row (SmolLM2-135M, fp32, batch 4 x 512, tap 7)
+    python -m bench.run --rows step losses --repeats 5    # some rows
+    python -m bench.run --random-weights --arch mistral-7b   # one step at full size, random bf16 weights (GPU)
+
+Each row puts ours against its baseline: a median over `--repeats` runs after a warm-up, ours and the baseline
+alternating in one process (time), or one fresh process each (peak resident memory, VmHWM above the resident size
+after the imports). ratio = ours / baseline: below 1 is better for ours, in time and in memory alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.evaluate and transformers' loading
+
+import torch  # noqa: E402
+
+from bench import measure, workload  # noqa: E402
+from bench.baseline import BaselineRMU  # noqa: E402
+
+GROUPS = ("step", "sweep", "losses", "forward", "mc", "load")
+MiB = 2**20
+BATCH, SEQ, TAP = 4, 512, 7
+
+
+def row(name: str, metric: str, ours: float, base: float, target: float | None = None, **info) -> dict:
+    """One table row; `target` is the largest ours / baseline ratio that passes."""
+    ratio = ours / base
+    passed = None if target is None else ratio <= target
+    return dict(name=name, metric=metric, ours=ours, baseline=base, ratio=ratio, target=target, passed=passed, **info)
+
+
+class Models:
+    """The models, loaded once and shared by the rows (the step rows train them: no row reads their values)."""
+
+    def __init__(self):
+        self._ours = self._hf = None
+
+    def ours(self):
+        if self._ours is None:
+            from ref import load_model, load_tokenizer
+
+            self._ours = load_model(workload.MODEL, dtype=torch.float32, device="cpu"), load_tokenizer(workload.MODEL)
+        return self._ours
+
+    def hf(self):
+        if self._hf is None:
+            self._hf = workload.hf_model(), workload.hf_model(), workload.hf_tokenizer()
+        return self._hf
+
+
+def step_timings(models: Models, data, tap: int, seq: int, methods: tuple[str, ...], repeats: int, warmup: int):
+    model, tok = models.ours()
+    up, fr, htok = models.hf()
+    topic, forget, retain = workload.batch_texts(data, BATCH)
+    base = BaselineRMU(up, fr, htok, tap, workload.update_layers(tap), workload.LR, workload.STEERING, workload.ALPHA,
+                       seq)  # fmt: skip
+    fns = {"baseline": lambda: base.step(forget, retain)}
+    for m in methods:
+        u = workload.unlearner(model, tok, data, m, tap, seq, BATCH)
+        fns[m] = lambda u=u: u.step(forget, retain, topic)
+        fns[m]()  # compiles our losses on first use; the baseline is eager, warmed by `warmup`
+    return measure.alternate(fns, repeats, warmup)
+
+
+def worker(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.worker", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def stats(t: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()}
+
+
+# ---- row groups ----
+
+
+def rows_step(models: Models, data, a) -> list[dict]:
+    shape = dict(batch=BATCH, seq=SEQ, tap_layer=TAP, updated=f"down_proj of layers {workload.update_layers(TAP)}")
+    t = step_timings(models, data, TAP, SEQ, ("rmu", "ours"), a.repeats, warmup=1)
+    mem = {impl: worker("step", impl, "--tap", str(TAP), "--seq", str(SEQ)) for impl in ("baseline", "rmu", "ours")}
+    common = dict(dtype="float32", shapes=shape)
+    mib = lambda impl: mem[impl]["peak"] / MiB
+    return [
+        row("RMU step vs baseline step", "time s", t["rmu"]["median"], t["baseline"]["median"], 1 / 3,
+            ours_stats=stats(t["rmu"]), baseline_stats=stats(t["baseline"]), **common),
+        row("RMU step vs baseline step", "peak RSS MiB", mib("rmu"), mib("baseline"), 0.6, ours_detail=mem["rmu"],
+            baseline_detail=mem["baseline"], **common),
+        row("ours step (cosine+REINFORCE) vs baseline step", "time s", t["ours"]["median"], t["baseline"]["median"],
+            ours_stats=stats(t["ours"]), baseline_stats=stats(t["baseline"]), **common),
+        row("ours step (cosine+REINFORCE) vs baseline step", "peak RSS MiB", mib("ours"), mib("baseline"),
+            ours_detail=mem["ours"], baseline_detail=mem["baseline"], **common),
+        row("ours step vs our RMU step", "time s", t["ours"]["median"], t["rmu"]["median"], 1.3,
+            ours_stats=stats(t["ours"]), baseline_stats=stats(t["rmu"]), **common),
+    ]  # fmt: skip
+
+
+def rows_sweep(models: Models, data, a) -> list[dict]:
+    """Tap layer deeper (seq 512) and sequence longer (tap 7); tap 7 at 512 is the step row. `--sweep-repeats` runs
+    (default 2, to keep `make bench` under 15 minutes: a baseline step at seq 1024 takes ~45 s here) and no baseline
+    warm-up: the step rows ran the same eager code first."""
+    n = models.ours()[0].config.num_layers
+    out = []
+    for tap, seq in [(3, SEQ), (15, SEQ), (n - 1, SEQ), (TAP, 128), (TAP, 1024)]:
+        t = step_timings(models, data, tap, seq, ("rmu",), a.sweep_repeats, warmup=0)
+        out.append(row(f"RMU step, tap {tap}, seq {seq}", "time s", t["rmu"]["median"], t["baseline"]["median"],
+                       ours_stats=stats(t["rmu"]), baseline_stats=stats(t["baseline"]), dtype="float32",
+                       shapes=dict(batch=BATCH, seq=seq, tap_layer=tap)))  # fmt: skip
+    return out
+
+
+def loss_cases(dtype: torch.dtype, B: int = 4, T: int = 512, D: int = 4096, L: int = 9) -> dict:
+    """name -> (loss function, call(f) -> scalar, leaves that get a gradient, shape description)."""
+    from ref import losses
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, D, generator=g).to(dtype).requires_grad_(True)
+    h0, u = torch.randn(B, T, D, generator=g).to(dtype), torch.randn(D, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :100] = 0  # some padding, as in a real batch
+    hl = [torch.randn(B, D, generator=g).to(dtype).requires_grad_(True) for _ in range(L)]
+    w = torch.nn.functional.normalize(torch.randn(L, D, generator=g), dim=-1)
+    return {
+        "eq. 4 cosine forget": (losses.cosine_forget_loss, lambda f: f(h, u, mask), [h], f"h [{B},{T},{D}]"),
+        "eq. 5 cosine retain": (losses.cosine_retain_loss, lambda f: f(h, h0, mask), [h], f"h, h0 [{B},{T},{D}]"),
+        "eq. 6 probe projection": (losses.probe_projection_loss, lambda f: f(hl, w)[0], hl,
+                                   f"{L} last-token states [{B},{D}] (of taps [{B},{T},{D}])"),
+    }  # fmt: skip
+
+
+def rows_losses(models: Models, data, a) -> list[dict]:
+    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.losses.compiled) against eager, at 4 x 512 x 4096."""
+    from ref import losses
+
+    losses.set_compile(True)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cases = loss_cases(dtype)
+        for name, (fn, call, leaves, shape) in cases.items():
+
+            def fwd_bwd(f, call=call, leaves=leaves):
+                for x in leaves:
+                    x.grad = None
+                call(f).backward()
+
+            c = losses.compiled(fn)
+            t = measure.alternate({"compiled": lambda c=c: fwd_bwd(c), "eager": lambda fn=fn: fwd_bwd(fn)},
+                                  max(a.repeats, 5), warmup=2)  # fmt: skip
+            out.append(row(f"{name}, compiled vs eager, fwd+bwd", "time ms", t["compiled"]["median"] * 1e3,
+                           t["eager"]["median"] * 1e3, 0.5, ours_stats=stats(t["compiled"]),
+                           baseline_stats=stats(t["eager"]), dtype=str(dtype).split(".")[1], shapes=shape))  # fmt: skip
+    return out
+
+
+def rows_forward(models: Models, data, a) -> list[dict]:
+    model, tok = models.ours()
+    _, hf, _ = models.hf()
+    hf.eval()
+    ids, mask = tok.batch(workload.long_texts(data.retain, BATCH), max_length=SEQ)
+
+    @torch.no_grad()
+    def ours():
+        return model(ids, mask).logits
+
+    @torch.no_grad()
+    def theirs():
+        return hf(input_ids=ids, attention_mask=mask).logits
+
+    err = float((ours() - theirs()).abs().max())
+    t = measure.alternate({"ours": ours, "transformers": theirs}, a.repeats, warmup=1)
+    return [row("whole-model forward vs transformers (SDPA)", "time s", t["ours"]["median"],
+                t["transformers"]["median"], 1.0, ours_stats=stats(t["ours"]), baseline_stats=stats(t["transformers"]),
+                dtype="float32", shapes=dict(batch=BATCH, seq=ids.shape[1], logits="all positions"),
+                max_abs_logit_diff=err)]  # fmt: skip
+
+
+def rows_mc(models: Models, data, a) -> list[dict]:
+    """Letter-format MC: one forward per question (mc_accuracy) vs four loglikelihood requests per question."""
+    from ref.data import read_mc
+    from ref.evaluate import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+
+    model, tok = models.ours()
+    tasks = {**data.eval_forget, **data.eval_retain}
+    rows = {task: read_mc(path)[: a.mc_questions] for task, path in tasks.items()}
+    correct = {"one": set(), "four": set()}  # the count of each timed run: identical accuracy on every run
+
+    def one_forward():
+        n = sum(mc_accuracy(model, tok, r, task, "letter", batch_size=16)["correct"] for task, r in rows.items())
+        correct["one"].add(n)
+
+    def four_requests():
+        n = 0
+        for task, r in rows.items():
+            reqs = [(mc_prompt(q, task), f" {letter}") for q in r for letter in LETTERS]
+            ll = loglikelihood(model, tok, reqs, batch_size=16)
+            for i, q in enumerate(r):
+                s = ll[4 * i : 4 * i + 4]
+                n += int(max(range(4), key=lambda j: (s[j], -j)) == q["answer"])
+        correct["four"].add(n)
+
+    t = measure.alternate({"one": one_forward, "four": four_requests}, a.repeats, warmup=1)
+    n = sum(len(r) for r in rows.values())
+    acc = {k: sorted(c / n for c in v) for k, v in correct.items()}
+    same = acc["one"] == acc["four"] and len(acc["one"]) == 1
+    return [row("MC evaluation: 1 forward/question vs 4 requests", "time s", t["one"]["median"], t["four"]["median"],
+                1 / 3, ours_stats=stats(t["one"]), baseline_stats=stats(t["four"]), dtype="float32",
+                shapes=dict(questions=n, tasks=list(rows), batch_size=16), accuracy_ours=acc["one"],
+                accuracy_baseline=acc["four"], identical_accuracy=same)]  # fmt: skip
+
+
+def rows_load(models: Models, data, a) -> list[dict]:
+    """Fresh process per load, alternating; the first pair warms the page cache and is dropped."""
+    res = {"ours": [], "transformers": []}
+    for r in range(a.repeats + 1):
+        for impl in ("ours", "transformers") if r % 2 == 0 else ("transformers", "ours"):
+            out = worker("load", impl)
+            if r:
+                res[impl].append(out)
+    med = lambda impl, k: measure.summary([x[k] for x in res[impl]])
+    to, tt = med("ours", "seconds"), med("transformers", "seconds")
+    so, st = med("ours", "second_load_seconds"), med("transformers", "second_load_seconds")
+    po, pt = med("ours", "peak")["median"] / MiB, med("transformers", "peak")["median"] / MiB
+    nbytes = res["ours"][0]["model_bytes"] / MiB
+    common = dict(dtype="float32", shapes=dict(model=workload.MODEL, model_MiB=round(nbytes, 1)))
+    return [
+        row("load (first in a fresh process) vs from_pretrained", "time s", to["median"], tt["median"],
+            ours_stats=stats(to), baseline_stats=stats(tt), **common),
+        row("load (second in the process) vs from_pretrained", "time s", so["median"], st["median"],
+            ours_stats=stats(so), baseline_stats=stats(st), **common),
+        row("load + read every weight vs from_pretrained", "peak RSS MiB", po, pt, **common),
+        row("load + read every weight vs the model's bytes", "peak RSS MiB", po, nbytes, 1.2, **common),
+    ]  # fmt: skip
+
+
+# ---- full size, random weights ----
+
+
+def rows_random(a) -> list[dict]:
+    """One step of ours (RMU, and cosine + REINFORCE) and of the baseline at full size, random bf16 weights. Ours
+    runs first and is freed before the baseline's two copies are built (they do not fit beside it on one GPU)."""
+    device = a.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        print(f"--random-weights --arch {a.arch}: no GPU here, skipped (pass --device cpu to force, small archs only)")
+        return []
+    dtype = getattr(torch, a.dtype)
+    data = workload.demo_data()
+    topic, forget, retain = workload.batch_texts(data, BATCH)
+    cuda = device.startswith("cuda")
+    peak = lambda: torch.cuda.max_memory_allocated() / MiB if cuda else float("nan")
+    results = {}
+    model = workload.random_ours(a.arch, dtype, device)
+    tok = workload.TokenStub(model.config.vocab_size)
+    for m in ("rmu", "ours"):
+        u = workload.unlearner(model, tok, data, m, TAP, SEQ, BATCH, arch=a.arch)
+        u.step(forget, retain, topic)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        results[m] = measure.alternate({m: lambda u=u: u.step(forget, retain, topic)}, a.repeats, warmup=0)[m]
+        results[m]["peak"] = peak()
+        del u
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    up, fr = workload.random_hf(a.arch, dtype, device)
+    base = BaselineRMU(up, fr, tok, TAP, workload.update_layers(TAP), workload.LR, workload.STEERING, workload.ALPHA,
+                       SEQ)  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    results["baseline"] = measure.alternate({"b": lambda: base.step(forget, retain)}, a.repeats, warmup=1)["b"]
+    results["baseline"]["peak"] = peak()
+    b = results["baseline"]
+    common = dict(dtype=a.dtype, shapes=dict(arch=a.arch, batch=BATCH, seq=SEQ, tap_layer=TAP, weights="random"))
+    out = []
+    for m, label in (("rmu", "RMU step"), ("ours", "ours step (cosine+REINFORCE)")):
+        r = results[m]
+        target = 1 / 3 if m == "rmu" else None
+        out.append(row(f"{a.arch}: {label} vs baseline", "time s", r["median"], b["median"], target,
+                       ours_stats=stats(r), baseline_stats=stats(b), **common))  # fmt: skip
+        if cuda:
+            out.append(row(f"{a.arch}: {label} vs baseline", "peak GPU MiB", r["peak"], b["peak"],
+                           0.6 if m == "rmu" else None, **common))  # fmt: skip
+    return out
+
+
+# ---- table ----
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("row", "metric", "ours", "baseline", "ratio", "target", "pass", "noise o/b")
+    lines = []
+    for r in rows:
+        noise = ""
+        if "ours_stats" in r:
+            noise = f"{r['ours_stats']['spread']:.0%}/{r['baseline_stats']['spread']:.0%}"
+        target = "" if r["target"] is None else f"<= {r['target']:.2f}"
+        passed = "" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
+        lines.append((r["name"], r["metric"], fmt(r["ours"]), fmt(r["baseline"]), f"{r['ratio']:.3f}", target, passed,
+                      noise))  # fmt: skip
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+
+    def render(cells) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([render(head), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", choices=GROUPS, default=list(GROUPS))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median); default 3")
+    p.add_argument("--sweep-repeats", type=int, default=2, help="timed runs per sweep row; default 2")
+    p.add_argument("--mc-questions", type=int, default=20, help="first N questions of each demo MC task")
+    p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--random-weights", action="store_true", help="full-size step with random weights (GPU)")
+    p.add_argument("--arch", default="mistral-7b", help="registry alias for --random-weights")
+    p.add_argument("--dtype", default="bfloat16", help="dtype for --random-weights")
+    p.add_argument("--device", default=None, help="for --random-weights: default cuda if there is one, else skip")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    info = dict(machine=measure.machine(), commit=measure.commit())
+    if a.random_weights:
+        rows = rows_random(a)
+        if not rows:
+            return 0
+    else:
+        models, data, rows = Models(), workload.demo_data(), []
+        for g in GROUPS:
+            if g in a.rows:
+                print(f"[bench] {g} ...", file=sys.stderr, flush=True)
+                rows += globals()[f"rows_{g}"](models, data, a)
+    rows = [dict(r, **info) for r in rows]
+    print(table(rows))
+    total = time.perf_counter() - t0
+    print(f"\n{info['machine']}  commit {info['commit']}  total {total:.0f} s  (ratio = ours / baseline; noise = "
+          f"(max - min) / median over the timed runs)")  # fmt: skip
+    Path(a.out).write_text(json.dumps(dict(rows=rows, total_seconds=total, repeats=a.repeats, **info), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
