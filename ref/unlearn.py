@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
@@ -41,7 +41,14 @@ from ref.model import Transformer
 from ref.plan import defaults_for, describe, resolve_layers
 from ref.probe import last_token_features, train_probe
 from ref.reinforce import AlphaPolicy
-from ref.runlog import MetricsLog, atomic_torch_save, atomic_write_text, prepare_out_dir, write_json
+from ref.runlog import (
+    MetricsLog,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    prepare_out_dir,
+    write_json,
+)
 from ref.tokenizer import Tokenizer, load_tokenizer
 
 METHODS = ("ours", "rmu", "adaptive-rmu")
@@ -315,9 +322,9 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> Unlearner:
     if u.ours_tox:
         probe_aucs = u.fit_probes()  # deterministic: refitting on resume gives the same probes
         run_json["probe_auc"] = probe_aucs
-        save_file({f"layer{i}.weight": p.weight.float().contiguous() for i, p in u.probes.items()}
-                  | {f"layer{i}.bias": torch.tensor([p.bias], dtype=torch.float32) for i, p in u.probes.items()},
-                  str(out / "probes.safetensors"))  # fmt: skip
+        probes = {f"layer{i}.weight": p.weight.float().contiguous() for i, p in u.probes.items()}
+        probes |= {f"layer{i}.bias": torch.tensor([p.bias], dtype=torch.float32) for i, p in u.probes.items()}
+        atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probes))
     if s.resume:
         start = u.load_state(torch.load(ckpt_path, weights_only=True))
     write_json(out / "run.json", run_json)
@@ -356,8 +363,8 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> Unlearner:
 
 def finish(u: Unlearner, out: Path, rows: list[dict], run_json: dict) -> None:
     """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md."""
-    save_file({k: p.detach().cpu().contiguous() for k, p in u.params.items()}, str(out / ".updated.tmp"))
-    (out / ".updated.tmp").replace(out / "updated.safetensors")
+    updated = {k: p.detach().cpu().contiguous() for k, p in u.params.items()}
+    atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
     save_model(u.model, out / "model", replaced=dict(u.params))
     report = evaluate_before_after(u) if u.s.evaluate else None
     if report is not None:
