@@ -190,7 +190,7 @@ class Unlearner:
         c = losses.compiled
         if self.ours_tox:
             h_last = [losses.last_token(hf[i], fmask) for i in self.tox_layers]
-            lf, per_layer = c(losses.probe_projection_loss)(h_last, self.directions)
+            lf, per_layer = losses.probe_projection_loss(h_last, self.directions)  # eager: see ref.losses
             lr = torch.stack([c(losses.cosine_retain_loss)(hr[i], h0[i], rmask) for i in self.tox_layers]).mean()
             return lf, lr, per_layer.tolist()
         if self.s.method == "ours":

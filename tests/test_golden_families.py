@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import ref
 from ref.config import read_config
+from ref.model import attention_mask_4d
 from tests.checks import cached_and_recomputed_logits
 from tests.conftest import FAMILIES
 
@@ -61,6 +62,24 @@ def test_logits_and_every_tap_match_transformers_fp32(tiny_dirs, family):
         assert max_diff(out.taps[i], expected.hidden_states[i + 1], real) <= FP32_ATOL, f"tap {i}"
     final = model.model.norm(out.taps[n - 1])
     assert max_diff(final, expected.hidden_states[n], real) <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_batch_matches_transformers(tiny_dirs, family):
+    """No padding and no cache: attention runs with is_causal and no mask (unless the sliding window is shorter than
+    the sequence, as for the tiny Mistral and Olmo3 here), the path transformers takes for the same input."""
+    folder = tiny_dirs[family]
+    tok, model = ref.load_tokenizer(folder), ref.load_model(folder, dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    T, window = ids.shape[1], model.config.sliding_window
+    assert attention_mask_4d(mask, T, None) is None
+    assert (attention_mask_4d(mask, T, window) is None) == (window is None or window >= T)
+    assert attention_mask_4d(mask, T - 1, None) is not None  # the last T - 1 queries after a cache of 1
+    expected = hf_forward(folder, ids, mask, torch.float32)
+    with torch.no_grad():
+        out = model(ids, mask)
+    assert max_diff(out.logits, expected.logits, mask.bool()) <= FP32_ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
