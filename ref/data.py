@@ -238,6 +238,19 @@ def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[s
     )
 
 
+def prepared_hub_dir(goal: str | None = None) -> Path | None:
+    """The hub data folder in the cache if it is prepared (for `goal`, when given), else None; downloads nothing."""
+    out = cache_dir() / "data" / "hub"
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        return None
+    try:
+        prepared = json.loads(mpath.read_text(encoding="utf-8"))
+    except ValueError:
+        raise RefError(f"{mpath} is corrupt; delete {out} to prepare the hub data again") from None
+    return out if goal is None or goal in prepared else None
+
+
 def resolve_data_dir(data: str, goal: str | None = None) -> Path:
     """--data value -> a directory with manifest.json.
 
@@ -250,18 +263,12 @@ def resolve_data_dir(data: str, goal: str | None = None) -> Path:
 
         return write_demo_data(cache_dir() / "data" / "demo")
     if data == "hub":
-        out = cache_dir() / "data" / "hub"
-        mpath = out / "manifest.json"
-        if mpath.is_file():
-            try:
-                prepared = json.loads(mpath.read_text(encoding="utf-8"))
-            except ValueError:
-                raise RefError(f"{mpath} is corrupt; delete {out} to prepare the hub data again") from None
-            if goal is None or goal in prepared:
-                return out
+        out = prepared_hub_dir(goal)
+        if out is not None:
+            return out
         from data_prep.hub import prepare_hub_data  # lazy: it needs pyarrow and network access to the hub
 
-        return prepare_hub_data(out, goals=[goal] if goal else list(GOALS))
+        return prepare_hub_data(cache_dir() / "data" / "hub", goals=[goal] if goal else list(GOALS))
     path = Path(data).expanduser()
     if not (path / "manifest.json").is_file():
         what = "has no manifest.json" if path.is_dir() else "is not a directory"

@@ -113,7 +113,8 @@ def describe(model: str, cfg: ModelConfig, layers: Layers, s, steps: int | None,
         f"- blocks {layers.start}..{max(layers.taps)} run with gradients; none above {max(layers.taps)}; no LM head",
         f"- taps: {layers.taps}",
         f"- updated tensors ({len(tensors)}, {gib(est['updated_tensors'])}): {', '.join(tensors)}",
-        f"- steps: {'unknown (data not prepared)' if steps is None else steps}, batch {s.batch_size} x {seq} tokens",
+        f"- steps: {'unknown' if steps is None else steps} (data {s.data}{' not prepared' if steps is None else ''}), "
+        f"batch {s.batch_size} x {seq} tokens",
         f"- estimated peak memory ({bytes_per * 8}-bit weights): ours {gib(est['ours'])}, "
         f"reference structure {gib(est['reference'])} ({est['ours'] / est['reference']:.2f}x)",
     ])  # fmt: skip

@@ -78,6 +78,7 @@ class UnlearnDefaults:
     alpha0_toxicity: float = 1.0  # initial alpha of REINFORCE (ours), toxicity goal
     max_len: int = 512  # forget/retain truncation in tokens (RMU reference: 512)
     lr: float = 5e-5  # AdamW learning rate (the paper's and the RMU reference's)
+    data: str = "hub"  # --data default: the paper's datasets
 
 
 def spread_layers(num_layers: int) -> tuple[int, ...]:
@@ -107,6 +108,11 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
     # lr 1e-3: at 5e-5 the cosine forget loss moves by 2% in the 30 demo steps (0.99 -> 0.97), at 1e-3 to 0.33.
     # steering 550: about 5x the median layer-7 token norm (111) on the demo forget corpus (Adaptive RMU's rule).
     "smollm2-135m": UnlearnDefaults(
-        7, (5, 6, 7), spread_layers(30), steering=550.0, rmu_alpha=100.0, max_len=128, lr=1e-3
+        7, (5, 6, 7), spread_layers(30), steering=550.0, rmu_alpha=100.0, max_len=128, lr=1e-3, data="demo"
     ),
 }
+
+
+def default_data(model: str) -> str:
+    """--data when none is given: the offline demo data for the offline model, the paper's datasets otherwise."""
+    return UNLEARN_DEFAULTS[model].data if model in UNLEARN_DEFAULTS else "hub"

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from ref import losses
 from ref.checkpoint import load_model, save_model
-from ref.data import batches, load_goal_data, resolve_data_dir
+from ref.data import batches, load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
 from ref.model import Transformer
 from ref.plan import defaults_for, describe, resolve_layers
 from ref.probe import last_token_features, train_probe
+from ref.registry import default_data
 from ref.reinforce import AlphaPolicy
 from ref.runlog import (
     MetricsLog,
@@ -60,7 +61,7 @@ class Settings:
     model: str = "smollm2-135m"
     goal: str = "wmdp"
     method: str = "ours"
-    data: str = "demo"
+    data: str | None = None  # hub | demo | a folder; None: the registry default (demo for smollm2-135m, else hub)
     out: str = "runs/unlearn"
     topics: list[str] | None = None  # forget corpora to use (default: all in the manifest)
     tap_layer: int | None = None  # registry default
@@ -297,6 +298,7 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> Unlearner:
     interruption after that many steps (tests)."""
     if s.goal not in GOALS or s.method not in METHODS:
         raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
+    s.data = s.data or default_data(s.model)
     out = Path(s.out)
     prepare_out_dir(out, s.resume, s.overwrite)
     torch.manual_seed(s.seed)
@@ -430,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--model", default=Settings.model, help="registry alias, local model folder, or hub id")
     a("--goal", default=Settings.goal, choices=GOALS)
     a("--method", default=Settings.method, choices=METHODS)
-    a("--data", default=Settings.data, help="hub | demo | a prepared data folder (with manifest.json)")
+    a("--data", default=None, help="hub | demo | a prepared data folder (default: demo for smollm2-135m, else hub)")
     a("--out", default=Settings.out, help="run folder")
     a("--topics", type=strs, default=None, help="forget corpora to use, by name (default: all)")
     a("--tap-layer", type=int, default=None, help="layer whose residual stream the WMDP/RMU losses read")
@@ -474,11 +476,11 @@ def dry_run(s: Settings) -> str:
         cfg = read_config(s.model)
     else:
         raise RefError(f"--dry-run needs a registry alias or a local model folder, not {s.model!r}")
+    s.data = s.data or default_data(s.model)
     layers = resolve_layers(s, cfg.num_layers)
+    folder = prepared_hub_dir(s.goal) if s.data == "hub" else resolve_data_dir(s.data, goal=s.goal)  # no download
     try:
-        data = (
-            load_goal_data(resolve_data_dir(s.data, goal=s.goal), s.goal, topics=s.topics) if s.data != "hub" else None
-        )
+        data = load_goal_data(folder, s.goal, topics=s.topics) if folder is not None else None
     except RefError:
         data = None
     steps = len(schedule(data, s)) if data is not None else None

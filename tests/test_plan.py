@@ -52,3 +52,26 @@ def test_memory_estimate_favours_one_copy_and_a_truncated_forward():
     assert est["weights"] == KNOWN["mistral-7b"] * 2
     assert est["weights"] < est["ours"] < 1.3 * est["weights"]  # + 3 tensors, their AdamW state, 3 blocks
     assert est["reference"] > 2 * est["weights"]  # two copies, and graphs through every block and the LM head
+
+
+def test_default_data_is_the_papers_except_for_the_offline_model(tmp_path, monkeypatch, capsys):
+    """No --data: hub for the paper's models (a dry run reads a prepared hub folder, never downloads), demo for
+    smollm2-135m."""
+    import shutil
+    import sys
+    import types
+
+    from ref.data import resolve_data_dir
+
+    def no_download(*a, **k):
+        raise AssertionError("--dry-run must not download")
+
+    monkeypatch.setitem(sys.modules, "data_prep.hub", types.SimpleNamespace(prepare_hub_data=no_download))
+    monkeypatch.setenv("REF_CACHE", str(tmp_path))
+    assert U.main(["--model", "mistral-7b", "--goal", "wmdp", "--dry-run"]) == 0
+    assert "steps: unknown (data hub not prepared)" in capsys.readouterr().out
+    shutil.copytree(resolve_data_dir("demo"), tmp_path / "data" / "hub")  # stands in for prepared hub data
+    assert U.main(["--model", "mistral-7b", "--goal", "wmdp", "--dry-run"]) == 0
+    assert "steps: 30 (data hub)" in capsys.readouterr().out
+    assert U.main(["--model", "smollm2-135m", "--goal", "wmdp", "--dry-run"]) == 0
+    assert "steps: 30 (data demo)" in capsys.readouterr().out
