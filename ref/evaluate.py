@@ -12,7 +12,8 @@ by " {choice}", scored by lm-eval's acc_norm (log-likelihood / characters of the
 
 Requests are tokenised as lm-eval does for causal models: encode(context + continuation), split at
 len(encode(context)). BOS is added as the tokenizer's post-processor adds it (recent lm-eval; older lm-eval
-HFLM defaulted to add_bos_token=False). Contexts are not truncated.
+HFLM defaulted to add_bos_token=False). A request longer than the model's max_position_embeddings keeps its last
+tokens, as lm-eval's (context + continuation)[-(max_length + 1):][:-1].
 
 Toxicity: 25 nucleus samples (p 0.9, T 1, 20 new tokens) per prompt; each continuation (without its prompt)
 is scored in [0, 1] by a scorer: the TRuST classifier, or the probe scorer (offline stand-in).
@@ -93,9 +94,14 @@ def _last_log_probs(
     """Yield (i, log-probs [n_last[i], V] fp32 of the next token at the last n_last[i] positions of seqs[i]).
 
     Batches are left padded and longest first (as lm-eval, so a memory error shows at once); the final norm
-    and LM head run only on the positions scored."""
+    and LM head run only on the positions scored. A sequence longer than the model's max_position_embeddings is
+    cut from the left (lm-eval's truncation)."""
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; use a positive batch size")
+    max_len = model.config.max_position_embeddings
+    if any(n > max_len for n in n_last):
+        raise ValueError(f"a continuation is longer than the model's {max_len} positions; shorten it")
+    seqs = [s[-max_len:] for s in seqs]
     device = next(model.parameters()).device
     last = model.config.num_layers - 1
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

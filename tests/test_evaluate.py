@@ -86,6 +86,30 @@ def test_loglikelihood_matches_unbatched_forward(tiny):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_loglikelihood_keeps_the_last_tokens_of_a_request_longer_than_the_model(tiny):
+    """lm-eval's truncation: the input is (context + continuation)[-(max_length + 1):][:-1]."""
+    import dataclasses
+
+    _, model, tok = tiny
+    ctx, cont = "The quick brown fox jumps over the lazy dog and runs", " far away"
+    whole, n = tok.encode(ctx + cont), len(tok.encode(ctx + cont)) - len(tok.encode(ctx))
+    max_len = len(whole) - 5
+    saved = model.config
+    try:
+        model.config = dataclasses.replace(saved, max_position_embeddings=max_len)
+        got = ev.loglikelihood(model, tok, [(ctx, cont)], batch_size=1)[0]
+        with pytest.raises(ValueError, match="continuation is longer"):
+            ev.loglikelihood(model, tok, [("A", " " + " ".join(["word"] * max_len))])
+    finally:
+        model.config = saved
+    inp = torch.tensor([whole[-(max_len + 1) :][:-1]])
+    logp = model(inp).logits[0].double().log_softmax(-1)
+    target = whole[-(max_len + 1) :][1:]
+    want = sum(float(logp[t, target[t]]) for t in range(max_len - n, max_len))
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got != pytest.approx(reference_loglik(model, tok, ctx, cont), abs=1e-3)  # the truncation changed it
+
+
 def test_letter_fast_path_equals_four_requests(tiny):
     _, model, tok = tiny
     ltok = LetterTokenizer(tok)
