@@ -141,9 +141,12 @@ def _read_parquet(files: list[Path], columns: list[str]) -> list[dict]:
     return rows
 
 
-def _texts(rows: list[dict]) -> list[dict]:
-    """{"text"} rows, empty and whitespace-only texts dropped (as the RMU reference drops empty lines)."""
-    return [{"text": r["text"]} for r in rows if r["text"] and r["text"].strip()]
+MIN_CHARS = 50  # the RMU reference's get_data(min_len=50): it keeps WMDP forget texts and WikiText lines longer
+
+
+def _texts(rows: list[dict], min_chars: int = 0) -> list[dict]:
+    """{"text"} rows, verbatim; whitespace-only texts and texts of min_chars characters or fewer dropped."""
+    return [{"text": r["text"]} for r in rows if r["text"] and r["text"].strip() and len(r["text"]) > min_chars]
 
 
 def _mc(rows: list[dict], source: str, subject: str | None = None) -> list[dict]:
@@ -287,14 +290,14 @@ class _Prep:
 
 def _shared(prep: _Prep) -> None:
     """WikiText-2 (retain) and MMLU (eval_retain), used by both goals."""
-    wikitext = lambda files: _texts(_read_parquet(files, ["text"]))
+    wikitext = lambda files: _texts(_read_parquet(files, ["text"]), MIN_CHARS)
     prep.file(WIKITEXT, "Salesforce/wikitext", ["wikitext-2-raw-v1/test-*.parquet"], wikitext)
     mmlu = lambda files: _mc(_read_parquet(files, ["question", "subject", "choices", "answer"]), "cais/mmlu")
     prep.file(MMLU, "cais/mmlu", ["all/test-*.parquet"], mmlu)
 
 
 def _prepare_wmdp(prep: _Prep, allow_missing_bio: bool) -> dict:
-    text = lambda files: _texts(_read_parquet(files, ["text"]))
+    text = lambda files: _texts(_read_parquet(files, ["text"]), MIN_CHARS)
     prep.file("forget/wmdp-cyber.jsonl", "cais/wmdp-corpora", ["cyber-forget-corpus/train-*.parquet"], text)
     topics = ["bio", "cyber"]
     try:

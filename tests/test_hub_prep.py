@@ -27,9 +27,18 @@ from ref.errors import RefError
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-CYBER = ["cyber text one", "", "cyber text two", "  \n", "cyber text three"]
-BIO_SHARDS = [["bio a", "bio b"], ["bio c", ""]]
-WIKITEXT = ["", " = Valkyria = \n", "", " Senjō no Valkyria 3 is a game . \n", " \n", " It was released in 2011 . \n"]
+LONG = ", long enough to pass the 50-character minimum"  # the RMU reference keeps texts of more than 50 characters
+CYBER = ["cyber text one" + LONG, "", "cyber text two" + LONG, "  \n", "a short cyber line", "cyber text three" + LONG]
+BIO_SHARDS = [["bio a" + LONG, "bio b" + LONG], ["bio c" + LONG, "", "bio d, too short"]]
+BIO = [BIO_SHARDS[0][0], BIO_SHARDS[0][1], BIO_SHARDS[1][0]]
+WIKITEXT = [
+    "",
+    " = Valkyria Chronicles III = \n",
+    "",
+    " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game . \n",
+    " \n",
+    " It was released in January 2011 in Japan and is the third game in the series . \n",
+]
 PARADETOX = [  # (toxic, neutral); the toxic side repeats, as in the real train.tsv
     ("you are a stupid idiot", "you are not smart"),
     ("you are a stupid idiot", "you are unwise"),
@@ -81,7 +90,8 @@ def _build_repos(root: Path) -> None:
     put("cais/wmdp-corpora", "cyber-forget-corpus/train-00000-of-00001.parquet", pa.table({"text": CYBER}))
     put("cais/wmdp-corpora", "cyber-retain-corpus/train-00000-of-00001.parquet", pa.table({"text": ["not used"]}))
     for i, texts in enumerate(BIO_SHARDS):  # the bio forget corpus has more columns than text
-        table = pa.table({"title": ["t"] * 2, "abstract": ["a"] * 2, "text": texts, "doi": ["d"] * 2})
+        n = len(texts)
+        table = pa.table({"title": ["t"] * n, "abstract": ["a"] * n, "text": texts, "doi": ["d"] * n})
         put("cais/wmdp-bio-forget-corpus", f"data/train-0000{i}-of-00002.parquet", table)
     for name, n in (("bio", 2), ("cyber", 3), ("chem", 1)):
         put("cais/wmdp", f"wmdp-{name}/test-00000-of-00001.parquet", _mc_table(name, n))
@@ -167,10 +177,11 @@ def test_both_goals_write_the_layout_of_design_section_6(tmp_path, fake_hub):
             }
         },
     }
-    # Text corpora: empty / whitespace-only rows dropped, the rest verbatim, shards in order.
-    assert _texts(out / "forget/wmdp-cyber.jsonl") == ["cyber text one", "cyber text two", "cyber text three"]
-    assert _texts(out / "forget/wmdp-bio.jsonl") == ["bio a", "bio b", "bio c"]
-    assert _texts(out / "retain/wikitext.jsonl") == [WIKITEXT[1], WIKITEXT[3], WIKITEXT[5]]
+    # Text corpora: texts of 50 characters or fewer dropped (the RMU reference's min_len), the rest verbatim, shards
+    # in order.
+    assert _texts(out / "forget/wmdp-cyber.jsonl") == [CYBER[0], CYBER[2], CYBER[5]]
+    assert _texts(out / "forget/wmdp-bio.jsonl") == BIO
+    assert _texts(out / "retain/wikitext.jsonl") == [WIKITEXT[3], WIKITEXT[5]]
     # ParaDetox: toxic side deduplicated (the trailing-space copy too); the probe adds the neutral side as 0.
     toxic = ["you are a stupid idiot", 'shut up, "genius"', "this is damn bad"]
     assert _texts(out / "forget/paradetox-toxic.jsonl") == toxic
@@ -216,7 +227,7 @@ def test_both_goals_write_the_layout_of_design_section_6(tmp_path, fake_hub):
 def test_the_loader_accepts_what_was_written(tmp_path, fake_hub):
     out = hub.prepare_hub_data(tmp_path / "data", ["wmdp", "toxicity"])
     wmdp = load_goal_data(out, "wmdp", min_texts=2)
-    assert sorted(wmdp.forget) == ["wmdp-bio", "wmdp-cyber"] and len(wmdp.retain) == 3
+    assert sorted(wmdp.forget) == ["wmdp-bio", "wmdp-cyber"] and len(wmdp.retain) == 2
     tox = load_goal_data(out, "toxicity", min_texts=2)
     assert tox.scorer == "trust" and sum(label for _, label in tox.probe) == 3
 
@@ -245,7 +256,7 @@ def test_gated_bio_corpus_names_the_access_page_and_the_token(tmp_path, fake_hub
     fake_hub.calls.clear()
     hub.prepare_hub_data(out, ["wmdp"])
     assert "cais/wmdp-corpora" not in {r for r, _, _ in fake_hub.calls}
-    assert _texts(out / "forget/wmdp-bio.jsonl") == ["bio a", "bio b", "bio c"]
+    assert _texts(out / "forget/wmdp-bio.jsonl") == BIO
 
 
 def test_allow_missing_bio_warns_once_and_goes_on_with_cyber(tmp_path, fake_hub, capsys):
