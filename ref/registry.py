@@ -115,4 +115,4 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
 
 def default_data(model: str) -> str:
     """--data when none is given: the offline demo data for the offline model, the paper's datasets otherwise."""
-    return UNLEARN_DEFAULTS[model].data if model in UNLEARN_DEFAULTS else "hub"
+    return UNLEARN_DEFAULTS[model].data if model in UNLEARN_DEFAULTS else UnlearnDefaults.data

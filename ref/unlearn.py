@@ -94,6 +94,9 @@ class Settings:
     dry_run: bool = False  # print the plan and the memory estimate, load no weights
     resolved: dict = field(default_factory=dict)  # filled in: the values actually used
 
+    def __post_init__(self):
+        self.data = self.data or default_data(self.model)
+
 
 class NonFiniteLoss(RefError):
     pass
@@ -298,7 +301,6 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> Unlearner:
     interruption after that many steps (tests)."""
     if s.goal not in GOALS or s.method not in METHODS:
         raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
-    s.data = s.data or default_data(s.model)
     out = Path(s.out)
     prepare_out_dir(out, s.resume, s.overwrite)
     torch.manual_seed(s.seed)
@@ -476,7 +478,6 @@ def dry_run(s: Settings) -> str:
         cfg = read_config(s.model)
     else:
         raise RefError(f"--dry-run needs a registry alias or a local model folder, not {s.model!r}")
-    s.data = s.data or default_data(s.model)
     layers = resolve_layers(s, cfg.num_layers)
     folder = prepared_hub_dir(s.goal) if s.data == "hub" else resolve_data_dir(s.data, goal=s.goal)  # no download
     try:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+import types
+
 import pytest
 
 import ref
 import ref.unlearn as U
 from ref.config import config_from_dict, read_config
+from ref.data import resolve_data_dir
 from ref.plan import estimate_peak_bytes, resolve_layers, total_params
 from ref.registry import REGISTRY
 from tests.conftest import FAMILIES
@@ -57,11 +62,6 @@ def test_memory_estimate_favours_one_copy_and_a_truncated_forward():
 def test_default_data_is_the_papers_except_for_the_offline_model(tmp_path, monkeypatch, capsys):
     """No --data: hub for the paper's models (a dry run reads a prepared hub folder, never downloads), demo for
     smollm2-135m."""
-    import shutil
-    import sys
-    import types
-
-    from ref.data import resolve_data_dir
 
     def no_download(*a, **k):
         raise AssertionError("--dry-run must not download")
