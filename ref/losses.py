@@ -9,16 +9,12 @@ Conventions shared by every loss here:
 - Inputs are upcast to fp32 and the result is an fp32 scalar, whatever the dtype of h (bf16 on GPU).
 - Targets (u, h0, probe directions) are constants: they are detached, gradients flow into h only.
 
-`compiled(fn)` runs one of these through torch.compile (fused kernels), with an eager fallback; `set_compile`
-turns compilation off for the whole process. The unlearning loop compiles eq. 2-5, which read whole
-[B, T, D] taps (eq. 4 and 5: 5-9x faster than eager at 4 x 512 x 4096, `make bench`). It runs eq. 6 eager: it reads
-one [B, D] vector per layer, so both versions take ~0.5 ms of per-op overhead (measured 1.00x in fp32, 0.78x in
-bf16), which does not repay the ~5 s compilation.
+Pure math: nothing here compiles or keeps state. `ref.fused` runs eq. 2-5 through torch.compile for the training
+loop; eq. 6 runs eager (see there why).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,51 +129,18 @@ def probe_projection_loss(h_last: Sequence[Tensor], directions: Tensor) -> tuple
     return per_layer.sum(), per_layer
 
 
-# ---- torch.compile with an eager fallback ----
+def toxicity_retain_loss(
+    h: Sequence[Tensor], h0: Sequence[Tensor], mask: Tensor, layer_loss: Callable = cosine_retain_loss
+) -> Tensor:
+    """The toxicity retain term of the paper's method: eq. 5 at each probed layer, averaged over the layers.
 
-_compile_enabled = True
-_compiled: dict[Callable, Callable] = {}  # fn -> torch.compile(fn), or fn itself once compilation failed
-_wrappers: dict[Callable, Callable] = {}
+    h, h0: one [B, T, D] tap per probed layer (updated model, frozen original); `layer_loss` is eq. 5 or its fused
+    version (`ref.fused`), applied layer by layer."""
+    if len(h) != len(h0) or not h:
+        raise ValueError(f"need one h0 per h and at least one layer, got {len(h)} and {len(h0)}")
+    return torch.stack([layer_loss(a, b, mask) for a, b in zip(h, h0, strict=True)]).mean()
 
 
-def set_compile(enabled: bool) -> None:
-    """Turn torch.compile on or off for every `compiled(...)` loss (off: plain eager calls)."""
-    global _compile_enabled
-    _compile_enabled = bool(enabled)
-
-
-def compiled(fn: Callable) -> Callable:
-    """`fn` run through torch.compile: built lazily at the first call, cached per function.
-
-    dynamic=True: one compilation serves every batch size and sequence length (T varies from batch to
-    batch; the default would compile twice, and each compilation costs ~10-30 s on CPU).
-    If compilation fails (no C++ compiler, unsupported backend...) the function runs eager from then on,
-    after one warning. An error that eager raises too (bad input) is re-raised and keeps compilation on.
-    A failure that shows only when the backward graph is compiled (at the first .backward()) is not caught
-    here: call set_compile(False) if that happens.
-    """
-    if fn in _wrappers:
-        return _wrappers[fn]
-
-    def run(*args, **kwargs):
-        if not _compile_enabled:
-            return fn(*args, **kwargs)
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=True)
-        try:
-            return _compiled[fn](*args, **kwargs)
-        except Exception as err:
-            if _compiled[fn] is fn:
-                raise
-            out = fn(*args, **kwargs)  # raises again if the input is bad: not a compilation failure
-            warnings.warn(
-                f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {str(err)[:200]}); running it eager",
-                stacklevel=2,
-            )
-            _compiled[fn] = fn
-            return out
-
-    run.__name__ = f"compiled_{fn.__name__}"
-    run.__doc__ = fn.__doc__
-    _wrappers[fn] = run
-    return run
+def unlearning_loss(forget: Tensor, retain: Tensor, alpha: float) -> Tensor:
+    """Eq. 1 of the paper: L = L_F + alpha * L_R, the loss every method minimises (alpha fixed or from REINFORCE)."""
+    return forget + alpha * retain
