@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ref.reinforce import AlphaPolicy
+from ref.reinforce import AlphaPolicy, Draw
+from ref.reinforce import reward as step_reward
 
 # Toy bilevel quadratic. Inner parameter theta in R^2; "forget" f = kf/2 |theta - a|^2, "retain"
 # g = kg/2 |theta - b|^2, meta-objective M = f + g. One episode: theta is drawn fresh around C, the caller
@@ -53,8 +54,8 @@ def expected_reward_fn():
 def run_toy(policy: AlphaPolicy, steps: int, seed: int) -> AlphaPolicy:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        alpha = policy.sample()
-        policy.update(reward(draw_theta(gen), alpha).item())
+        draw = policy.sample()
+        policy.update(draw, reward(draw_theta(gen), draw.alpha).item())
     return policy
 
 
@@ -96,9 +97,9 @@ def test_alpha_stays_in_range_under_huge_rewards(sign):
     policy = AlphaPolicy(alpha0=1.0, alpha_min=0.5, alpha_max=2.0, sigma0=1.0, sigma_min=0.1, sigma_max=1.5)
     alphas, mus = [], []
     for _ in range(300):
-        alpha = policy.sample()
-        alphas.append(alpha)
-        policy.update(sign * 1e100 * math.log(alpha))  # pushes mu hard towards one end
+        draw = policy.sample()
+        alphas.append(draw.alpha)
+        policy.update(draw, sign * 1e100 * math.log(draw.alpha))  # pushes mu hard towards one end
         mus.append(policy.mu.item())
         assert 0.1 - 1e-12 <= policy.sigma <= 1.5 + 1e-12
     assert all(0.5 <= a <= 2.0 for a in alphas)
@@ -111,9 +112,9 @@ def test_alpha_stays_in_range_under_huge_rewards(sign):
 def deterministic_run(policy: AlphaPolicy, steps: int) -> list[float]:
     alphas = []
     for _ in range(steps):
-        alpha = policy.sample()
-        alphas.append(alpha)
-        policy.update(-((math.log(alpha) - 1.0) ** 2))  # reward peaks at alpha = e
+        draw = policy.sample()
+        alphas.append(draw.alpha)
+        policy.update(draw, -((math.log(draw.alpha) - 1.0) ** 2))  # reward peaks at alpha = e
     return alphas
 
 
@@ -149,13 +150,14 @@ def test_update_by_hand():
     lr, sigma = 1e-2, 0.5
     policy = AlphaPolicy(alpha0=2.0, lr=lr, sigma0=sigma, learn_sigma=False, seed=0)
     mu0 = math.log(2.0)
-    policy.sample()
-    info = policy.update(1.0)
+    info = policy.update(policy.sample(), 1.0)
     # First step: baseline initialised to the first reward, so advantage 0 and mu does not move.
     assert info["advantage"] == 0.0 and info["baseline"] == 1.0
     assert policy.mu.item() == mu0
-    z = math.log(policy.sample())
-    info = policy.update(3.0)
+    draw = policy.sample()
+    z = draw.z
+    assert draw.alpha == math.exp(z)  # inside the clamp range
+    info = policy.update(draw, 3.0)
     adv = 3.0 - 1.0
     g = -adv * (z - mu0) / sigma**2  # d/dmu of -adv * log N(z; mu, sigma)
     m_hat = 0.1 * g / (1 - 0.9**2)  # Adam, betas (0.9, 0.999), second step after a zero gradient
@@ -178,14 +180,29 @@ def test_log_prob_matches_torch_normal():
     assert policy.log_prob(0.2).item() == pytest.approx(expected.item(), abs=1e-12)
 
 
+def test_clamped_draw_keeps_the_raw_z_for_the_gradient():
+    policy = AlphaPolicy(alpha0=1.9, alpha_max=2.0, sigma0=2.0, sigma_max=2.0, seed=0)
+    draws = [policy.sample() for _ in range(50)]
+    high = [d for d in draws if d.z > math.log(2.0)]
+    assert high and all(d.alpha == 2.0 for d in high)  # the environment clamps alpha ...
+    assert all(d.alpha == pytest.approx(math.exp(d.z), rel=1e-12) for d in draws if d not in high)
+    before = policy.mu.item()
+    policy.update(Draw(z=5.0, alpha=2.0), 1.0)  # first update: advantage 0
+    policy.update(Draw(z=5.0, alpha=2.0), 2.0)  # ... the score function uses the raw z = 5: mu moves up
+    assert policy.mu.item() > before
+
+
+def test_reward_is_the_decrease_of_the_unweighted_meta_objective():
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    assert step_reward((f32(2.0), f32(0.5)), (f32(1.25), f32(0.75))) == 0.5
+    assert step_reward((f32(1.0), f32(0.0)), (f32(1.0), f32(1.0))) == -1.0  # the retain side got worse
+
+
 def test_errors():
     policy = AlphaPolicy()
-    with pytest.raises(ValueError, match="call sample"):
-        policy.update(1.0)
-    policy.sample()
     with pytest.raises(ValueError, match="finite"):
-        policy.update(float("nan"))
-    with pytest.raises(ValueError, match="outside"):
+        policy.update(policy.sample(), float("nan"))
+    with pytest.raises(ValueError, match="alpha0"):
         AlphaPolicy(alpha0=1e5)
     with pytest.raises(ValueError, match="alpha_min"):
         AlphaPolicy(alpha_min=0.0)
