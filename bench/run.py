@@ -67,7 +67,7 @@ def step_timings(models: Models, data, tap: int, seq: int, methods: tuple[str, .
     fns = {"baseline": lambda: base.step(forget, retain)}
     for m in methods:
         u = workload.unlearner(model, tok, data, m, tap, seq, BATCH)
-        fns[m] = lambda u=u: u.step(forget, retain, topic)
+        fns[m] = lambda u=u: u(topic, forget, retain)
         fns[m]()  # compiles our losses on first use; the baseline is eager, warmed by `warmup`
     return measure.alternate(fns, repeats, warmup)
 
@@ -142,10 +142,9 @@ def loss_cases(dtype: torch.dtype, B: int = 4, T: int = 512, D: int = 4096, L: i
 
 
 def rows_losses(models: Models, data, a) -> list[dict]:
-    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.losses.compiled) against eager, at 4 x 512 x 4096."""
-    from ref import losses
+    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.fused) against eager, at 4 x 512 x 4096."""
+    from ref.fused import fused
 
-    losses.set_compile(True)
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         cases = loss_cases(dtype)
@@ -156,10 +155,10 @@ def rows_losses(models: Models, data, a) -> list[dict]:
                     x.grad = None
                 call(f).backward()
 
-            c = losses.compiled(fn)
+            c = fused(fn)
             t = measure.alternate({"compiled": lambda c=c: fwd_bwd(c), "eager": lambda fn=fn: fwd_bwd(fn)},
                                   max(a.repeats, 5), warmup=2)  # fmt: skip
-            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.losses)
+            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.fused)
             out.append(row(f"{name}, compiled vs eager, fwd+bwd", "time ms", t["compiled"]["median"] * 1e3,
                            t["eager"]["median"] * 1e3, target, ours_stats=stats(t["compiled"]),
                            baseline_stats=stats(t["eager"]), dtype=str(dtype).split(".")[1], shapes=shape))  # fmt: skip
@@ -268,10 +267,10 @@ def rows_random(a) -> list[dict]:
     tok = workload.TokenStub(model.config.vocab_size)
     for m in ("rmu", "ours"):
         u = workload.unlearner(model, tok, data, m, TAP, SEQ, BATCH, arch=a.arch)
-        u.step(forget, retain, topic)
+        u(topic, forget, retain)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        results[m] = measure.alternate({m: lambda u=u: u.step(forget, retain, topic)}, a.repeats, warmup=0)[m]
+        results[m] = measure.alternate({m: lambda u=u: u(topic, forget, retain)}, a.repeats, warmup=0)[m]
         results[m]["peak"] = peak()
         del u
     del model

@@ -61,7 +61,7 @@ def step(impl: str, tap: int, seq: int, batch: int) -> dict:
     else:
         model = load_model(workload.MODEL, dtype=torch.float32, device="cpu")
         runner = workload.unlearner(model, load_tokenizer(workload.MODEL), data, impl, tap, seq, batch)
-        run = lambda: runner.step(forget, retain, topic)
+        run = lambda: runner(topic, forget, retain)
     loaded = measure.rss() - base
     run()  # warm-up (compiles our losses); what it leaves resident (optimizer state...) counts below
     measure.reset_peak_rss()

@@ -12,8 +12,10 @@ import torch
 from ref.config import config_from_dict
 from ref.data import load_goal_data, resolve_data_dir
 from ref.model import Transformer
+from ref.objectives import random_directions
+from ref.plan import Settings, resolve
 from ref.registry import REGISTRY, local_model_dir
-from ref.unlearn import Settings, Unlearner
+from ref.train import Run, start_state, step
 
 MODEL = "smollm2-135m"
 LR, STEERING, ALPHA = 1e-3, 550.0, 100.0  # the smollm2-135m RMU defaults (ref.registry), for both sides
@@ -41,12 +43,16 @@ def update_layers(tap: int) -> list[int]:
     return list(range(max(0, tap - 2), tap + 1))
 
 
-def unlearner(model, tok, data, method: str, tap: int, seq: int, batch: int, arch: str = MODEL) -> Unlearner:
-    model.requires_grad_(False)  # an earlier Unlearner on the same model may have switched some tensors on
+def unlearner(model, tok, data, method: str, tap: int, seq: int, batch: int, arch: str = MODEL):
+    """One step of ref.train as a function (topic, forget texts, retain texts) -> metrics row."""
+    model.requires_grad_(False)  # an earlier run on the same model may have switched some tensors on
     s = Settings(model=arch, goal="wmdp", method=method, tap_layer=tap, update_layers=update_layers(tap), lr=LR,
                  steering=STEERING, alpha=ALPHA if method == "rmu" else None, max_len=seq, batch_size=batch,
                  evaluate=False)  # fmt: skip
-    return Unlearner(s, model, tok, data)
+    plan = resolve(s, model.config)
+    u = random_directions(list(data.forget), model.config.hidden_size, plan.seed, next(model.parameters()).device)
+    run, state = Run(plan, model, tok, u, None), start_state(plan, model)
+    return lambda topic, forget, retain: step(run, state, topic, forget, retain)
 
 
 def hf_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):

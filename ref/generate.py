@@ -68,7 +68,7 @@ def generate(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str] | None) -> int:
     from ref.checkpoint import load_model
     from ref.errors import RefError
     from ref.tokenizer import load_tokenizer
@@ -83,19 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    try:
-        if args.max_new_tokens < 0 or not 0 < args.top_p <= 1:
-            raise RefError("--max-new-tokens must be >= 0 and --top-p in (0, 1]")
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
-        tok = load_tokenizer(args.model)
-    except RefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.max_new_tokens < 0 or not 0 < args.top_p <= 1:
+        raise RefError("--max-new-tokens must be >= 0 and --top-p in (0, 1]")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
     torch.manual_seed(args.seed)
     rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, row in zip(args.prompt, rows, strict=True):
         print(prompt + tok.decode(row))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ref.cli import run_command
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -1,120 +1,187 @@
-"""The plan of an unlearning run (layers tapped and run, tensors updated) and an estimate of its peak accelerator
-memory, for ours and for the structure of the WMDP reference code, computed from the shapes alone.
+"""What an unlearning run does, resolved once: the user's `Settings` + the registry defaults + the model's config ->
+a frozen `Plan`. The run, `--dry-run` and run.json all read the plan; nothing writes back into the settings.
 
     python -m ref.unlearn --model mistral-7b --goal wmdp --dry-run
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+import torch
 
 from ref.config import ModelConfig
 from ref.errors import RefError
-from ref.registry import UNLEARN_DEFAULTS, UnlearnDefaults, generic_defaults
+from ref.memory import estimate_peak_bytes, total_params
+from ref.model import Transformer
+from ref.registry import UNLEARN_DEFAULTS, generic_defaults
+
+METHODS = ("ours", "rmu", "adaptive-rmu")
+GOALS = ("wmdp", "toxicity")
 
 
 @dataclass
-class Layers:
-    taps: list[int]  # layers whose residual stream the losses read
-    update_layers: list[int]  # layers whose `update_params` are trained
-    update_params: list[str]
-    tox_layers: list[int]  # eq. 6 layers (toxicity, ours), else empty
+class Settings:
+    """What the user asked for (`python -m ref.unlearn` options). None: not given, the plan takes the default."""
+
+    model: str = "smollm2-135m"
+    goal: str = "wmdp"
+    method: str = "ours"
+    data: str | None = None  # hub | demo | a folder; None: the registry's (demo for smollm2-135m, else hub)
+    out: str = "runs/unlearn"
+    topics: list[str] | None = None  # forget corpora to use (default: all in the manifest)
+    tap_layer: int | None = None
+    update_layers: list[int] | None = None  # default: the registry's (toxicity + ours: the probed layers)
+    update_params: list[str] | None = None  # names inside a layer, e.g. mlp.down_proj.weight
+    tox_layers: list[int] | None = None  # default: 3 early, 3 middle, 3 late
+    alpha: float | None = None  # a fixed alpha (turns REINFORCE off); rmu default: the registry's
+    alpha0: float | None = None  # initial alpha of REINFORCE
+    steering: float | None = None  # RMU's c
+    beta: float = 5.0  # Adaptive RMU
+    raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
+    probe_l2: float = 1e-2
+    lr: float | None = None
+    policy_lr: float = 1e-2
+    epochs: int = 2
+    max_steps: int | None = None
+    batch_size: int = 4
+    max_len: int | None = None
+    seed: int = 0
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
+    device: str | None = None  # None: cuda when available
+    compile: bool = True
+    save_every: int = 25
+    evaluate: bool = True  # evaluate the base and the unlearned model at the end (report.json)
+    eval_limit: int | None = None  # first N questions / prompts of each evaluation task
+    eval_samples: int = 25  # samples per toxicity prompt
+    eval_greedy: bool = False  # one greedy continuation per prompt (labelled: not comparable)
+    resume: bool = False
+    overwrite: bool = False
+    dry_run: bool = False  # print the plan and the memory estimate, load no weights
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every value a run uses. Layer i is the residual stream after block i (the RMU reference's layers[7] is 7)."""
+
+    model: str
+    goal: str
+    method: str
+    data: str
+    topics: tuple[str, ...] | None
+    taps: tuple[int, ...]  # the layers the objective reads: (tap layer,) or the probed layers
+    tox_layers: tuple[int, ...]  # the probed layers of eq. 6 (ours on toxicity), else ()
+    update_layers: tuple[int, ...]
+    update_params: tuple[str, ...]
+    tensors: tuple[str, ...]  # the trained tensors, by name: model.layers.{i}.{param}
+    alpha: float | None  # the fixed alpha of eq. 1; None: learned by REINFORCE
+    alpha0: float | None  # REINFORCE's initial alpha
+    policy_lr: float | None
+    steering: float | None  # RMU's fixed c
+    beta: float | None  # Adaptive RMU: c = beta * mean forget norm on each topic's first batch
+    raw_probe_weights: bool
+    probe_l2: float
+    lr: float
+    max_len: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+    dtype: str | None
+    device: str | None
+    compile: bool
+    save_every: int
+    evaluate: bool
+    eval_limit: int | None
+    eval_samples: int
+    eval_greedy: bool
 
     @property
     def start(self) -> int:
         """First block run with gradients; the blocks below run once per batch under no_grad."""
         return min(self.update_layers)
 
+    @property
+    def reinforce(self) -> bool:
+        return self.alpha is None
 
-def defaults_for(model: str, num_layers: int) -> UnlearnDefaults:
-    return UNLEARN_DEFAULTS.get(model) or generic_defaults(num_layers)
 
-
-def resolve_layers(s, num_layers: int) -> Layers:
-    """The layers of a run from its settings (ref.unlearn.Settings) and the registry defaults, validated."""
-    d = defaults_for(s.model, num_layers)
-    tox = sorted(s.tox_layers or d.tox_layers) if (s.method, s.goal) == ("ours", "toxicity") else []
-    taps = tox or [s.tap_layer if s.tap_layer is not None else d.tap_layer]
-    update = sorted(s.update_layers or tox or d.update_layers)
+def resolve(s: Settings, cfg: ModelConfig) -> Plan:
+    """The plan of a run from its settings, the registry defaults and the model's config, validated."""
+    if s.goal not in GOALS or s.method not in METHODS:
+        raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
+    d = UNLEARN_DEFAULTS.get(s.model) or generic_defaults(cfg.num_layers)
+    ours, toxicity = s.method == "ours", s.goal == "toxicity"
+    tox = tuple(sorted(s.tox_layers or d.tox_layers)) if ours and toxicity else ()
+    taps = tox or (s.tap_layer if s.tap_layer is not None else d.tap_layer,)
+    update = tuple(sorted(s.update_layers or tox or d.update_layers))
     for i in taps + update:
-        if not 0 <= i < num_layers:
-            raise RefError(f"layer {i} is out of range: {s.model} has layers 0..{num_layers - 1}")
+        if not 0 <= i < cfg.num_layers:
+            raise RefError(f"layer {i} is out of range: {s.model} has layers 0..{cfg.num_layers - 1}")
     if max(update) > max(taps):
         raise RefError(f"updated layer {max(update)} is above the deepest tap {max(taps)}: "
                        "it would get no gradient; lower --update-layers or raise the tap")  # fmt: skip
     if min(taps) < min(update):
         raise RefError(f"tap layer {min(taps)} is below the first updated layer {min(update)}: "
                        "its loss could not change; update a layer at or below every tap")  # fmt: skip
-    return Layers(taps, update, list(s.update_params or d.update_params), tox)
+    params = tuple(s.update_params or d.update_params)
+    reinforce = ours and s.alpha is None
+    alpha = s.alpha if s.alpha is not None else (None if ours else d.rmu_alpha)
+    alpha0 = s.alpha0 if s.alpha0 is not None else (d.alpha0_toxicity if toxicity else d.alpha0)
+    return Plan(
+        model=s.model, goal=s.goal, method=s.method, data=s.data or d.data,
+        topics=tuple(s.topics) if s.topics is not None else None,
+        taps=taps, tox_layers=tox, update_layers=update, update_params=params,
+        tensors=tensor_names(cfg, update, params),
+        alpha=alpha, alpha0=alpha0 if reinforce else None, policy_lr=s.policy_lr if reinforce else None,
+        steering=(s.steering if s.steering is not None else d.steering) if s.method == "rmu" else None,
+        beta=s.beta if s.method == "adaptive-rmu" else None,
+        raw_probe_weights=s.raw_probe_weights, probe_l2=s.probe_l2,
+        lr=s.lr if s.lr is not None else d.lr, max_len=s.max_len if s.max_len is not None else d.max_len,
+        batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps, seed=s.seed, dtype=s.dtype,
+        device=s.device, compile=s.compile, save_every=s.save_every, evaluate=s.evaluate,
+        eval_limit=s.eval_limit, eval_samples=s.eval_samples, eval_greedy=s.eval_greedy,
+    )  # fmt: skip
 
 
-def layer_params(cfg: ModelConfig) -> dict[str, int]:
-    """Element count of each tensor of one block, by the name it has inside the block."""
-    D, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    out = {"self_attn.q_proj.weight": D * q, "self_attn.k_proj.weight": D * kv, "self_attn.v_proj.weight": D * kv,
-           "self_attn.o_proj.weight": q * D, "mlp.gate_proj.weight": D * I, "mlp.up_proj.weight": D * I,
-           "mlp.down_proj.weight": I * D, "post_attention_layernorm.weight": D}  # fmt: skip
-    if cfg.qkv_bias:
-        out |= {"self_attn.q_proj.bias": q, "self_attn.k_proj.bias": kv, "self_attn.v_proj.bias": kv}
-    out |= {"post_feedforward_layernorm.weight": D} if cfg.post_norm else {"input_layernorm.weight": D}
-    if cfg.qk_norm:
-        out |= {"self_attn.q_norm.weight": q, "self_attn.k_norm.weight": kv}
-    return out
+def tensor_names(cfg: ModelConfig, layers: tuple[int, ...], params: tuple[str, ...]) -> tuple[str, ...]:
+    """model.layers.{i}.{name} for each layer and name, checked against the decoder's own parameter names."""
+    with torch.device("meta"):  # the names without any weights
+        named = {k for k, _ in Transformer(cfg).named_parameters()}
+    for name in params:
+        if f"model.layers.{layers[0]}.{name}" not in named:
+            prefix = f"model.layers.{layers[0]}."
+            inside = sorted(k[len(prefix) :] for k in named if k.startswith(prefix))
+            raise RefError(f"unknown parameter name {name!r}: a layer has {', '.join(inside)}")
+    return tuple(f"model.layers.{i}.{name}" for i in layers for name in params)
 
 
-def total_params(cfg: ModelConfig) -> int:
-    embed = cfg.vocab_size * cfg.hidden_size
-    return (
-        embed * (1 if cfg.tie_word_embeddings else 2)
-        + cfg.num_layers * sum(layer_params(cfg).values())
-        + cfg.hidden_size
-    )
+def as_dict(plan: Plan) -> dict:
+    """The plan as run.json keeps it (tuples as lists)."""
+    return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(plan) for v in [getattr(plan, f.name)]}
 
 
-def activation_elements(cfg: ModelConfig, tokens: int) -> int:
-    """Elements autograd keeps for one block's backward, per batch of `tokens` (norm inputs and outputs, q, k, v,
-    attention output, o_proj output, the four MLP intermediates); an estimate, not a count of every buffer."""
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return tokens * (6 * cfg.hidden_size + 2 * q + 2 * kv + 4 * cfg.intermediate_size)
-
-
-def estimate_peak_bytes(cfg: ModelConfig, layers: Layers, batch: int, seq: int, bytes_per: int) -> dict[str, int]:
-    """Peak memory of one training step, ours against the reference structure (both updating the same tensors with
-    AdamW; optimizer states in the parameter dtype).
-
-    ours: one copy of the weights + the original values of the updated tensors, gradients and two AdamW states; the
-    graphs of the forget and the retain pass over blocks start..deepest tap are alive together at the backward.
-    reference: two full copies (updated and frozen); each updated forward runs every block and the LM head with
-    autograd recording from the first updated block, so the largest moment is the retain pass's full graph and
-    logits while the forget pass's graph (start..tap) is kept for the backward."""
-    N = batch * seq
-    per = layer_params(cfg)
-    updated = sum(per[p] for p in layers.update_params) * len(layers.update_layers)
-    weights = total_params(cfg) * bytes_per
-    optim = 3 * updated * bytes_per  # gradient + exp_avg + exp_avg_sq
-    grad_layers = max(layers.taps) - layers.start + 1
-    ours = weights + updated * bytes_per + optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
-    ref_graph = (cfg.num_layers - layers.start) * activation_elements(cfg, N) + N * cfg.vocab_size
-    reference = 2 * weights + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
-    return dict(ours=ours, reference=reference, weights=weights, updated_tensors=updated * bytes_per)
-
-
-def describe(model: str, cfg: ModelConfig, layers: Layers, s, steps: int | None, bytes_per: int) -> str:
-    """The dry-run text: layers run, tensors updated, steps, and the memory estimate."""
-    seq = s.max_len or defaults_for(model, cfg.num_layers).max_len
-    est = estimate_peak_bytes(cfg, layers, s.batch_size, seq, bytes_per)
+def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
+    """The plan in words: blocks run, taps, tensors updated, alpha, steps and the peak-memory estimate. The run
+    prints it at its start and --dry-run prints it alone."""
+    dtype = plan.dtype or ("float32" if plan.device == "cpu" else "bfloat16")  # as load_model chooses on a GPU box
+    bytes_per = torch.finfo(getattr(torch, dtype)).bits // 8
+    est = estimate_peak_bytes(cfg, plan, bytes_per)
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    tensors = [f"model.layers.{i}.{p}" for i in layers.update_layers for p in layers.update_params]
+    alpha = f"REINFORCE from alpha0 = {plan.alpha0:g}" if plan.reinforce else f"fixed {plan.alpha:g}"
     return "\n".join([
-        f"plan: {s.method} on {s.goal}, model {model} ({cfg.model_type}, {cfg.num_layers} layers, "
+        f"plan: {plan.method} on {plan.goal}, model {plan.model} ({cfg.model_type}, {cfg.num_layers} layers, "
         f"{total_params(cfg) / 1e9:.2f} B parameters)",
-        f"- blocks 0..{layers.start - 1} run once per batch under no_grad (shared by the updated and frozen passes)"
-        if layers.start else "- no shared prefix (the first block is updated)",
-        f"- blocks {layers.start}..{max(layers.taps)} run with gradients; none above {max(layers.taps)}; no LM head",
-        f"- taps: {layers.taps}",
-        f"- updated tensors ({len(tensors)}, {gib(est['updated_tensors'])}): {', '.join(tensors)}",
-        f"- steps: {'unknown' if steps is None else steps} (data {s.data}{' not prepared' if steps is None else ''}), "
-        f"batch {s.batch_size} x {seq} tokens",
+        f"- blocks 0..{plan.start - 1} run once per batch under no_grad (shared by the updated and frozen passes)"
+        if plan.start else "- no shared prefix (the first block is updated)",
+        f"- blocks {plan.start}..{max(plan.taps)} run with gradients; none above {max(plan.taps)}; no LM head",
+        f"- taps: {list(plan.taps)}",
+        f"- updated tensors ({len(plan.tensors)}, {gib(est['updated_tensors'])}): {', '.join(plan.tensors)}",
+        f"- alpha: {alpha}; lr {plan.lr:g}"
+        + (f"; steering c = {plan.steering:g}" if plan.steering is not None else "")
+        + (f"; adaptive c, beta = {plan.beta:g}" if plan.beta is not None else ""),
+        f"- steps: {'unknown' if steps is None else steps} (data {plan.data}"
+        f"{' not prepared' if steps is None else ''}), batch {plan.batch_size} x {plan.max_len} tokens",
         f"- estimated peak memory ({bytes_per * 8}-bit weights): ours {gib(est['ours'])}, "
         f"reference structure {gib(est['reference'])} ({est['ours'] / est['reference']:.2f}x)",
     ])  # fmt: skip

@@ -172,3 +172,26 @@ def last_token_features(
     with torch.no_grad():
         out = model(input_ids, attention_mask=attention_mask, taps=layers, stop_after=max(layers))
         return {i: losses.last_token(out.taps[i], attention_mask).float() for i in layers}
+
+
+def fit_layer_probes(
+    model: Callable,
+    tok,
+    rows: Sequence[tuple[str, int]],
+    layers: Sequence[int],
+    *,
+    max_len: int,
+    batch_size: int,
+    seed: int,
+    l2: float = DEFAULT_L2,
+) -> dict[int, Probe]:
+    """One probe per layer on the frozen model's last-token states of the (text, label) rows, label 1 = toxic; the
+    texts go through the model in batches of `batch_size`, cut to `max_len` tokens."""
+    device = next(model.parameters()).device
+    feats: dict[int, list[Tensor]] = {i: [] for i in layers}
+    for k in range(0, len(rows), batch_size):
+        ids, mask = tok.batch([t for t, _ in rows[k : k + batch_size]], max_length=max_len)
+        for i, x in last_token_features(model, ids.to(device), mask.to(device), layers).items():
+            feats[i].append(x.cpu())
+    labels = torch.tensor([y for _, y in rows])
+    return {i: train_probe(torch.cat(feats[i]), labels, seed=seed, l2=l2) for i in layers}

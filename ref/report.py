@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ref.cli import run_command
 from ref.errors import RefError
+from ref.runlog import read_metrics
 
 # Bookkeeping entries of an evaluation report that are not metrics (counts, timings, settings).
 NOT_METRICS = {"n", "n_prompts", "correct", "seconds", "limit", "samples", "max_new_tokens", "seed", "layer"}
@@ -62,20 +64,6 @@ def _log_if_wide(ax, values: list[float]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- reading
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl -> rows. A cut final line (a run still writing it) is dropped; a bad line elsewhere is an error."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise RefError(f"{path} line {i + 1} is not JSON: the metrics log is damaged") from None
-    return rows
 
 
 def load_probes(path: Path) -> dict[int, Tensor]:
@@ -286,19 +274,18 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m ref.report", description="Figures of a ref.unlearn run folder.")
     p.add_argument("run_dir", type=Path, help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json)")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default RUN_DIR/figures)")
     args = p.parse_args(argv)
-    try:
-        paths = write_figures(args.run_dir, args.out)
-    except (RefError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    for path in paths:
+    for path in write_figures(args.run_dir, args.out):
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

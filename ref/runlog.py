@@ -52,14 +52,26 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl -> rows. A cut final line (a run still writing it) is dropped; a bad line elsewhere is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RefError(f"{path} line {i + 1} is not JSON: the metrics log is damaged") from None
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per step. On resume, lines past the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, keep_until_step: int = 0):
         self.path = path
-        rows = []
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(path) if path.exists() else []
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_until_step))
 
     def append(self, row: dict) -> None:
@@ -68,4 +80,4 @@ class MetricsLog:
             f.flush()
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)

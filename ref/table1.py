@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ref.errors import RefError
+from ref.cli import run_command
 from ref.runlog import atomic_write_text, write_json
 from ref.unlearn import GOALS, METHODS, Settings, unlearn
 
@@ -63,7 +63,7 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m ref.table1", description=__doc__.splitlines()[0])
     p.add_argument("--models", required=True, help="comma-separated registry aliases or model folders")
     p.add_argument("--data", default="hub", help="hub | demo | a prepared data folder")
@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
-    try:
-        table = run_all([m.strip() for m in a.models.split(",") if m.strip()], out, a.data, a.max_steps, extra)
-    except RefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    table = run_all([m.strip() for m in a.models.split(",") if m.strip()], out, a.data, a.max_steps, extra)
     md = markdown(table)
     write_json(out / "table1.json", table)
     atomic_write_text(out / "table1.md", md)
     print(md)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

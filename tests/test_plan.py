@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import types
@@ -9,10 +10,12 @@ import types
 import pytest
 
 import ref
+import ref.errors
 import ref.unlearn as U
 from ref.config import config_from_dict, read_config
 from ref.data import resolve_data_dir
-from ref.plan import estimate_peak_bytes, resolve_layers, total_params
+from ref.memory import estimate_peak_bytes, total_params
+from ref.plan import Settings, as_dict, resolve
 from ref.registry import REGISTRY
 from tests.conftest import FAMILIES
 
@@ -52,8 +55,9 @@ def test_dry_run_prints_the_plan_without_weights(capsys):
 
 def test_memory_estimate_favours_one_copy_and_a_truncated_forward():
     cfg = config_from_dict(REGISTRY["mistral-7b"].arch)
-    layers = resolve_layers(U.Settings(model="mistral-7b"), cfg.num_layers)
-    est = estimate_peak_bytes(cfg, layers, batch=4, seq=512, bytes_per=2)
+    plan = resolve(Settings(model="mistral-7b"), cfg)
+    assert (plan.batch_size, plan.max_len) == (4, 512)
+    est = estimate_peak_bytes(cfg, plan, bytes_per=2)
     assert est["weights"] == KNOWN["mistral-7b"] * 2
     assert est["weights"] < est["ours"] < 1.3 * est["weights"]  # + 3 tensors, their AdamW state, 3 blocks
     assert est["reference"] > 2 * est["weights"]  # two copies, and graphs through every block and the LM head
@@ -75,3 +79,37 @@ def test_default_data_is_the_papers_except_for_the_offline_model(tmp_path, monke
     assert "steps: 30 (data hub)" in capsys.readouterr().out
     assert U.main(["--model", "smollm2-135m", "--goal", "wmdp", "--dry-run"]) == 0
     assert "steps: 30 (data demo)" in capsys.readouterr().out
+
+
+def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
+    cfg = config_from_dict(REGISTRY["mistral-7b"].arch)
+    plan = resolve(Settings(model="mistral-7b"), cfg)
+    assert (plan.taps, plan.update_layers, plan.tox_layers) == ((7,), (5, 6, 7), ())
+    assert plan.tensors == tuple(f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7))
+    assert (plan.alpha, plan.alpha0, plan.reinforce, plan.lr, plan.max_len) == (None, 78.0, True, 5e-5, 512)
+    assert plan.data == "hub"
+    tox = resolve(Settings(model="mistral-7b", goal="toxicity"), cfg)
+    assert tox.taps == tox.tox_layers == tox.update_layers == (4, 5, 6, 15, 16, 17, 25, 26, 27)
+    rmu = resolve(Settings(model="mistral-7b", method="rmu", lr=1e-4, max_len=64, alpha0=3.0), cfg)
+    assert (rmu.alpha, rmu.alpha0, rmu.steering, rmu.beta, rmu.lr, rmu.max_len) == (1200.0, None, 6.5, None, 1e-4, 64)
+    adaptive = resolve(Settings(model="mistral-7b", method="adaptive-rmu", beta=3.0), cfg)
+    assert (adaptive.steering, adaptive.beta) == (None, 3.0)
+    fixed = resolve(Settings(model="mistral-7b", alpha=2.0, alpha0=0.5), cfg)
+    assert (fixed.alpha, fixed.alpha0, fixed.reinforce) == (2.0, None, False)
+    with pytest.raises(ref.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
+        resolve(Settings(model="mistral-7b", update_params=["mlp.nope"]), cfg)
+
+
+def test_the_run_reports_the_plan_of_the_dry_run(tiny_dirs, tmp_path, capsys):
+    """--dry-run and the run print the same plan text; run.json keeps the plan as resolved."""
+    args = ["--model", str(tiny_dirs["llama"]), "--goal", "toxicity", "--data", "demo", "--tox-layers", "0,1,3",
+            "--max-steps", "1", "--no-compile", "--no-eval", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert U.main([*args, "--dry-run"]) == 0
+    planned = capsys.readouterr().out.strip()
+    assert planned.startswith("plan: ours on toxicity") and "taps: [0, 1, 3]" in planned and "steps: 1 " in planned
+    assert U.main(args) == 0
+    assert capsys.readouterr().out.startswith(planned + "\n")
+    recorded = json.loads((tmp_path / "run/run.json").read_text())["plan"]
+    cfg = read_config(tiny_dirs["llama"])
+    assert recorded == as_dict(resolve(U.parse_args(args), cfg))
+    assert recorded["tox_layers"] == [0, 1, 3] and recorded["alpha"] is None and recorded["alpha0"] == 1.0

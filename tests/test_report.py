@@ -20,10 +20,10 @@ from ref.report import (  # noqa: E402
     plot_losses,
     plot_probe_cosine,
     probe_cosine_matrix,
-    read_metrics,
     report_bars,
     write_figures,
 )
+from ref.runlog import read_metrics  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [2, 5, 9]

@@ -12,8 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import ref
 import ref.unlearn as U
+from ref import objectives
 from ref.errors import RefError
+from ref.fused import eager
 from ref.model import Transformer
+from ref.objectives import OBJECTIVES, Activations, Targets
+from ref.train import encode, shared_prefix, taps
 
 WORDS = "river mountain garden violin planet copper window harvest lantern meadow".split()
 RUDE = "idiot stupid worthless pathetic moron loser".split()
@@ -60,6 +64,20 @@ def settings(tiny_dirs, data_dir, out, **kw) -> U.Settings:
     return U.Settings(**{**base, **kw})
 
 
+def forget_loss(run, st, topic, texts, retain, frozen=False):
+    """L_F of the run's objective on `texts`, with the updated model (or the frozen original)."""
+    p = run.plan
+    fids, fmask = encode(run, texts)
+    rids, rmask = encode(run, retain)
+    fpre, rpre = shared_prefix(run, fids, fmask), shared_prefix(run, rids, rmask)
+    with torch.no_grad():
+        h0 = taps(run, rpre, rmask, st.originals)
+        hf = taps(run, fpre, fmask, st.originals if frozen else None)
+        a = Activations(hf, fmask, h0, h0, rmask)
+        t = Targets(p.taps, run.u[topic], st.steering.get(topic, p.steering), run.directions)
+        return OBJECTIVES[p.method, p.goal](a, t, eager).forget
+
+
 CASES = [("wmdp", "ours"), ("wmdp", "rmu"), ("wmdp", "adaptive-rmu"), ("toxicity", "ours"), ("toxicity", "rmu")]
 
 
@@ -80,27 +98,22 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         kw = {} if method == "ours" else {"alpha": 1.0}  # the reference's 1200 suits 7B models, not this one
         if goal == "toxicity" and method == "ours":
             kw["update_layers"] = None  # default: the probed layers themselves
-        u = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "run", goal=goal, method=method, **kw))
+        run, st, data = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "run", goal=goal, method=method, **kw))
     finally:
         U.load_model = load
-    deepest = max(u.taps)
+    deepest = max(run.plan.taps)
     assert calls and max(c for c in calls if c != "lm_head") == deepest and "lm_head" not in calls
     # one copy of the weights: a single Transformer, plus the original values of the updated tensors only
     gc.collect()
     assert sum(isinstance(o, Transformer) for o in gc.get_objects()) == 1
-    assert sum(t.numel() for t in u.originals.values()) == sum(p.numel() for p in u.params.values())
+    assert sum(t.numel() for t in st.originals.values()) == sum(p.numel() for p in st.params.values())
 
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     steps = 8 if goal == "wmdp" else 4  # 2 epochs x 2 batches of 4 texts per topic (2 topics for wmdp)
     assert len(rows) == json.loads((tmp_path / "run/run.json").read_text())["steps"] == steps
-    for topic, texts in u.data.forget.items():  # the forget loss on the whole corpus, before and after
-        fids, fmask = u.encode(texts)
-        rids, rmask = u.encode(u.data.retain[:4])
-        fpre, rpre = u.prefix(fids, fmask), u.prefix(rids, rmask)
-        h0 = u.frozen_taps(rpre, rmask)
-        with torch.no_grad():
-            before = u.objective(u.frozen_taps(fpre, fmask), fmask, h0, h0, rmask, topic)[0]
-            after = u.objective(u.updated_taps(fpre, fmask), fmask, h0, h0, rmask, topic)[0]
+    for topic, texts in data.forget.items():  # the forget loss on the whole corpus, before and after
+        before = forget_loss(run, st, topic, texts, data.retain[:4], frozen=True)
+        after = forget_loss(run, st, topic, texts, data.retain[:4])
         assert after < 0.95 * before, f"{topic}: forget loss did not go down: {before} -> {after}"
     if method == "ours":
         assert all({"reward", "policy_mean", "policy_std"} <= set(r) for r in rows)
@@ -109,24 +122,24 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         assert (tmp_path / "run/probes.safetensors").exists()
 
     original = ref.load_model(tiny_dirs["llama"], device="cpu")
-    trained = dict(u.model.named_parameters())
+    trained = dict(run.model.named_parameters())
     changed = {k for k, p in original.named_parameters() if not torch.equal(p, trained[k])}
-    expected = {f"model.layers.{i}.mlp.down_proj.weight" for i in u.update_layers}
-    assert u.update_layers == ([0, 1, 2] if goal == "toxicity" and method == "ours" else [1, 2])
+    expected = {f"model.layers.{i}.mlp.down_proj.weight" for i in run.plan.update_layers}
+    assert run.plan.update_layers == ((0, 1, 2) if goal == "toxicity" and method == "ours" else (1, 2))
     assert changed == expected  # all other tensors bit-identical
     assert set(load_file(tmp_path / "run/updated.safetensors")) == expected
 
-    ids, mask = u.encode(["the planet river garden", "copper window"])
-    frozen = u.frozen_taps(u.prefix(ids, mask), mask)
+    ids, mask = encode(run, ["the planet river garden", "copper window"])
+    frozen = taps(run, shared_prefix(run, ids, mask), mask, st.originals)
     with torch.no_grad():
-        taps = original(ids, mask, taps=u.taps).taps
-    for i in u.taps:
-        assert torch.equal(frozen[i], taps[i])  # the frozen pass is exactly the original model
+        expected_taps = original(ids, mask, taps=run.plan.taps).taps
+    for i in run.plan.taps:
+        assert torch.equal(frozen[i], expected_taps[i])  # the frozen pass is exactly the original model
 
     saved = tmp_path / "run/model"
     with torch.no_grad():
         ours = ref.load_model(saved, device="cpu")(ids, mask).logits
-        mine = u.model(ids, mask).logits
+        mine = run.model(ids, mask).logits
         theirs = (
             AutoModelForCausalLM.from_pretrained(saved)
             .eval()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
@@ -146,23 +159,23 @@ def metrics(path):
 def test_resume_after_interruption_matches_an_uninterrupted_run_and_seed_is_deterministic(
     tiny_dirs, data_dir, tmp_path
 ):
-    full = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "a"))
-    again = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "b"))
+    _, full, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "a"))
+    _, again, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "b"))
     assert metrics(tmp_path / "a/metrics.jsonl") == metrics(tmp_path / "b/metrics.jsonl")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="checkpoint of step 3"):
         U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c"), stop_after_step=3)
     assert len(metrics(tmp_path / "c/metrics.jsonl")) == 3
-    resumed = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", resume=True))
+    _, resumed, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", resume=True))
     for k, p in full.params.items():
         assert torch.equal(p, resumed.params[k]) and torch.equal(p, again.params[k])
     assert metrics(tmp_path / "a/metrics.jsonl") == metrics(tmp_path / "c/metrics.jsonl")
 
 
 def test_compiled_and_eager_runs_agree(tiny_dirs, data_dir, tmp_path):
-    eager = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "e", max_steps=2))
-    comp = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", max_steps=2, compile=True))
-    for k, p in eager.params.items():
+    _, eager_state, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "e", max_steps=2))
+    _, comp, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", max_steps=2, compile=True))
+    for k, p in eager_state.params.items():
         torch.testing.assert_close(p, comp.params[k], rtol=1e-4, atol=1e-6)  # fused kernels reorder fp32 sums
 
 
@@ -192,15 +205,15 @@ def test_bad_input_gives_clear_errors(tiny_dirs, data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, data_dir, tmp_path, monkeypatch):
-    objective = U.Unlearner.objective
+    objective = OBJECTIVES["ours", "wmdp"]
     calls = []
 
-    def poisoned(self, *a):
-        lf, lr, per = objective(self, *a)
+    def poisoned(*a):
+        losses = objective(*a)
         calls.append(1)
-        return (lf * float("nan") if len(calls) > 6 else lf), lr, per  # ours: 2 objective calls a step
+        return losses._replace(forget=losses.forget * float("nan")) if len(calls) > 6 else losses  # 2 calls a step
 
-    monkeypatch.setattr(U.Unlearner, "objective", poisoned)
+    monkeypatch.setitem(objectives.OBJECTIVES, ("ours", "wmdp"), poisoned)
     with pytest.raises(RefError, match=r"step 4: loss is not finite.*last good checkpoint \(step 2\)"):
         U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "nan"))
     assert torch.load(tmp_path / "nan/checkpoint.pt", weights_only=True)["step"] == 2
@@ -211,7 +224,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
 def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, goal):
     s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2)
     s.update_layers = None  # the registry's: for toxicity, the probed layers
-    u = U.unlearn(s)
+    run, _, data = U.unlearn(s)
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert report["goal"] == goal and set(report["before"]) == set(report["after"])
     assert "S-unlearning" in report["before"] and "general accuracy" in report["before"]
@@ -223,8 +236,8 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
 
     base = ref.load_model(tiny_dirs["llama"], device="cpu")
     tasks = list(report["details"]["before"]["tasks"])
-    scorer = make_scorer(u.data, goal, tasks, lambda: base, u.tok, seed=0)
-    fresh = evaluate(base, u.tok, u.data, goal, samples=2, seed=0, scorer=scorer)
+    scorer = make_scorer(data, goal, tasks, lambda: base, run.tok, seed=0)
+    fresh = evaluate(base, run.tok, data, goal, samples=2, seed=0, scorer=scorer)
     assert fresh["tasks"].keys() == report["details"]["before"]["tasks"].keys()
     for task, r in fresh["tasks"].items():
         key = "accuracy" if "accuracy" in r else "expected_max_toxicity"

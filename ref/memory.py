@@ -1,0 +1,62 @@
+"""Peak accelerator memory of one training step, ours against the structure of the WMDP reference code, from the
+shapes alone (no weights): what `python -m ref.unlearn --dry-run` prints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ref.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ref.plan import Plan
+
+
+def layer_params(cfg: ModelConfig) -> dict[str, int]:
+    """Element count of each tensor of one block, by the name it has inside the block."""
+    D, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {"self_attn.q_proj.weight": D * q, "self_attn.k_proj.weight": D * kv, "self_attn.v_proj.weight": D * kv,
+           "self_attn.o_proj.weight": q * D, "mlp.gate_proj.weight": D * I, "mlp.up_proj.weight": D * I,
+           "mlp.down_proj.weight": I * D, "post_attention_layernorm.weight": D}  # fmt: skip
+    if cfg.qkv_bias:
+        out |= {"self_attn.q_proj.bias": q, "self_attn.k_proj.bias": kv, "self_attn.v_proj.bias": kv}
+    out |= {"post_feedforward_layernorm.weight": D} if cfg.post_norm else {"input_layernorm.weight": D}
+    if cfg.qk_norm:
+        out |= {"self_attn.q_norm.weight": q, "self_attn.k_norm.weight": kv}
+    return out
+
+
+def total_params(cfg: ModelConfig) -> int:
+    embed = cfg.vocab_size * cfg.hidden_size
+    return (
+        embed * (1 if cfg.tie_word_embeddings else 2)
+        + cfg.num_layers * sum(layer_params(cfg).values())
+        + cfg.hidden_size
+    )
+
+
+def activation_elements(cfg: ModelConfig, tokens: int) -> int:
+    """Elements autograd keeps for one block's backward, per batch of `tokens` (norm inputs and outputs, q, k, v,
+    attention output, o_proj output, the four MLP intermediates); an estimate, not a count of every buffer."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return tokens * (6 * cfg.hidden_size + 2 * q + 2 * kv + 4 * cfg.intermediate_size)
+
+
+def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[str, int]:
+    """Peak memory of one training step, ours against the reference structure (both updating the same tensors with
+    AdamW; optimizer states in the parameter dtype).
+
+    ours: one copy of the weights + the original values of the updated tensors, gradients and two AdamW states; the
+    graphs of the forget and the retain pass over blocks start..deepest tap are alive together at the backward.
+    reference: two full copies (updated and frozen); each updated forward runs every block and the LM head with
+    autograd recording from the first updated block, so the largest moment is the retain pass's full graph and
+    logits while the forget pass's graph (start..tap) is kept for the backward."""
+    N = plan.batch_size * plan.max_len
+    per = layer_params(cfg)
+    updated = sum(per[p] for p in plan.update_params) * len(plan.update_layers)
+    weights = total_params(cfg) * bytes_per
+    optim = 3 * updated * bytes_per  # gradient + exp_avg + exp_avg_sq
+    grad_layers = max(plan.taps) - plan.start + 1
+    ours = weights + updated * bytes_per + optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
+    ref_graph = (cfg.num_layers - plan.start) * activation_elements(cfg, N) + N * cfg.vocab_size
+    reference = 2 * weights + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
+    return dict(ours=ours, reference=reference, weights=weights, updated_tensors=updated * bytes_per)

@@ -1,0 +1,190 @@
+"""The training loop: the paper's algorithm, one step after another.
+
+One step (`step`): encode a forget batch and a retain batch; run the blocks below the first updated one once, under
+no_grad, shared by every pass; take the frozen original model's taps on the retain batch (h0); draw alpha from the
+REINFORCE policy (or take the fixed one); compute the objective of the method and goal on the updated model's taps
+(`ref.objectives`) and eq. 1; one AdamW step; with REINFORCE, recompute the objective after the step and feed the
+policy the decrease of L_F + L_R as its reward (`ref.reinforce`).
+
+Memory: one copy of the weights. The frozen model is the same modules called with the original values of the few
+updated tensors (torch.func.functional_call); every forward stops after the deepest tap and never runs the LM head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ref.data import GoalData, batches
+from ref.errors import RefError, Stopped
+from ref.fused import eager, fused
+from ref.losses import adaptive_steering_coefficient, unlearning_loss
+from ref.model import Transformer
+from ref.objectives import OBJECTIVES, Activations, Losses, Targets
+from ref.plan import Plan
+from ref.reinforce import AlphaPolicy, reward
+from ref.tokenizer import Tokenizer
+
+
+class NonFiniteLoss(RefError):
+    pass
+
+
+@dataclass
+class Run:
+    """What stays fixed for the whole run."""
+
+    plan: Plan
+    model: Transformer
+    tok: Tokenizer
+    u: dict[str, Tensor]  # topic -> the fixed random unit vector of eq. 2 and 4
+    directions: Tensor | None  # [L, D] probe directions of eq. 6 (ours on toxicity)
+
+
+@dataclass
+class TrainState:
+    """What the steps change, and what a checkpoint holds for --resume."""
+
+    params: dict[str, nn.Parameter]  # the trained tensors, by name
+    originals: dict[str, Tensor]  # their values before training: with them, the modules are the frozen model
+    optimizer: torch.optim.Optimizer
+    policy: AlphaPolicy | None  # REINFORCE on alpha, when alpha is not fixed
+    steering: dict[str, float]  # Adaptive RMU's c per topic, set on the topic's first batch
+    step: int = 0  # steps done
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, updated={k: p.detach().cpu() for k, p in self.params.items()},
+                    optimizer=self.optimizer.state_dict(), steering=dict(self.steering),
+                    policy=self.policy.state_dict() if self.policy else None)  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["updated"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.policy:
+            self.policy.load_state_dict(state["policy"])
+        self.steering, self.step = dict(state["steering"]), state["step"]
+
+
+def start_state(plan: Plan, model: Transformer) -> TrainState:
+    """The trained tensors selected by name (the rest stay frozen), their originals, AdamW and the policy."""
+    named = dict(model.named_parameters())
+    params = {k: named[k].requires_grad_(True) for k in plan.tensors}
+    originals = {k: p.detach().clone() for k, p in params.items()}
+    optimizer = torch.optim.AdamW(params.values(), lr=plan.lr, eps=1e-6, weight_decay=0.0)
+    policy = AlphaPolicy(plan.alpha0, lr=plan.policy_lr, seed=plan.seed) if plan.reinforce else None
+    return TrainState(params, originals, optimizer, policy, steering={})
+
+
+def schedule(data: GoalData, plan: Plan) -> list[tuple[int, str, list[str], list[str]]]:
+    """(epoch, topic, forget batch, retain batch) for every step. Topics alternate as in the RMU reference; each
+    epoch reshuffles deterministically from (seed, epoch), so a resumed run replays the same batches."""
+    topics, steps = list(data.forget), []
+    for epoch in range(plan.epochs):
+        fb = {t: batches(data.forget[t], plan.batch_size, plan.seed + 17 * i, epoch) for i, t in enumerate(topics)}
+        rb = batches(data.retain, plan.batch_size, plan.seed + 7919, epoch)
+        for j in range(min(len(b) for b in fb.values())):
+            for ti, t in enumerate(topics):
+                steps.append((epoch, t, fb[t][j], rb[(j * len(topics) + ti) % len(rb)]))
+    return steps[: plan.max_steps] if plan.max_steps is not None else steps
+
+
+def encode(r: Run, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """Left-padded ids and mask [B, T], each text cut to the plan's max_len tokens, on the model's device."""
+    device = next(r.model.parameters()).device
+    ids, mask = r.tok.batch(texts, max_length=r.plan.max_len)
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def shared_prefix(r: Run, ids: Tensor, mask: Tensor) -> Tensor:
+    """The residual stream entering the first updated block (the ids themselves when that is block 0)."""
+    k = r.plan.start
+    return ids if k == 0 else r.model(ids, mask, taps=[k - 1], stop_after=k - 1).taps[k - 1]
+
+
+def taps(r: Run, x: Tensor, mask: Tensor, params: dict[str, Tensor] | None = None) -> dict[int, Tensor]:
+    """The plan's taps, running blocks start..deepest tap from the shared prefix x; with `params`, those tensors'
+    values stand in for the model's (the frozen model: the originals)."""
+    p = r.plan
+    kw = dict(attention_mask=mask, taps=p.taps, stop_after=max(p.taps))
+    kw |= dict(input_ids=x) if p.start == 0 else dict(hidden=x, start_layer=p.start)
+    return (r.model(**kw) if params is None else functional_call(r.model, params, args=(), kwargs=kw)).taps
+
+
+def step(r: Run, st: TrainState, topic: str, forget_texts: list[str], retain_texts: list[str]) -> dict:
+    """One unlearning step on a forget batch of `topic` and a retain batch; returns its metrics row."""
+    p = r.plan
+    f_ids, f_mask = encode(r, forget_texts)
+    r_ids, r_mask = encode(r, retain_texts)
+    f_in, r_in = shared_prefix(r, f_ids, f_mask), shared_prefix(r, r_ids, r_mask)
+    with torch.no_grad():
+        frozen = taps(r, r_in, r_mask, st.originals)  # h0: the original model on the retain batch
+        if p.beta is not None and topic not in st.steering:  # Adaptive RMU: c from the topic's first batch
+            h = taps(r, f_in, f_mask, st.originals)[p.taps[0]]
+            st.steering[topic] = float(adaptive_steering_coefficient(h, f_mask, p.beta))
+    targets = Targets(p.taps, r.u[topic], st.steering.get(topic, p.steering), r.directions)
+    draw = st.policy.sample() if st.policy else None
+    alpha = draw.alpha if draw else p.alpha
+
+    def objective() -> Losses:
+        a = Activations(taps(r, f_in, f_mask), f_mask, taps(r, r_in, r_mask), frozen, r_mask)
+        return OBJECTIVES[p.method, p.goal](a, targets, fused if p.compile else eager)
+
+    before = objective()
+    loss = unlearning_loss(before.forget, before.retain, alpha)  # eq. 1
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is not finite (forget {before.forget.item()}, retain {before.retain.item()})")
+    st.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    st.optimizer.step()
+    row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
+               alpha=alpha)  # fmt: skip
+    if before.forget_per_layer is not None:
+        row["forget_loss_layers"] = dict(zip(map(str, p.tox_layers), before.forget_per_layer.tolist(), strict=True))
+    if st.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
+        with torch.no_grad():
+            after = objective()
+        info = st.policy.update(draw, reward(before, after))
+        row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"])
+    row["tokens"] = int(f_mask.sum() + r_mask.sum())
+    return row
+
+
+def train(r: Run, st: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
+          stop: Callable[[int], bool], checkpoint: str = "checkpoint.pt") -> None:  # fmt: skip
+    """Steps st.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
+    `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary)."""
+    t0, last_good = time.time(), st.step
+    bar = tqdm(total=len(steps), initial=st.step, desc=f"{r.plan.method} {r.plan.goal}", unit="step",
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for k in range(st.step, len(steps)):
+            if stop(k):
+                save()
+                raise Stopped(f"the checkpoint of step {k} is in {checkpoint}; continue with --resume")
+            epoch, topic, forget_texts, retain_texts = steps[k]
+            ts = time.time()
+            try:
+                row = step(r, st, topic, forget_texts, retain_texts)
+            except NonFiniteLoss as e:
+                advice = "lower --lr or --alpha and --resume, or --overwrite"
+                raise RefError(f"step {k + 1}: {e}; stopped, the last good checkpoint (step {last_good}) is kept in "
+                               f"{checkpoint}; {advice}") from e  # fmt: skip
+            st.step = k + 1
+            log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
+                     elapsed_s=time.time() - t0))  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", alpha=f"{row['alpha']:.3g}")
+            if st.step % r.plan.save_every == 0 or st.step == len(steps):
+                save()
+                last_good = st.step
+    finally:
+        bar.close()
