@@ -1,14 +1,13 @@
 """ModelConfig: a Hugging Face config.json, read into the few numbers and flags the decoder needs.
 
-The four families differ only in data: FAMILIES holds each one's flags, and the RoPE frequencies of every layer
-type (default, llama3, yarn) are computed here, once, from the config. Both the legacy keys (`rope_theta`,
-`rope_scaling`, `torch_dtype`) and the transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
+The four families differ only in data: FAMILIES holds each one's flags. The rope parameters of every layer type
+are read here; ref/rope.py turns them into frequencies. Both the legacy keys (`rope_theta`, `rope_scaling`,
+`torch_dtype`) and the transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,53 +171,3 @@ def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, di
             raise RefError(f"rope_type {p['rope_type']!r} is not supported: ref implements default, llama3, yarn")
         out[t] = p
     return out
-
-
-def rope_frequencies(p: dict, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] (fp32, CPU) and the cos/sin scale for one layer type's rope parameters."""
-    base = p["rope_theta"]
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    if p["rope_type"] == "llama3":
-        return _llama3_frequencies(inv_freq, p), 1.0
-    if p["rope_type"] == "yarn":
-        return _yarn_frequencies(p, head_dim)
-    return inv_freq, 1.0
-
-
-def _llama3_frequencies(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
-    """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between."""
-    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    old_len = p["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _yarn_frequencies(p: dict, dim: int) -> tuple[torch.Tensor, float]:
-    """YaRN: blend interpolated and extrapolated frequencies with a linear ramp; scale cos/sin by mscale."""
-    base, factor, old_len = p["rope_theta"], p["factor"], p["original_max_position_embeddings"]
-    attention_factor = p.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
-        m = lambda s, k=1.0: 1.0 if s <= 1 else 0.1 * k * math.log(s) + 1.0
-        attention_factor = m(factor, mscale) / m(factor, mscale_all) if mscale and mscale_all else m(factor)
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if p.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq, float(attention_factor)

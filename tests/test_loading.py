@@ -12,9 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ref
 from ref.checkpoint import resolve, save_model
-from ref.config import config_from_dict, read_config, rope_frequencies
+from ref.config import config_from_dict, read_config
 from ref.errors import RefError
 from ref.model import Transformer
+from ref.rope import inverse_frequencies
 from tests.conftest import FAMILIES
 from tests.tiny_models import BOS
 
@@ -83,8 +84,8 @@ def test_legacy_and_5x_rope_keys_give_the_same_frequencies():
         )
     )
     assert legacy.rope == new.rope and legacy.dtype == new.dtype == "bfloat16"
-    f_legacy, _ = rope_frequencies(legacy.rope["full_attention"], 16)
-    plain, _ = rope_frequencies({"rope_type": "default", "rope_theta": 500000.0}, 16)
+    f_legacy, _ = inverse_frequencies(legacy.rope["full_attention"], 16)
+    plain, _ = inverse_frequencies({"rope_type": "default", "rope_theta": 500000.0}, 16)
     assert torch.equal(f_legacy[:2], plain[:2])  # high frequencies are kept by llama3 scaling
     assert torch.allclose(f_legacy[-1], plain[-1] / 8)  # the lowest is divided by the factor
 
