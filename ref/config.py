@@ -1,8 +1,8 @@
 """ModelConfig: a Hugging Face config.json, read into the few numbers and flags the decoder needs.
 
-The four families differ only in data: FAMILIES holds each one's flags. The rope parameters of every layer type
-are read here; ref/rope.py turns them into frequencies. Both the legacy keys (`rope_theta`, `rope_scaling`,
-`torch_dtype`) and the transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
+The four families differ only in data, the FAMILIES table. The rope parameters of every layer type are read here;
+ref/rope.py turns them into frequencies. Both the legacy keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and the
+transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
 """
 
 from __future__ import annotations
@@ -17,21 +17,36 @@ from ref.errors import RefError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
-# Per-family structure. qkv_bias/o_bias: biases of the attention projections. post_norm: Olmo's layout (no input
-# norm; RMSNorm on each sublayer's output before the residual add). qk_norm: RMSNorm over the whole q and k
-# projections (before the head split). norm_weight_fp32: multiply the RMSNorm weight in fp32, then cast (Olmo);
-# otherwise cast first (Llama). rope_fp32: keep cos/sin and the rotation in fp32 (Olmo); otherwise in the
-# activation dtype (Llama). These mirror transformers 5.x to the bit in fp32 and closely in bf16.
-FAMILIES: dict[str, dict] = {
-    "llama": dict(
-        qkv_bias=False, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False
-    ),
-    "mistral": dict(
-        qkv_bias=False, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False
-    ),
-    "qwen2": dict(qkv_bias=True, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False),
-    "olmo3": dict(qkv_bias=False, o_bias=False, post_norm=True, qk_norm=True, norm_weight_fp32=True, rope_fp32=True),
-}
+
+@dataclass(frozen=True)
+class Family:
+    """The columns of FAMILIES, with Llama's values as defaults. The first six say how the decoder is built (they
+    mirror transformers 5.x to the bit in fp32, closely in bf16); the last four, how the family's transformers config
+    class reads config.json. A str flag names the config.json key that holds it (absent: False)."""
+
+    qkv_bias: bool | str = "attention_bias"  # bias on q_proj, k_proj and v_proj
+    o_bias: bool | str = "attention_bias"  # bias on o_proj
+    post_norm: bool = False  # no input norms; RMSNorm on each sublayer's output, before the residual add
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections, before the head split
+    norm_weight_fp32: bool = False  # multiply by the RMSNorm weight in fp32, then cast; else cast, then multiply
+    rope_fp32: bool = False  # keep cos/sin and the rotation in fp32; else in the activation dtype
+    sliding_window_used: bool | str = True  # whether config.json's sliding_window applies at all
+    # Which layers slide when config.json has a window but no layer_types: "none", "all", "from max_window_layers"
+    # (that config.json key; absent: none), "every 4th full" (three sliding layers, then one full).
+    sliding_layers: str = "none"
+    rope_theta: float = 10000.0  # when config.json has none
+    rope_scaling_layers: tuple[str, ...] = (FULL, SLIDING)  # the layer types a legacy `rope_scaling` applies to
+
+
+# How the four families differ: each row lists its values that are not Llama's.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(sliding_layers="all"),
+    "qwen2": Family(qkv_bias=True, o_bias=False, sliding_window_used="use_sliding_window",
+                    sliding_layers="from max_window_layers"),
+    "olmo3": Family(post_norm=True, qk_norm=True, norm_weight_fp32=True, rope_fp32=True,
+                    sliding_layers="every 4th full", rope_theta=500000.0, rope_scaling_layers=(FULL,)),
+}  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -85,17 +100,14 @@ def config_from_dict(raw: dict) -> ModelConfig:
     if mt not in FAMILIES:
         raise RefError(
             f"unsupported model_type {mt!r}: ref implements {', '.join(FAMILIES)} "
-            "(add the family's flags to ref.config.FAMILIES if it is one of these architectures)"
+            "(add a row to ref.config.FAMILIES if it is one of these architectures)"
         )
     n_layers, n_heads = raw["num_hidden_layers"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
     if raw.get("hidden_act", "silu") != "silu":
         raise RefError(f"hidden_act {raw['hidden_act']!r} is not supported: ref's MLP is SwiGLU (silu)")
-    layer_types, window = _layer_types(raw, mt, n_layers)
-    bias = bool(raw.get("attention_bias", False))
-    fam = dict(FAMILIES[mt])
-    if mt != "qwen2":  # Llama/Mistral/Olmo's attention_bias covers all four projections
-        fam.update(qkv_bias=bias, o_bias=bias)
+    fam = FAMILIES[mt]
+    layer_types, window = _layer_types(raw, fam, n_layers)
     return ModelConfig(
         model_type=mt,
         vocab_size=raw["vocab_size"],
@@ -110,32 +122,40 @@ def config_from_dict(raw: dict) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         layer_types=layer_types,
         sliding_window=window,
-        rope=_rope_parameters(raw, mt, layer_types),
+        rope=_rope_parameters(raw, fam, layer_types),
+        qkv_bias=_flag(raw, fam.qkv_bias),
+        o_bias=_flag(raw, fam.o_bias),
         mlp_bias=bool(raw.get("mlp_bias", False)),
+        post_norm=fam.post_norm,
+        qk_norm=fam.qk_norm,
+        norm_weight_fp32=fam.norm_weight_fp32,
+        rope_fp32=fam.rope_fp32,
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
         raw=raw,
-        **fam,
     )
 
 
-def _layer_types(raw: dict, mt: str, n_layers: int) -> tuple[list[str], int | None]:
-    """Which layers use the sliding window, following each family's transformers config."""
-    window = raw.get("sliding_window")
-    if mt == "qwen2" and not raw.get("use_sliding_window", False):
-        window = None
+def _flag(raw: dict, value: bool | str) -> bool:
+    """A Family flag: fixed, or read from the config.json key it names."""
+    return value if isinstance(value, bool) else bool(raw.get(value, False))
+
+
+def _layer_types(raw: dict, fam: Family, n_layers: int) -> tuple[list[str], int | None]:
+    """FULL or SLIDING per layer, and the window (None when no layer slides), as the family's config class reads."""
+    window = raw.get("sliding_window") if _flag(raw, fam.sliding_window_used) else None
     if raw.get("layer_types"):
         types = list(raw["layer_types"])
-    elif window is None or mt == "llama":
+    elif window is None or fam.sliding_layers == "none":
         types = [FULL] * n_layers
-    elif mt == "mistral":
+    elif fam.sliding_layers == "all":
         types = [SLIDING] * n_layers
-    elif mt == "qwen2":
+    elif fam.sliding_layers == "from max_window_layers":
         first = raw.get("max_window_layers", n_layers)
         types = [SLIDING if i >= first else FULL for i in range(n_layers)]
-    else:  # olmo3: three sliding layers, then one full
+    else:  # "every 4th full"
         types = [SLIDING if (i + 1) % 4 else FULL for i in range(n_layers)]
     if len(types) != n_layers or set(types) - {FULL, SLIDING}:
         raise RefError(f"config layer_types must list {n_layers} entries of {FULL!r}/{SLIDING!r}, got {types}")
@@ -146,9 +166,9 @@ def _layer_types(raw: dict, mt: str, n_layers: int) -> tuple[list[str], int | No
     return types, window
 
 
-def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, dict]:
+def _rope_parameters(raw: dict, fam: Family, layer_types: list[str]) -> dict[str, dict]:
     """Rope parameters per layer type, from `rope_parameters` (5.x, flat or per type) or the legacy keys."""
-    theta = raw.get("rope_theta", 500000.0 if mt == "olmo3" else 10000.0)
+    theta = raw.get("rope_theta", fam.rope_theta)
     params = raw.get("rope_parameters")
     legacy = raw.get("rope_scaling")
     if params and set(params) <= {FULL, SLIDING}:
@@ -157,8 +177,8 @@ def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, di
         per_type = {t: dict(params) for t in (FULL, SLIDING)}
     else:
         per_type = {t: {} for t in (FULL, SLIDING)}
-        if legacy:  # Olmo3 applies legacy rope_scaling to its full-attention layers only
-            for t in (FULL,) if mt == "olmo3" else (FULL, SLIDING):
+        if legacy:
+            for t in fam.rope_scaling_layers:
                 per_type[t] = dict(legacy)
     out = {}
     for t in set(layer_types):
