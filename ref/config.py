@@ -8,7 +8,7 @@ transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,7 +78,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    raw: dict = field(default_factory=dict, repr=False)  # the config.json as read
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -134,7 +133,6 @@ def config_from_dict(raw: dict) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
-        raw=raw,
     )
 
 
