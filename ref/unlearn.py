@@ -379,7 +379,8 @@ def finish(u: Unlearner, out: Path, rows: list[dict], run_json: dict) -> None:
 @torch.no_grad()
 def evaluate_before_after(u: Unlearner) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.evaluate import available_tasks, evaluate, headline, make_scorer, scorer_info
+    from ref.evaluate import available_tasks, evaluate, headline
+    from ref.scorers import make_scorer, scorer_info
 
     s = u.s
     base = lambda: load_model(s.model, dtype=s.dtype, device=s.device)  # noqa: E731 (a separate, frozen copy)
