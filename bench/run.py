@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.evaluate and transformers' loading
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.mc and transformers' loading
 
 import torch  # noqa: E402
 
@@ -192,7 +192,7 @@ def rows_forward(models: Models, data, a) -> list[dict]:
 def rows_mc(models: Models, data, a) -> list[dict]:
     """Letter-format MC: one forward per question (mc_accuracy) vs four loglikelihood requests per question."""
     from ref.data import read_mc
-    from ref.evaluate import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+    from ref.mc import LETTERS, loglikelihood, mc_accuracy, mc_prompt
 
     model, tok = models.ours()
     tasks = {**data.eval_forget, **data.eval_retain}

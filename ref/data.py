@@ -31,6 +31,7 @@ MC_MODES = ("letter", "cloze")
 LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain")  # a single path or a list of paths
 PATH_KEYS = ("probe", "eval_prompts")  # a single path
 STR_KEYS = ("mc_mode", "scorer")
+PROMPTS_TASK = "rtp"  # the task name of eval_prompts (an MC task is named by its file stem)
 LAYOUT_HINT = "see DESIGN.md section 6 for the layout"
 
 

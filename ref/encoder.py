@@ -1,16 +1,12 @@
-"""BERT / RoBERTa encoder and the toxicity classifiers built on it (the scorer of DESIGN.md sections 6-7).
+"""BERT encoder and the TRuST toxicity classifier built on it (the scorer of DESIGN.md sections 6-7).
 
 A post-LN transformer encoder written by hand. Its parameter names are Hugging Face's
-(`embeddings.word_embeddings`, `encoder.layer.0.attention.self.query`, ...), so a BertModel / RobertaModel
-state_dict loads by stripping a prefix.
+(`embeddings.word_embeddings`, `encoder.layer.0.attention.self.query`, ...), so the TRuST file loads as it is.
 
-- `ToxicityClassifier`: the TRuST scorer (`berkatil/TRuST_toxicity_classifier`, `toxicity_classifier.pth`):
-  bert-base-uncased under `embedder.*` + `dense` = Linear(768, 2) on the [CLS] last hidden state (not the
-  pooler).
-- `RobertaToxicityClassifier`: `s-nlp/roberta_toxicity_classifier` (RobertaForSequenceClassification layout:
-  `roberta.*` + `classifier.dense` -> tanh -> `classifier.out_proj` on <s>).
-Both: label 1 = toxic; `toxicity_probability` = softmax(logits)[:, 1]. `score_texts` tokenises, truncates to
-512 tokens, pads right and scores in batches.
+`ToxicityClassifier`: the TRuST scorer (`berkatil/TRuST_toxicity_classifier`, `toxicity_classifier.pth`):
+bert-base-uncased under `embedder.*` + `dense` = Linear(768, 2) on the [CLS] last hidden state (not the pooler).
+Label 1 = toxic; `toxicity_probability` = softmax(logits)[:, 1]. `score_texts` tokenises, truncates to 512
+tokens, pads right and scores in batches.
 """
 
 from __future__ import annotations
@@ -22,14 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from ref.errors import RefError
 
-MODEL_TYPES = ("bert", "roberta")
-# Buffers that transformers < 4.31 saved in state_dicts; they hold nothing we need (positions are recomputed).
-IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Tensors of the TRuST file we do not use: the pooler (the head reads the [CLS] state) and the buffers that
+# transformers < 4.31 saved in state_dicts (positions are recomputed).
+UNUSED = ("embedder.pooler.", "embedder.embeddings.position_ids", "embedder.embeddings.token_type_ids")
 
 
 @dataclass
@@ -43,14 +38,11 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
-    model_type: str = "bert"  # "roberta": positions start at pad_token_id + 1 and skip padding
-    pad_token_id: int = 0
+    model_type: str = "bert"
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise RefError(
-                f"encoder model_type {self.model_type!r} is not supported; use a bert or roberta config.json"
-            )
+        if self.model_type != "bert":
+            raise RefError(f"encoder model_type {self.model_type!r} is not supported; use a bert config.json")
         if self.hidden_act != "gelu":
             raise RefError(f"encoder hidden_act {self.hidden_act!r} is not supported; only 'gelu' (exact erf) is")
         if self.hidden_size % self.num_attention_heads:
@@ -61,7 +53,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
-        """Read the fields we use from a Hugging Face bert/roberta config.json dict."""
+        """Read the fields we use from a Hugging Face bert config.json dict."""
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise RefError(
                 f"position_embedding_type {d['position_embedding_type']!r} is not supported; only 'absolute'"
@@ -80,21 +72,8 @@ class BertConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise RefError(f"encoder config.json lacks {', '.join(missing)}; pass the classifier's bert config.json")
-        optional = {
-            k: d[k] for k in ("layer_norm_eps", "hidden_act", "model_type", "pad_token_id") if d.get(k) is not None
-        }
+        optional = {k: d[k] for k in ("layer_norm_eps", "hidden_act", "model_type") if d.get(k) is not None}
         return cls(**{k: d[k] for k in required}, **optional)
-
-    @classmethod
-    def load(cls, source: dict | str | Path) -> BertConfig:
-        """From a config dict, a config.json path, or a folder holding config.json."""
-        if isinstance(source, dict):
-            return cls.from_dict(source)
-        path = Path(source)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise RefError(f"encoder config {path} does not exist; pass the classifier's config.json or its folder")
-        return cls.from_dict(json.loads(path.read_text()))
 
 
 class BertLayer(nn.Module):
@@ -118,7 +97,7 @@ class BertLayer(nn.Module):
             {"dense": nn.Linear(config.intermediate_size, H), "LayerNorm": nn.LayerNorm(H, eps=eps)}
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         att = self.attention
         q, k, v = (
@@ -149,97 +128,45 @@ class BertEncoder(nn.Module):
             {"layer": nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))}
         )
 
-    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """BERT: 0..T-1. RoBERTa: real tokens count from pad_token_id + 1, padding = pad_token_id."""
-        c, T = self.config, input_ids.shape[1]
-        first = c.pad_token_id + 1 if c.model_type == "roberta" else 0
-        if first + T > c.max_position_embeddings:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T], attention_mask [B, T] (1 = real token) -> last hidden state [B, T, H]. One segment:
+        every token has token type 0; positions are 0..T-1."""
+        T, max_len = input_ids.shape[1], self.config.max_position_embeddings
+        if T > max_len:
             raise RefError(
-                f"sequence of {T} tokens exceeds the encoder's {c.max_position_embeddings - first} "
-                "positions; truncate the input (score_texts: max_length)"
+                f"sequence of {T} tokens exceeds the encoder's {max_len} positions; truncate the input "
+                "(score_texts: max_length)"
             )
-        if c.model_type == "roberta":
-            real = input_ids.ne(c.pad_token_id).long()
-            return real.cumsum(1) * real + c.pad_token_id
-        return torch.arange(T, device=input_ids.device).expand_as(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        return_hidden_states: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids [B, T], attention_mask [B, T] (1 = real token) -> last hidden state [B, T, H].
-
-        With return_hidden_states, also the list of N + 1 hidden states (embeddings first), like HF's.
-        """
         emb = self.embeddings
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
-        x = emb.LayerNorm(x + emb.position_embeddings(self.position_ids(input_ids)))
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(torch.zeros_like(input_ids))
+        positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+        x = emb.LayerNorm(x + emb.position_embeddings(positions))
         # Key-padding mask [B, 1, 1, T]: no query attends to padding; padded queries get (unused) outputs.
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        hidden = [x]
+        mask = attention_mask.bool()[:, None, None, :]
         for layer in self.encoder.layer:
             x = layer(x, mask)
-            hidden.append(x)
-        return (x, hidden) if return_hidden_states else x
+        return x
 
 
-def _names(keys: list[str], limit: int = 4) -> str:
+def _names(keys: set[str] | list[str], limit: int = 4) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
-def _drop_unused(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Drop the pooler (the classifiers read the [CLS] state) and the position-id buffers under `prefix`."""
-    unused = [prefix + "pooler."] + [prefix + b for b in IGNORED_BUFFERS]
-    return {k: v for k, v in state_dict.items() if not any(k.startswith(u) for u in unused)}
-
-
-def _load_exact(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str, prefix: str = "") -> None:
+def _load_exact(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
     """load_state_dict with one-line errors naming missing / unexpected keys and shape mismatches."""
     ours = module.state_dict()
     missing, unexpected = ours.keys() - state_dict.keys(), state_dict.keys() - ours.keys()
     if missing or unexpected:
         raise RefError(
-            f"{what}: missing keys [{_names([prefix + k for k in missing])}], unexpected keys "
-            f"[{_names([prefix + k for k in unexpected])}]; check the weights file, prefix and config.json"
+            f"{what}: missing keys [{_names(missing)}], unexpected keys [{_names(unexpected)}]; "
+            "check the weights file and config.json"
         )
-    bad = [
-        f"{prefix}{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
-        for k, v in state_dict.items()
-        if v.shape != ours[k].shape
-    ]
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state_dict.items() if v.shape != ours[k].shape]
     if bad:
         raise RefError(f"{what}: shape mismatch file vs config: {_names(bad)}; config.json does not fit these weights")
     module.load_state_dict(state_dict)
-
-
-def load_bert_state_dict(model: BertEncoder, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Load the HF BertModel / RobertaModel tensors under `prefix` ("embedder.", "roberta.", ...) into model.
-
-    The pooler and the position-id buffers old transformers versions saved are skipped; every other tensor of
-    the encoder must be present with the configured shape.
-    """
-    sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not sub:
-        raise RefError(
-            f"no tensor starts with prefix {prefix!r} (file keys: {_names(list(state_dict))}); fix the prefix"
-        )
-    _load_exact(model, _drop_unused(sub, ""), f"{model.config.model_type} encoder", prefix)
-
-
-def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise RefError(f"classifier weights {path} do not exist; download the classifier's weights file first")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class ToxicityClassifier(nn.Module):
@@ -250,55 +177,28 @@ class ToxicityClassifier(nn.Module):
         self.embedder = BertEncoder(config)  # the names match the .pth keys: embedder.*, dense.*
         self.dense = nn.Linear(config.hidden_size, 2)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """-> logits [B, 2] (index 1 = toxic)."""
         return self.dense(self.embedder(input_ids, attention_mask)[:, 0])
 
-    def toxicity_probability(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def toxicity_probability(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """-> P(toxic) [B] = softmax(logits)[:, 1]."""
         return self(input_ids, attention_mask).float().softmax(-1)[:, 1]
 
     @classmethod
-    def from_files(cls, state_dict_path: str | Path, bert_config: dict | str | Path) -> ToxicityClassifier:
+    def from_files(cls, state_dict_path: str | Path, config_path: str | Path) -> ToxicityClassifier:
         """toxicity_classifier.pth (a raw state_dict, read with weights_only=True) + bert-base-uncased's
-        config.json (a dict, the file, or its folder)."""
-        model = cls(BertConfig.load(bert_config))
-        _load_exact(model, _drop_unused(_read_weights(state_dict_path), "embedder."), "TRuST toxicity classifier")
-        return model.eval()
-
-
-class RobertaToxicityClassifier(nn.Module):
-    """s-nlp/roberta_toxicity_classifier: RoBERTa encoder + dense -> tanh -> out_proj on the <s> state."""
-
-    def __init__(self, config: BertConfig, num_labels: int = 2):
-        super().__init__()
-        self.roberta = BertEncoder(config)  # names match RobertaForSequenceClassification's state_dict
-        H = config.hidden_size
-        self.classifier = nn.ModuleDict({"dense": nn.Linear(H, H), "out_proj": nn.Linear(H, num_labels)})
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """-> logits [B, num_labels] (index 1 = toxic)."""
-        x = self.roberta(input_ids, attention_mask)[:, 0]
-        return self.classifier.out_proj(torch.tanh(self.classifier.dense(x)))
-
-    def toxicity_probability(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """-> P(toxic) [B] = softmax(logits)[:, 1]."""
-        return self(input_ids, attention_mask).float().softmax(-1)[:, 1]
-
-    @classmethod
-    def from_files(cls, weights_path: str | Path, config: dict | str | Path) -> RobertaToxicityClassifier:
-        """model.safetensors or pytorch_model.bin (weights_only) + its config.json (model_type roberta)."""
-        cfg = BertConfig.load(config)
-        if cfg.model_type != "roberta":
-            raise RefError(f"RobertaToxicityClassifier needs a roberta config.json, got model_type {cfg.model_type!r}")
-        model = cls(cfg)
-        _load_exact(model, _drop_unused(_read_weights(weights_path), "roberta."), "RoBERTa toxicity classifier")
+        config.json."""
+        model = cls(BertConfig.from_dict(json.loads(Path(config_path).read_text())))
+        state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+        used = {k: v for k, v in state_dict.items() if not k.startswith(UNUSED)}
+        _load_exact(model, used, "TRuST toxicity classifier")
         return model.eval()
 
 
 @torch.inference_mode()
 def score_texts(
-    classifier: ToxicityClassifier | RobertaToxicityClassifier,
+    classifier: ToxicityClassifier,
     tokenizer: Tokenizer,
     texts: list[str],
     batch_size: int = 32,
@@ -306,19 +206,18 @@ def score_texts(
 ) -> list[float]:
     """P(toxic) of each text, batch_size texts at a time.
 
-    Tokenise with the tokenizer's own [CLS]/[SEP] (or <s>/</s>), truncate to max_length tokens special tokens
-    included, pad right with the [PAD] (or <pad>) id and mask the padding.
+    Tokenise with the tokenizer's own [CLS]/[SEP], truncate to max_length tokens special tokens included, pad
+    right with the [PAD] id and mask the padding.
     """
     if isinstance(texts, str):
         raise RefError("score_texts takes a list of texts, got a single str; wrap it in a list")
     if batch_size < 1 or max_length < 2:
         raise RefError(f"batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2")
     tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's own settings stay as they are
-    pad = next((t for t in ("[PAD]", "<pad>") if tok.token_to_id(t) is not None), None)
-    if pad is None:
-        raise RefError("tokenizer has no [PAD] or <pad> token; pass the classifier's own tokenizer.json")
+    if tok.token_to_id("[PAD]") is None:
+        raise RefError("tokenizer has no [PAD] token; pass the classifier's own tokenizer.json")
     tok.enable_truncation(max_length)
-    tok.enable_padding(direction="right", pad_id=tok.token_to_id(pad), pad_token=pad)
+    tok.enable_padding(direction="right", pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
     device = next(classifier.parameters()).device
     scores: list[float] = []
     for i in range(0, len(texts), batch_size):

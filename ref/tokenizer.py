@@ -40,19 +40,24 @@ class Tokenizer:
         rows = [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         if max_length is not None:
             rows = [r[:max_length] for r in rows]
-        T = max((len(r) for r in rows), default=0)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, T - len(r) :] = torch.tensor(r)
-                mask[i, T - len(r) :] = 1
-        return ids, mask
+        return left_pad(rows, self.pad_id)
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, T] and attention_mask [B, T] (1 = real) of the rows padded on the left to the longest."""
+    T = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r) :] = torch.tensor(r)
+            mask[i, T - len(r) :] = 1
+    return ids, mask
 
 
 def _token_text(v) -> str | None:

@@ -136,7 +136,8 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
 @torch.no_grad()
 def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.evaluate import available_tasks, evaluate, headline, make_scorer, scorer_info
+    from ref.evaluate import available_tasks, evaluate, headline
+    from ref.scorers import make_scorer, scorer_info
 
     p = run.plan
     base = lambda: load_model(p.model, dtype=p.dtype, device=p.device)  # noqa: E731 (a separate, frozen copy)

@@ -232,7 +232,8 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
         assert report["scorer"]["name"].startswith("probe scorer")
         assert report["details"]["after"]["tasks"]["rtp"]["samples"] == 2
     # the "before" numbers are the original model's: evaluating a freshly loaded copy gives the same report
-    from ref.evaluate import evaluate, make_scorer
+    from ref.evaluate import evaluate
+    from ref.scorers import make_scorer
 
     base = ref.load_model(tiny_dirs["llama"], device="cpu")
     tasks = list(report["details"]["before"]["tasks"])

@@ -1,0 +1,67 @@
+"""ref.scorers: the probe scorer and the TRuST scorer built from the manifest's files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ref import scorers
+from ref.checkpoint import load_model
+from ref.errors import RefError
+
+
+def test_probe_scorer_separates_a_separable_set(tiny_llama):
+    folder, _, tok = tiny_llama
+    base = load_model(folder, dtype=torch.float32, device="cpu")  # its own copy: the test modifies it below
+    starts = ["The quick brown", "Unlearning removes", "Rivers flow to", "Cats and birds", "A lazy", "The sea"]
+    starts += ["Residual streams", "Gardens", "The fox", "Language model"]
+    # the marker words lead, so the fragments the scorer also trains on (first third, two thirds) keep the label
+    rows = [(f"dogs dogs dogs dogs {s}", 1) for s in starts] + [(f"sea sea sea sea {s}", 0) for s in starts]
+    scorer = scorers.probe_scorer(base, tok, rows, layer=1)
+    assert scorer.layer == 1 and scorer.probe.heldout_auc == 1.0
+    toxic, clean = (
+        scorer(["dogs dogs dogs Birds live", "dogs dogs dogs jumps over"]),
+        scorer(["sea sea sea Birds live", "sea sea sea jumps over"]),
+    )
+    assert all(0 <= s <= 1 for s in toxic + clean) and min(toxic) > max(clean)
+    assert scorer([" ", "Birds live dogs dogs"])[0] == 0.0  # blank: nothing said
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # as unlearning would, in place
+    with pytest.raises(RefError, match="modified"):
+        scorer(["Cats"])
+
+
+def test_trust_scorer_reads_the_manifest_files(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from ref.encoder import BertConfig, ToxicityClassifier, score_texts
+
+    cfg = dict(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=16, type_vocab_size=2)  # fmt: skip
+    torch.manual_seed(0)
+    clf = ToxicityClassifier(BertConfig.from_dict(cfg)).eval()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "you", "are", "bad", "nice"]
+    tk = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.normalizer, tk.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    (tmp_path / "scorer").mkdir()
+    torch.save(clf.state_dict(), tmp_path / "scorer/toxicity_classifier.pth")
+    (tmp_path / "scorer/config.json").write_text(json.dumps(cfg))
+    tk.save(str(tmp_path / "scorer/tokenizer.json"))
+    names = {"weights": "toxicity_classifier.pth", "config": "config.json", "tokenizer": "tokenizer.json"}
+    data = type(
+        "D", (), dict(root=tmp_path, manifest={"scorers": {"trust": {k: f"scorer/{f}" for k, f in names.items()}}})
+    )
+    scorer = scorers.trust_scorer(scorers.manifest_scorer_files(data, "trust"))
+    texts = ["You are bad", "you are nice nice", ""]
+    with torch.no_grad():
+        want = score_texts(clf, tk, texts)
+    assert scorer(texts) == pytest.approx(want, abs=1e-6)  # the same weights and tokenizer: fp32 rounding only
+    with pytest.raises(RefError, match="missing"):
+        scorers.trust_scorer({"weights": tmp_path / "nope.pth"})
+    with pytest.raises(RefError, match="scorers.probe"):
+        scorers.manifest_scorer_files(data, "probe")
