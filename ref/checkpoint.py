@@ -155,14 +155,12 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write an HF-format folder: the source checkpoint with `replaced` tensors swapped in (default: every tensor
-    that differs from the source). Untouched shards are hard-linked (or copied); shards holding a replaced tensor
-    are rewritten in the source dtype. Written to a temporary folder and renamed into place."""
+def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torch.Tensor]) -> Path:
+    """Write an HF-format folder: the source checkpoint with the `replaced` tensors (name -> value) swapped in.
+    Untouched shards are hard-linked (or copied); shards holding a replaced tensor are rewritten in the source dtype.
+    Written to a temporary folder and renamed into place."""
     src, out = Path(model.source_dir), Path(out_dir)
     where = shard_files(src)
-    if replaced is None:
-        replaced = changed_tensors(model)
     unknown = sorted(set(replaced) - set(where))
     if unknown:
         raise RefError(f"cannot save: {unknown[:3]} are not tensors of the source checkpoint {src}")
@@ -187,18 +185,6 @@ def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torc
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
-
-
-def changed_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Tensors of `model` that differ from its source checkpoint (compared in the model's dtype)."""
-    where, params = shard_files(Path(model.source_dir)), dict(model.named_parameters())
-    out = {}
-    for shard in sorted(set(where.values())):
-        with _open(shard) as f:
-            for k in f.keys():
-                if k in params and not torch.equal(f.get_tensor(k).to(params[k]), params[k]):
-                    out[k] = params[k]
     return out
 
 

@@ -50,11 +50,6 @@ class GoalData:
     manifest: dict  # the raw manifest, all goals
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All rows of a jsonl file (blank lines skipped); each row must be a JSON object."""
-    return [row for _, row in _numbered_rows(path)]
-
-
 def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs, so that errors about a row can name its line."""
     path = Path(path)

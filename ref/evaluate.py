@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ref.cli import run_command
 from ref.data import PROMPTS_TASK, GoalData, load_goal_data, read_mc, read_prompts, resolve_data_dir
 from ref.errors import RefError
 from ref.mc import mc_accuracy
@@ -140,7 +141,7 @@ def _resolve_model(name: str) -> tuple[str, dict | None]:
     return name, None
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str] | None) -> int:
     from ref.checkpoint import load_model
     from ref.tokenizer import load_tokenizer
 
@@ -161,27 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, required=True, help="report json (written atomically)")
     args = p.parse_args(argv)
-    try:
-        model_path, run = _resolve_model(args.model)
-        base_name = args.base_model or (run["settings"]["model"] if run else model_path)
-        data_arg = args.data or (run["settings"].get("data") if run else None) or "hub"
-        data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal)
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-        model = load_model(model_path, dtype=args.dtype, device=args.device)
-        tok = load_tokenizer(model_path)
-        wanted = tasks if tasks is not None else list(available_tasks(data))
-        same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
-        base = lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device)  # noqa: E731
-        scorer = make_scorer(data, args.goal, wanted, base, load_tokenizer(base_name), args.scorer_layer, args.seed,
-                             args.device)  # fmt: skip
-        report = evaluate(model, tok, data, args.goal, tasks, args.limit, args.batch_size, args.samples,
-                          args.max_new_tokens, args.greedy, args.seed, scorer)  # fmt: skip
-        report["model"] = str(args.model)
-        report["scorer"] = scorer_info(scorer, base_name)
-        write_json(Path(args.out), report)
-    except (RefError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    for name in ("samples", "max_new_tokens", "batch_size") + (("limit",) if args.limit is not None else ()):
+        if getattr(args, name) < 1:
+            raise RefError(f"--{name.replace('_', '-')} is {getattr(args, name)}; use a positive number")
+    model_path, run = _resolve_model(args.model)
+    base_name = args.base_model or (run["plan"]["model"] if run else model_path)
+    data_arg = args.data or (run["plan"]["data"] if run else "hub")
+    data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    model = load_model(model_path, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(model_path)
+    wanted = tasks if tasks is not None else list(available_tasks(data))
+    same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
+    base = lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device)  # noqa: E731
+    scorer = make_scorer(data, args.goal, wanted, base, load_tokenizer(base_name), args.scorer_layer, args.seed,
+                         args.device)  # fmt: skip
+    report = evaluate(model, tok, data, args.goal, tasks, args.limit, args.batch_size, args.samples,
+                      args.max_new_tokens, args.greedy, args.seed, scorer)  # fmt: skip
+    report["model"] = str(args.model)
+    report["scorer"] = scorer_info(scorer, base_name)
+    write_json(Path(args.out), report)
     for task, r in report["tasks"].items():
         value = r.get("accuracy", r.get("expected_max_toxicity"))
         print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts'))}, {r['protocol']})")
@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

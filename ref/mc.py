@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from ref.errors import RefError
 from ref.model import Transformer
 from ref.tokenizer import Tokenizer, left_pad
 
@@ -53,12 +54,12 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
         context, continuation = context[:-n], context[-n:] + continuation
     if not context:
         if tok.eos_id is None:
-            raise ValueError("empty context and the tokenizer has no EOS token to stand in for it; give a context")
+            raise RefError("empty context and the tokenizer has no EOS token to stand in for it; give a context")
         return [tok.eos_id], tok.encode(continuation)
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
     cont = whole[len(ctx) :]
     if not cont:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens; give a non-empty continuation")
+        raise RefError(f"continuation {continuation!r} encodes to no tokens; give a non-empty continuation")
     return ctx, cont
 
 
@@ -75,7 +76,7 @@ def _last_log_probs(
         raise ValueError(f"batch_size is {batch_size}; use a positive batch size")
     max_len = model.config.max_position_embeddings
     if any(n > max_len for n in n_last):
-        raise ValueError(f"a continuation is longer than the model's {max_len} positions; shorten it")
+        raise RefError(f"a continuation is longer than the model's {max_len} positions; shorten it")
     seqs = [s[-max_len:] for s in seqs]
     device = next(model.parameters()).device
     last = model.config.num_layers - 1
@@ -143,7 +144,7 @@ def mc_accuracy(
     if mode not in ("letter", "cloze"):
         raise ValueError(f"MC mode {mode!r}: use 'letter' (lm-eval format) or 'cloze' (small models)")
     if not rows:
-        raise ValueError(f"task {task}: no questions to evaluate")
+        raise RefError(f"task {task}: no questions to evaluate")
     if mode == "letter":
         scores = _letter_scores(model, tok, rows, task, batch_size)
     else:

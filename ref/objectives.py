@@ -62,34 +62,33 @@ class Losses(NamedTuple):
 Objective = Callable[[Activations, Targets, Callable], Losses]
 
 
-def rmu(a: Activations, t: Targets, fuse: Callable) -> Losses:
+def rmu(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """RMU and Adaptive RMU: eq. 2 (steer the forget activations to c * u) and eq. 3 (keep the retain activations
     where they were) at the tap layer. Adaptive RMU differs only in its c (set per topic, see `Targets`)."""
-    (i,) = t.layers
+    (i,) = targets.layers
     return Losses(
-        fuse(rmu_forget_loss)(a.forget[i], t.u, t.steering, a.forget_mask),
-        fuse(rmu_retain_loss)(a.retain[i], a.frozen[i], a.retain_mask),
+        fuse(rmu_forget_loss)(acts.forget[i], targets.u, targets.steering, acts.forget_mask),
+        fuse(rmu_retain_loss)(acts.retain[i], acts.frozen[i], acts.retain_mask),
     )
 
 
-def ours_wmdp(a: Activations, t: Targets, fuse: Callable) -> Losses:
+def ours_wmdp(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """The paper's method on dangerous knowledge: eq. 4 (turn the forget activations towards u, no c) and eq. 5
     (keep the retain activations' direction) at the tap layer."""
-    (i,) = t.layers
+    (i,) = targets.layers
     return Losses(
-        fuse(cosine_forget_loss)(a.forget[i], t.u, a.forget_mask),
-        fuse(cosine_retain_loss)(a.retain[i], a.frozen[i], a.retain_mask),
+        fuse(cosine_forget_loss)(acts.forget[i], targets.u, acts.forget_mask),
+        fuse(cosine_retain_loss)(acts.retain[i], acts.frozen[i], acts.retain_mask),
     )
 
 
-def ours_toxicity(a: Activations, t: Targets, fuse: Callable) -> Losses:
+def ours_toxicity(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """The paper's method on toxicity: eq. 6 (the last-token state of each probed layer made orthogonal to that
     layer's probe direction; run eager, see ref.fused) and eq. 5 averaged over the same layers."""
-    h_last = [last_token(a.forget[i], a.forget_mask) for i in t.layers]
-    forget, per_layer = probe_projection_loss(h_last, t.directions)
-    retain = toxicity_retain_loss(
-        [a.retain[i] for i in t.layers], [a.frozen[i] for i in t.layers], a.retain_mask, fuse(cosine_retain_loss)
-    )
+    h_last = [last_token(acts.forget[i], acts.forget_mask) for i in targets.layers]
+    forget, per_layer = probe_projection_loss(h_last, targets.directions)
+    h, h0 = [acts.retain[i] for i in targets.layers], [acts.frozen[i] for i in targets.layers]
+    retain = toxicity_retain_loss(h, h0, acts.retain_mask, fuse(cosine_retain_loss))
     return Losses(forget, retain, per_layer)
 
 

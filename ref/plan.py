@@ -106,41 +106,50 @@ class Plan:
         return self.alpha is None
 
 
-def resolve(s: Settings, cfg: ModelConfig) -> Plan:
+def given(value, default):
+    """The user's value when given, else the default: None means "not given", and 0 or [] are values."""
+    return default if value is None else value
+
+
+def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
     """The plan of a run from its settings, the registry defaults and the model's config, validated."""
-    if s.goal not in GOALS or s.method not in METHODS:
+    user = settings
+    if user.goal not in GOALS or user.method not in METHODS:
         raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
-    d = UNLEARN_DEFAULTS.get(s.model) or generic_defaults(cfg.num_layers)
-    ours, toxicity = s.method == "ours", s.goal == "toxicity"
-    tox = tuple(sorted(s.tox_layers or d.tox_layers)) if ours and toxicity else ()
-    taps = tox or (s.tap_layer if s.tap_layer is not None else d.tap_layer,)
-    update = tuple(sorted(s.update_layers or tox or d.update_layers))
+    for name in ("topics", "update_layers", "update_params", "tox_layers"):
+        if getattr(user, name) == []:
+            raise RefError(f"--{name.replace('_', '-')} is empty; name at least one, or leave it out for the default")
+    defaults = UNLEARN_DEFAULTS.get(user.model) or generic_defaults(cfg.num_layers)
+    ours, toxicity = user.method == "ours", user.goal == "toxicity"
+    tox = tuple(sorted(given(user.tox_layers, defaults.tox_layers))) if ours and toxicity else ()
+    taps = tox or (given(user.tap_layer, defaults.tap_layer),)
+    update = tuple(sorted(given(user.update_layers, tox or defaults.update_layers)))
     for i in taps + update:
         if not 0 <= i < cfg.num_layers:
-            raise RefError(f"layer {i} is out of range: {s.model} has layers 0..{cfg.num_layers - 1}")
+            raise RefError(f"layer {i} is out of range: {user.model} has layers 0..{cfg.num_layers - 1}")
     if max(update) > max(taps):
         raise RefError(f"updated layer {max(update)} is above the deepest tap {max(taps)}: "
                        "it would get no gradient; lower --update-layers or raise the tap")  # fmt: skip
     if min(taps) < min(update):
         raise RefError(f"tap layer {min(taps)} is below the first updated layer {min(update)}: "
                        "its loss could not change; update a layer at or below every tap")  # fmt: skip
-    params = tuple(s.update_params or d.update_params)
-    reinforce = ours and s.alpha is None
-    alpha = s.alpha if s.alpha is not None else (None if ours else d.rmu_alpha)
-    alpha0 = s.alpha0 if s.alpha0 is not None else (d.alpha0_toxicity if toxicity else d.alpha0)
+    params = tuple(given(user.update_params, defaults.update_params))
+    reinforce = ours and user.alpha is None
+    alpha0 = given(user.alpha0, defaults.alpha0_toxicity if toxicity else defaults.alpha0)
     return Plan(
-        model=s.model, goal=s.goal, method=s.method, data=s.data or d.data,
-        topics=tuple(s.topics) if s.topics is not None else None,
+        model=user.model, goal=user.goal, method=user.method, data=given(user.data, defaults.data),
+        topics=tuple(user.topics) if user.topics is not None else None,
         taps=taps, tox_layers=tox, update_layers=update, update_params=params,
         tensors=tensor_names(cfg, update, params),
-        alpha=alpha, alpha0=alpha0 if reinforce else None, policy_lr=s.policy_lr if reinforce else None,
-        steering=(s.steering if s.steering is not None else d.steering) if s.method == "rmu" else None,
-        beta=s.beta if s.method == "adaptive-rmu" else None,
-        raw_probe_weights=s.raw_probe_weights, probe_l2=s.probe_l2,
-        lr=s.lr if s.lr is not None else d.lr, max_len=s.max_len if s.max_len is not None else d.max_len,
-        batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps, seed=s.seed, dtype=s.dtype,
-        device=s.device, compile=s.compile, save_every=s.save_every, evaluate=s.evaluate,
-        eval_limit=s.eval_limit, eval_samples=s.eval_samples, eval_greedy=s.eval_greedy,
+        alpha=given(user.alpha, None if ours else defaults.rmu_alpha),
+        alpha0=alpha0 if reinforce else None, policy_lr=user.policy_lr if reinforce else None,
+        steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
+        beta=user.beta if user.method == "adaptive-rmu" else None,
+        raw_probe_weights=user.raw_probe_weights, probe_l2=user.probe_l2,
+        lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
+        batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
+        device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
+        eval_limit=user.eval_limit, eval_samples=user.eval_samples, eval_greedy=user.eval_greedy,
     )  # fmt: skip
 
 

@@ -110,8 +110,3 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
         7, (5, 6, 7), spread_layers(30), steering=550.0, rmu_alpha=100.0, max_len=128, lr=1e-3, data="demo"
     ),
 }
-
-
-def default_data(model: str) -> str:
-    """--data when none is given: the offline demo data for the offline model, the paper's datasets otherwise."""
-    return UNLEARN_DEFAULTS[model].data if model in UNLEARN_DEFAULTS else UnlearnDefaults.data

@@ -88,103 +88,105 @@ def schedule(data: GoalData, plan: Plan) -> list[tuple[int, str, list[str], list
     epoch reshuffles deterministically from (seed, epoch), so a resumed run replays the same batches."""
     topics, steps = list(data.forget), []
     for epoch in range(plan.epochs):
-        fb = {t: batches(data.forget[t], plan.batch_size, plan.seed + 17 * i, epoch) for i, t in enumerate(topics)}
-        rb = batches(data.retain, plan.batch_size, plan.seed + 7919, epoch)
-        for j in range(min(len(b) for b in fb.values())):
-            for ti, t in enumerate(topics):
-                steps.append((epoch, t, fb[t][j], rb[(j * len(topics) + ti) % len(rb)]))
+        forget = {t: batches(data.forget[t], plan.batch_size, plan.seed + 17 * i, epoch) for i, t in enumerate(topics)}
+        retain = batches(data.retain, plan.batch_size, plan.seed + 7919, epoch)
+        for j in range(min(len(b) for b in forget.values())):
+            for i, t in enumerate(topics):
+                steps.append((epoch, t, forget[t][j], retain[(j * len(topics) + i) % len(retain)]))
     return steps[: plan.max_steps] if plan.max_steps is not None else steps
 
 
-def encode(r: Run, texts: list[str]) -> tuple[Tensor, Tensor]:
+def encode(run: Run, texts: list[str]) -> tuple[Tensor, Tensor]:
     """Left-padded ids and mask [B, T], each text cut to the plan's max_len tokens, on the model's device."""
-    device = next(r.model.parameters()).device
-    ids, mask = r.tok.batch(texts, max_length=r.plan.max_len)
+    device = next(run.model.parameters()).device
+    ids, mask = run.tok.batch(texts, max_length=run.plan.max_len)
     return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
-def shared_prefix(r: Run, ids: Tensor, mask: Tensor) -> Tensor:
+def shared_prefix(run: Run, ids: Tensor, mask: Tensor) -> Tensor:
     """The residual stream entering the first updated block (the ids themselves when that is block 0)."""
-    k = r.plan.start
-    return ids if k == 0 else r.model(ids, mask, taps=[k - 1], stop_after=k - 1).taps[k - 1]
+    k = run.plan.start
+    return ids if k == 0 else run.model(ids, mask, taps=[k - 1], stop_after=k - 1).taps[k - 1]
 
 
-def taps(r: Run, x: Tensor, mask: Tensor, params: dict[str, Tensor] | None = None) -> dict[int, Tensor]:
+def taps(run: Run, x: Tensor, mask: Tensor, params: dict[str, Tensor] | None = None) -> dict[int, Tensor]:
     """The plan's taps, running blocks start..deepest tap from the shared prefix x; with `params`, those tensors'
     values stand in for the model's (the frozen model: the originals)."""
-    p = r.plan
-    kw = dict(attention_mask=mask, taps=p.taps, stop_after=max(p.taps))
-    kw |= dict(input_ids=x) if p.start == 0 else dict(hidden=x, start_layer=p.start)
-    return (r.model(**kw) if params is None else functional_call(r.model, params, args=(), kwargs=kw)).taps
+    plan = run.plan
+    kw = dict(attention_mask=mask, taps=plan.taps, stop_after=max(plan.taps))
+    kw |= dict(input_ids=x) if plan.start == 0 else dict(hidden=x, start_layer=plan.start)
+    return (run.model(**kw) if params is None else functional_call(run.model, params, args=(), kwargs=kw)).taps
 
 
-def step(r: Run, st: TrainState, topic: str, forget_texts: list[str], retain_texts: list[str]) -> dict:
+def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retain_texts: list[str]) -> dict:
     """One unlearning step on a forget batch of `topic` and a retain batch; returns its metrics row."""
-    p = r.plan
-    f_ids, f_mask = encode(r, forget_texts)
-    r_ids, r_mask = encode(r, retain_texts)
-    f_in, r_in = shared_prefix(r, f_ids, f_mask), shared_prefix(r, r_ids, r_mask)
+    plan = run.plan
+    forget_ids, forget_mask = encode(run, forget_texts)
+    retain_ids, retain_mask = encode(run, retain_texts)
+    forget_in, retain_in = shared_prefix(run, forget_ids, forget_mask), shared_prefix(run, retain_ids, retain_mask)
     with torch.no_grad():
-        frozen = taps(r, r_in, r_mask, st.originals)  # h0: the original model on the retain batch
-        if p.beta is not None and topic not in st.steering:  # Adaptive RMU: c from the topic's first batch
-            h = taps(r, f_in, f_mask, st.originals)[p.taps[0]]
-            st.steering[topic] = float(adaptive_steering_coefficient(h, f_mask, p.beta))
-    targets = Targets(p.taps, r.u[topic], st.steering.get(topic, p.steering), r.directions)
-    draw = st.policy.sample() if st.policy else None
-    alpha = draw.alpha if draw else p.alpha
+        frozen = taps(run, retain_in, retain_mask, state.originals)  # h0: the original model on the retain batch
+        if plan.beta is not None and topic not in state.steering:  # Adaptive RMU: c from the topic's first batch
+            h = taps(run, forget_in, forget_mask, state.originals)[plan.taps[0]]
+            state.steering[topic] = float(adaptive_steering_coefficient(h, forget_mask, plan.beta))
+    targets = Targets(plan.taps, run.u[topic], state.steering.get(topic, plan.steering), run.directions)
+    draw = state.policy.sample() if state.policy else None
+    alpha = draw.alpha if draw else plan.alpha
 
     def objective() -> Losses:
-        a = Activations(taps(r, f_in, f_mask), f_mask, taps(r, r_in, r_mask), frozen, r_mask)
-        return OBJECTIVES[p.method, p.goal](a, targets, fused if p.compile else eager)
+        acts = Activations(taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen,
+                           retain_mask)  # fmt: skip
+        return OBJECTIVES[plan.method, plan.goal](acts, targets, fused if plan.compile else eager)
 
     before = objective()
     loss = unlearning_loss(before.forget, before.retain, alpha)  # eq. 1
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"loss is not finite (forget {before.forget.item()}, retain {before.retain.item()})")
-    st.optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    st.optimizer.step()
+    state.optimizer.step()
     row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
                alpha=alpha)  # fmt: skip
     if before.forget_per_layer is not None:
-        row["forget_loss_layers"] = dict(zip(map(str, p.tox_layers), before.forget_per_layer.tolist(), strict=True))
-    if st.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
+        per_layer = before.forget_per_layer.tolist()
+        row["forget_loss_layers"] = dict(zip(map(str, plan.tox_layers), per_layer, strict=True))
+    if state.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
         with torch.no_grad():
             after = objective()
-        info = st.policy.update(draw, reward(before, after))
+        info = state.policy.update(draw, reward(before, after))
         row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"])
-    row["tokens"] = int(f_mask.sum() + r_mask.sum())
+    row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
     return row
 
 
-def train(r: Run, st: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
+def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
           stop: Callable[[int], bool], checkpoint: str = "checkpoint.pt") -> None:  # fmt: skip
-    """Steps st.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
+    """Steps state.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
     `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary)."""
-    t0, last_good = time.time(), st.step
-    bar = tqdm(total=len(steps), initial=st.step, desc=f"{r.plan.method} {r.plan.goal}", unit="step",
+    t0, last_good = time.time(), state.step
+    bar = tqdm(total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step",
                dynamic_ncols=True)  # fmt: skip
     try:
-        for k in range(st.step, len(steps)):
+        for k in range(state.step, len(steps)):
             if stop(k):
                 save()
                 raise Stopped(f"the checkpoint of step {k} is in {checkpoint}; continue with --resume")
             epoch, topic, forget_texts, retain_texts = steps[k]
             ts = time.time()
             try:
-                row = step(r, st, topic, forget_texts, retain_texts)
+                row = step(run, state, topic, forget_texts, retain_texts)
             except NonFiniteLoss as e:
                 advice = "lower --lr or --alpha and --resume, or --overwrite"
                 raise RefError(f"step {k + 1}: {e}; stopped, the last good checkpoint (step {last_good}) is kept in "
                                f"{checkpoint}; {advice}") from e  # fmt: skip
-            st.step = k + 1
+            state.step = k + 1
             log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
                      elapsed_s=time.time() - t0))  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", alpha=f"{row['alpha']:.3g}")
-            if st.step % r.plan.save_every == 0 or st.step == len(steps):
+            if state.step % run.plan.save_every == 0 or state.step == len(steps):
                 save()
-                last_good = st.step
+                last_good = state.step
     finally:
         bar.close()

@@ -41,11 +41,11 @@ from ref.train import Run, TrainState, schedule, start_state, train
 __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
 
-def unlearn(s: Settings, stop_after_step: int | None = None) -> tuple[Run, TrainState, GoalData]:
-    """Run (or resume) an unlearning run into s.out. `stop_after_step` simulates an interruption after that many
+def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run, TrainState, GoalData]:
+    """Run (or resume) an unlearning run into settings.out. `stop_after_step` simulates an interruption after that many
     steps (tests)."""
-    cfg = read_config(resolve(s.model))
-    plan = resolve_plan(s, cfg)
+    cfg = read_config(resolve(settings.model))
+    plan = resolve_plan(settings, cfg)
     torch.manual_seed(plan.seed)
     data = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal, topics=plan.topics)
     if plan.tox_layers and not data.probe:
@@ -53,13 +53,13 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> tuple[Run, Train
     steps = schedule(data, plan)
     if not steps:
         raise RefError(f"no full batch: the forget corpora have fewer than --batch-size={plan.batch_size} texts")
-    out = Path(s.out)
-    prepare_out_dir(out, s.resume, s.overwrite)
+    out = Path(settings.out)
+    prepare_out_dir(out, settings.resume, settings.overwrite)
     print(describe(plan, cfg, len(steps)), flush=True)
-    model, tok = load_model(s.model, dtype=plan.dtype, device=plan.device), load_tokenizer(s.model)
-    run_json = dict(settings=asdict(s), plan=as_dict(plan), versions=versions(), steps=len(steps),
+    model, tok = load_model(settings.model, dtype=plan.dtype, device=plan.device), load_tokenizer(settings.model)
+    run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
                     model_type=model.config.model_type)  # fmt: skip
-    if s.resume:
+    if settings.resume:
         check_resumable(out, plan)
     directions = None
     if plan.tox_layers:  # fitted on the original weights, before a resumed checkpoint is loaded: the same probes
@@ -73,7 +73,7 @@ def unlearn(s: Settings, stop_after_step: int | None = None) -> tuple[Run, Train
     run = Run(plan, model, tok, random_directions(list(data.forget), cfg.hidden_size, plan.seed, device), directions)
     state = start_state(plan, model)
     ckpt = out / "checkpoint.pt"
-    if s.resume:
+    if settings.resume:
         state.load_state_dict(torch.load(ckpt, weights_only=True))
     write_json(out / "run.json", run_json)
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
@@ -139,34 +139,36 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     from ref.evaluate import available_tasks, evaluate, headline
     from ref.scorers import make_scorer, scorer_info
 
-    p = run.plan
-    base = lambda: load_model(p.model, dtype=p.dtype, device=p.device)  # noqa: E731 (a separate, frozen copy)
-    scorer = make_scorer(data, p.goal, list(available_tasks(data)), base, run.tok, seed=p.seed, device=p.device)
-    kw = dict(limit=p.eval_limit, samples=p.eval_samples, greedy=p.eval_greedy, seed=p.seed, scorer=scorer)
+    plan = run.plan
+    base = lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device)  # noqa: E731 (a separate, frozen copy)
+    scorer = make_scorer(
+        data, plan.goal, list(available_tasks(data)), base, run.tok, seed=plan.seed, device=plan.device
+    )
+    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer)
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
-    before = evaluate(run.model, run.tok, data, p.goal, **kw)
+    before = evaluate(run.model, run.tok, data, plan.goal, **kw)
     for k, t in st.params.items():
         t.copy_(trained[k])
-    after = evaluate(run.model, run.tok, data, p.goal, **kw)
-    return dict(goal=p.goal, method=p.method, model=p.model, scorer=scorer_info(scorer, p.model),
+    after = evaluate(run.model, run.tok, data, plan.goal, **kw)
+    return dict(goal=plan.goal, method=plan.method, model=plan.model, scorer=scorer_info(scorer, plan.model),
                 before=headline(before), after=headline(after), details=dict(before=before, after=after))  # fmt: skip
 
 
 def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
     """summary.md: the run in a few lines, the losses at the start and the end, and the before/after table."""
-    p = run.plan
+    plan = run.plan
 
     def mean(key, part):
         vals = [r[key] for r in part if key in r]
         return sum(vals) / len(vals) if vals else math.nan
 
     head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
-    alpha = f"REINFORCE, final mean {st.policy.mean_alpha:.4g}" if st.policy else p.alpha
-    lines = [f"# Unlearning run: {p.method} on {p.goal}", "",
-             f"- model: `{p.model}`, data: `{p.data}`, steps: {len(rows)}, seed {p.seed}",
-             f"- updated tensors: {', '.join(p.tensors)}", f"- taps: {list(p.taps)}", f"- alpha: {alpha}",
+    alpha = f"REINFORCE, final mean {st.policy.mean_alpha:.4g}" if st.policy else plan.alpha
+    lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
+             f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
+             f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
              "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
     for key in ("loss", "forget_loss", "retain_loss", "alpha", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")

@@ -77,7 +77,7 @@ def test_evaluate_report_and_cli(tiny_llama, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "model").symlink_to(folder)
-    (run / "run.json").write_text(json.dumps({"settings": {"model": str(folder), "data": str(data_dir)}}))
+    (run / "run.json").write_text(json.dumps({"plan": {"model": str(folder), "data": str(data_dir)}}))
     out = tmp_path / "out" / "report.json"
     argv = ["--model", str(run), "--goal", "toxicity", "--samples", "2", "--max-new-tokens", "3", "--out", str(out)]
     assert ev.main(argv) == 0
