@@ -166,6 +166,18 @@ def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torc
         raise RefError(f"cannot save: {unknown[:3]} are not tensors of the source checkpoint {src}")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(src, tmp, where, replaced)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half-written folder behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_folder(src: Path, tmp: Path, where: dict[str, Path], replaced: dict[str, torch.Tensor]) -> None:
     tmp.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors"):
@@ -182,10 +194,6 @@ def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torc
                 t = f.get_tensor(k)
                 tensors[k] = replaced[k].detach().to("cpu", t.dtype).contiguous() if k in replaced else t
         save_file(tensors, str(tmp / shard.name), metadata={**meta, "format": "pt"})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

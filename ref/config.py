@@ -101,6 +101,11 @@ def config_from_dict(raw: dict) -> ModelConfig:
             f"unsupported model_type {mt!r}: ref implements {', '.join(FAMILIES)} "
             "(add a row to ref.config.FAMILIES if it is one of these architectures)"
         )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    bad = [k for k in required if not (isinstance(raw.get(k), int) and raw[k] > 0)]
+    if bad:
+        raise RefError(f"config.json lacks {', '.join(bad)} (or not a positive whole number): the file is damaged or "
+                       "not a decoder config; re-download the model folder")  # fmt: skip
     n_layers, n_heads = raw["num_hidden_layers"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
     if raw.get("hidden_act", "silu") != "silu":

@@ -10,11 +10,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ref import validate
 from ref.config import ModelConfig
 from ref.errors import RefError
 from ref.memory import estimate_peak_bytes, total_params
 from ref.model import Transformer
 from ref.registry import UNLEARN_DEFAULTS, generic_defaults
+from ref.reinforce import ALPHA_RANGE
 
 METHODS = ("ours", "rmu", "adaptive-rmu")
 GOALS = ("wmdp", "toxicity")
@@ -37,11 +39,11 @@ class Settings:
     alpha: float | None = None  # a fixed alpha (turns REINFORCE off); rmu default: the registry's
     alpha0: float | None = None  # initial alpha of REINFORCE
     steering: float | None = None  # RMU's c
-    beta: float = 5.0  # Adaptive RMU
+    beta: float | None = None  # Adaptive RMU
     raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
     probe_l2: float = 1e-2
     lr: float | None = None
-    policy_lr: float = 1e-2
+    policy_lr: float | None = None
     epochs: int = 2
     max_steps: int | None = None
     batch_size: int = 4
@@ -58,6 +60,7 @@ class Settings:
     resume: bool = False
     overwrite: bool = False
     dry_run: bool = False  # print the plan and the memory estimate, load no weights
+    allow_data_outside: bool = False  # the data manifest may name files outside the data folder
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Plan:
     eval_limit: int | None
     eval_samples: int
     eval_greedy: bool
+    allow_data_outside: bool
 
     @property
     def start(self) -> int:
@@ -111,14 +115,52 @@ def given(value, default):
     return default if value is None else value
 
 
+def check_settings(user: Settings) -> None:
+    """Every value the user gave, alone (range, sign, finiteness) and in combination, before anything is read,
+    created or deleted. Layer indices are checked against the model in `resolve`."""
+    if user.goal not in GOALS or user.method not in METHODS:
+        raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
+    for option, value in (("--lr", user.lr), ("--policy-lr", user.policy_lr), ("--steering", user.steering),
+                          ("--beta", user.beta), ("--probe-l2", user.probe_l2)):  # fmt: skip
+        validate.positive(option, value)
+    validate.number("--alpha", user.alpha, low=0)
+    validate.number("--alpha0", user.alpha0, low=ALPHA_RANGE[0], high=ALPHA_RANGE[1])
+    for option, value in (("--epochs", user.epochs), ("--max-steps", user.max_steps), ("--batch-size", user.batch_size),
+                          ("--max-len", user.max_len), ("--save-every", user.save_every),
+                          ("--eval-limit", user.eval_limit), ("--eval-samples", user.eval_samples)):  # fmt: skip
+        validate.positive(option, value, integer=True)
+    validate.number("--seed", user.seed, low=0, integer=True)
+    validate.number("--tap-layer", user.tap_layer, low=0, integer=True)
+    for name in ("topics", "update_layers", "update_params", "tox_layers"):
+        values, option = getattr(user, name), f"--{name.replace('_', '-')}"
+        if values == []:
+            raise RefError(f"{option} is empty; name at least one, or leave it out for the default")
+        if values is not None and len(set(values)) != len(values):
+            raise RefError(f"{option} names {values}, with repeats; name each once")
+    validate.device("--device", user.device)
+    validate.dtype("--dtype", user.dtype)
+    ours_toxicity = (user.method, user.goal) == ("ours", "toxicity")
+    reinforce = user.method == "ours" and user.alpha is None
+    only = [("--steering", user.steering, user.method == "rmu", "--method rmu (RMU's fixed c)"),
+            ("--beta", user.beta, user.method == "adaptive-rmu", "--method adaptive-rmu"),
+            ("--alpha0", user.alpha0, reinforce, "REINFORCE (--method ours without --alpha)"),
+            ("--policy-lr", user.policy_lr, reinforce, "REINFORCE (--method ours without --alpha)"),
+            ("--tox-layers", user.tox_layers, ours_toxicity, "--method ours --goal toxicity"),
+            ("--raw-probe-weights", user.raw_probe_weights or None, ours_toxicity, "--method ours --goal toxicity"),
+            ("--tap-layer", user.tap_layer, not ours_toxicity, "the single-tap objectives (ours on toxicity reads "
+             "the --tox-layers)")]  # fmt: skip
+    for option, value, applies, where in only:
+        if value is not None and not applies:
+            raise RefError(f"{option} applies to {where} only; leave it out for --method {user.method} "
+                           f"--goal {user.goal}")  # fmt: skip
+    if user.resume and user.overwrite:
+        raise RefError("--resume and --overwrite contradict each other: pick one")
+
+
 def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
     """The plan of a run from its settings, the registry defaults and the model's config, validated."""
     user = settings
-    if user.goal not in GOALS or user.method not in METHODS:
-        raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
-    for name in ("topics", "update_layers", "update_params", "tox_layers"):
-        if getattr(user, name) == []:
-            raise RefError(f"--{name.replace('_', '-')} is empty; name at least one, or leave it out for the default")
+    check_settings(user)
     defaults = UNLEARN_DEFAULTS.get(user.model) or generic_defaults(cfg.num_layers)
     ours, toxicity = user.method == "ours", user.goal == "toxicity"
     tox = tuple(sorted(given(user.tox_layers, defaults.tox_layers))) if ours and toxicity else ()
@@ -142,14 +184,16 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         taps=taps, tox_layers=tox, update_layers=update, update_params=params,
         tensors=tensor_names(cfg, update, params),
         alpha=given(user.alpha, None if ours else defaults.rmu_alpha),
-        alpha0=alpha0 if reinforce else None, policy_lr=user.policy_lr if reinforce else None,
+        alpha0=alpha0 if reinforce else None,
+        policy_lr=given(user.policy_lr, defaults.policy_lr) if reinforce else None,
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
-        beta=user.beta if user.method == "adaptive-rmu" else None,
+        beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
         raw_probe_weights=user.raw_probe_weights, probe_l2=user.probe_l2,
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
         device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
         eval_limit=user.eval_limit, eval_samples=user.eval_samples, eval_greedy=user.eval_greedy,
+        allow_data_outside=user.allow_data_outside,
     )  # fmt: skip
 
 

@@ -77,6 +77,8 @@ class UnlearnDefaults:
     alpha0_toxicity: float = 1.0  # initial alpha of REINFORCE (ours), toxicity goal
     max_len: int = 512  # forget/retain truncation in tokens (RMU reference: 512)
     lr: float = 5e-5  # AdamW learning rate (the paper's and the RMU reference's)
+    policy_lr: float = 1e-2  # REINFORCE's Adam learning rate (the paper's)
+    beta: float = 5.0  # Adaptive RMU: c = beta * mean forget activation norm
     data: str = "hub"  # --data default: the paper's datasets
 
 

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+ALPHA_RANGE = (1e-3, 1e4)  # alpha_min, alpha_max: where the policy's alpha is clamped by default
+
 
 class Draw(NamedTuple):
     z: float  # the raw draw of log(alpha)
@@ -36,8 +38,8 @@ class AlphaPolicy(nn.Module):
     """Gaussian policy on log(alpha), trained with REINFORCE and an EMA reward baseline."""
 
     def __init__(self, alpha0: float = 1.0, *, lr: float = 1e-2, sigma0: float = 0.5, learn_sigma: bool = True,
-                 alpha_min: float = 1e-3, alpha_max: float = 1e4, sigma_min: float = 0.01, sigma_max: float = 2.0,
-                 baseline_decay: float = 0.9, seed: int = 0) -> None:  # fmt: skip
+                 alpha_min: float = ALPHA_RANGE[0], alpha_max: float = ALPHA_RANGE[1], sigma_min: float = 0.01,
+                 sigma_max: float = 2.0, baseline_decay: float = 0.9, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         if not 0 < alpha_min <= alpha0 <= alpha_max:
             raise ValueError(f"need 0 < alpha_min <= alpha0 <= alpha_max, got {alpha_min}, {alpha0}, {alpha_max}")

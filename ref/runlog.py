@@ -11,16 +11,36 @@ import torch
 
 from ref.errors import RefError
 
+# What a run folder holds; --overwrite replaces a folder only when it holds nothing else. ".NAME.tmp" files and
+# "model.tmp" are the temporary forms of these (left by a crash).
+RUN_FILES = {"run.json", "metrics.jsonl", "checkpoint.pt", "updated.safetensors", "probes.safetensors", "summary.md",
+             "report.json", "model", "figures"}  # fmt: skip
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
+
+def ours(name: str) -> bool:
+    """A name a run folder holds: one of RUN_FILES or the temporary form of one."""
+    bare = name[1:-4] if name.startswith(".") and name.endswith(".tmp") else name.removesuffix(".tmp")
+    return bare in RUN_FILES
+
+
+def _write_replace(path: Path, write) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one,
+    and a failure (a full disk) leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _write_replace(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -32,24 +52,37 @@ def write_json(path: Path, obj) -> None:
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_replace(path, lambda f: torch.save(obj, f))
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless told to resume or overwrite."""
-    if resume and overwrite:
-        raise RefError("--resume and --overwrite contradict each other: pick one")
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise RefError(f"output folder {out} already exists: pass --resume to continue it or --overwrite")
-    elif resume:
-        raise RefError(f"nothing to resume in {out}: run without --resume")
-    out.mkdir(parents=True, exist_ok=True)
+def read_run_json(out: Path) -> dict:
+    """run.json of a run folder, or a one-line error that says what to do."""
+    path = out / "run.json"
+    if not path.is_file():
+        raise RefError(f"{out} has no run.json: it is not a complete ref.unlearn run folder; choose another --out")
+    try:
+        run = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise RefError(f"{path} is damaged (not JSON); the run cannot be continued: use another --out") from None
+    if not isinstance(run, dict) or not {"settings", "versions"} <= set(run):
+        raise RefError(f"{path} is not the run.json of a ref.unlearn run; choose another --out")
+    return run
+
+
+def check_replaceable(out: Path) -> None:
+    """--overwrite replaces `out` only when it is a run folder of ours holding nothing else."""
+    read_run_json(out)
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    if foreign:
+        raise RefError(f"--overwrite refuses {out}: it holds files ref.unlearn did not write "
+                       f"({', '.join(foreign[:5])}); move them or choose another --out")  # fmt: skip
+
+
+def clear_run_folder(out: Path) -> None:
+    """Remove what a run wrote in `out` (RUN_FILES and their temporary forms), nothing else; `out` stays."""
+    for p in out.iterdir():
+        if ours(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ updated tensors (torch.func.functional_call); every forward stops after the deep
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +32,24 @@ from ref.plan import Plan
 from ref.reinforce import AlphaPolicy, reward
 from ref.tokenizer import Tokenizer
 
+# A trained tensor whose norm grows past this many times its original norm has diverged: the activations saturate
+# (a cosine sits at its bound, an MSE at inf) and the loss stops telling anything. Sane runs stay within a few times.
+MAX_NORM_GROWTH = 100.0
 
-class NonFiniteLoss(RefError):
+
+class Diverged(RefError):
     pass
+
+
+def divergence(state: TrainState) -> str | None:
+    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None."""
+    for name, p in state.params.items():
+        norm, original = (torch.linalg.vector_norm(t.detach().float()).item() for t in (p, state.originals[name]))
+        if not math.isfinite(norm):
+            return f"{name} is no longer finite"
+        if norm > MAX_NORM_GROWTH * original:
+            return f"the norm of {name} grew from {original:.3g} to {norm:.3g} (> {MAX_NORM_GROWTH:g}x)"
+    return None
 
 
 @dataclass
@@ -142,10 +158,13 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     before = objective()
     loss = unlearning_loss(before.forget, before.retain, alpha)  # eq. 1
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is not finite (forget {before.forget.item()}, retain {before.retain.item()})")
+        raise Diverged(f"loss is not finite (forget {before.forget.item()}, retain {before.retain.item()})")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
+    why = divergence(state)
+    if why:
+        raise Diverged(why)
     row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
                alpha=alpha)  # fmt: skip
     if before.forget_per_layer is not None:
@@ -154,6 +173,9 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     if state.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
         with torch.no_grad():
             after = objective()
+        if not torch.isfinite(after.forget + after.retain):
+            raise Diverged(f"the loss after the step is not finite (forget {after.forget.item()}, retain "
+                           f"{after.retain.item()})")  # fmt: skip
         info = state.policy.update(draw, reward(before, after))
         row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"])
     row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
@@ -163,7 +185,8 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
 def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
           stop: Callable[[int], bool], checkpoint: str = "checkpoint.pt") -> None:  # fmt: skip
     """Steps state.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
-    `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary)."""
+    `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary). A step that
+    diverges is not saved: the last checkpoint holds the weights from before it."""
     t0, last_good = time.time(), state.step
     bar = tqdm(total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step",
                dynamic_ncols=True)  # fmt: skip
@@ -176,10 +199,11 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
             ts = time.time()
             try:
                 row = step(run, state, topic, forget_texts, retain_texts)
-            except NonFiniteLoss as e:
-                advice = "lower --lr or --alpha and --resume, or --overwrite"
-                raise RefError(f"step {k + 1}: {e}; stopped, the last good checkpoint (step {last_good}) is kept in "
-                               f"{checkpoint}; {advice}") from e  # fmt: skip
+            except Diverged as e:
+                lower = f"--resume --lr {run.plan.lr / 10:g}"
+                raise RefError(f"step {k + 1} diverged: {e}. The checkpoint of step {last_good}, from before, is in "
+                               f"{checkpoint}: continue with a lower learning rate ({lower}) or start again with "
+                               "--overwrite") from e  # fmt: skip
             state.step = k + 1
             log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
                      elapsed_s=time.time() - t0))  # fmt: skip

@@ -10,8 +10,8 @@ file sets up around them: the run folder, data, model, probes, resume, Ctrl-C, e
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -24,74 +24,170 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ref.checkpoint import load_model, resolve, save_model
+from ref import validate
+from ref.checkpoint import load_model, resolve, save_model, shard_files
 from ref.cli import run_command
-from ref.config import ModelConfig, config_from_dict, read_config
+from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
+from ref.model import Transformer
 from ref.objectives import random_directions
 from ref.plan import GOALS, METHODS, Plan, Settings, as_dict, describe
 from ref.plan import resolve as resolve_plan
 from ref.probe import Probe, fit_layer_probes
 from ref.registry import REGISTRY
-from ref.runlog import MetricsLog, atomic_torch_save, atomic_write_bytes, atomic_write_text, prepare_out_dir, write_json
+from ref.runlog import (
+    MetricsLog,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_replaceable,
+    clear_run_folder,
+    read_run_json,
+    write_json,
+)
 from ref.tokenizer import load_tokenizer
 from ref.train import Run, TrainState, schedule, start_state, train
+from ref.validate import same_or_inside
 
 __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
 
 def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run, TrainState, GoalData]:
-    """Run (or resume) an unlearning run into settings.out. `stop_after_step` simulates an interruption after that many
-    steps (tests)."""
-    cfg = read_config(resolve(settings.model))
+    """Run (or resume) an unlearning run into settings.out. Everything is checked (settings, model, data, the run
+    folder, the disk) before anything in --out is created or replaced. `stop_after_step` simulates an interruption
+    after that many steps (tests)."""
+    folder = resolve(settings.model)
+    cfg = read_config(folder)
     plan = resolve_plan(settings, cfg)
     torch.manual_seed(plan.seed)
-    data = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal, topics=plan.topics)
+    data = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal, topics=plan.topics,
+                          allow_outside=plan.allow_data_outside)  # fmt: skip
     if plan.tox_layers and not data.probe:
         raise RefError(f"the toxicity manifest of {plan.data} names no probe data: add a 'probe' file")
     steps = schedule(data, plan)
-    if not steps:
-        raise RefError(f"no full batch: the forget corpora have fewer than --batch-size={plan.batch_size} texts")
-    out = Path(settings.out)
-    prepare_out_dir(out, settings.resume, settings.overwrite)
+    out, ckpt = Path(settings.out), Path(settings.out) / "checkpoint.pt"
+    check_out(out, settings, [("model", folder), ("data", data.root)], disk_needed(folder, cfg, plan, out))
+    checkpoint, resumes = resume_point(out, plan, len(steps)) if settings.resume else (None, [])
+    if settings.overwrite and out.is_dir():
+        clear_run_folder(out)
     print(describe(plan, cfg, len(steps)), flush=True)
-    model, tok = load_model(settings.model, dtype=plan.dtype, device=plan.device), load_tokenizer(settings.model)
+    model, tok = load_model(folder, dtype=plan.dtype, device=plan.device), load_tokenizer(folder)
     run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
-                    model_type=model.config.model_type)  # fmt: skip
-    if settings.resume:
-        check_resumable(out, plan)
-    directions = None
-    if plan.tox_layers:  # fitted on the original weights, before a resumed checkpoint is loaded: the same probes
-        probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
-                                  batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
-        run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc) for i, p in probes.items()}
-        atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
-        rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
-        directions = torch.stack(rows).float().to(next(model.parameters()).device)
-    device = next(model.parameters()).device
-    run = Run(plan, model, tok, random_directions(list(data.forget), cfg.hidden_size, plan.seed, device), directions)
+                    model_type=model.config.model_type, resumes=resumes)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(plan, model, tok, random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model)),
+              probe_directions(run_json, plan, model, tok, data, out))  # fmt: skip
     state = start_state(plan, model)
-    ckpt = out / "checkpoint.pt"
-    if settings.resume:
-        state.load_state_dict(torch.load(ckpt, weights_only=True))
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint)
     write_json(out / "run.json", run_json)
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
+    save = lambda: atomic_torch_save(ckpt, state.state_dict())  # noqa: E731
+    if checkpoint is None:
+        save()  # step 0: a divergence at the first step still leaves a checkpoint to continue from
     with stop_on_ctrl_c() as interrupted:
         stop = lambda k: interrupted() or (stop_after_step is not None and k >= stop_after_step)  # noqa: E731
-        train(run, state, steps, log.append, lambda: atomic_torch_save(ckpt, state.state_dict()), stop, str(ckpt))
+        train(run, state, steps, log.append, save, stop, str(ckpt))
     finish(run, state, data, out, log.rows(), run_json)
     return run, state, data
 
 
-def check_resumable(out: Path, plan: Plan) -> None:
-    if not (out / "checkpoint.pt").exists():
-        raise RefError(f"nothing to resume in {out}: no checkpoint.pt (remove the folder or use --overwrite)")
-    before = json.loads((out / "run.json").read_text())["plan"]
-    changed = [k for k in ("model", "goal", "method", "data", "seed", "batch_size", "epochs", "lr")
-               if before.get(k) != getattr(plan, k)]  # fmt: skip
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_out(out: Path, settings: Settings, sources: list[tuple[str, Path]], need_bytes: int) -> None:
+    """--out: never the model or data folder (or inside or around one), a writable folder with room for the run,
+    and, when it exists, continued (--resume), replaced when it is a run folder of ours (--overwrite), else refused."""
+    for what, source in sources:
+        if same_or_inside(out, source) or same_or_inside(source, out):
+            raise RefError(f"--out {out} overlaps the {what} folder {source}: the run would write into or replace "
+                           "source files; choose another --out")  # fmt: skip
+    validate.writable_folder("--out", out, need_bytes)
+    exists = out.is_dir() and any(out.iterdir())
+    if settings.resume and not exists:
+        raise RefError(f"nothing to resume in {out}: run without --resume")
+    if exists and settings.overwrite:
+        check_replaceable(out)
+    elif exists and not settings.resume:
+        raise RefError(f"output folder {out} already exists: pass --resume to continue it or --overwrite")
+
+
+def disk_needed(folder: Path, cfg: ModelConfig, plan: Plan, out: Path) -> int:
+    """Bytes the run writes: two checkpoints at once (the new one before the old is replaced: the trained tensors
+    and two AdamW states each), updated.safetensors, and model/ (the shards holding a trained tensor rewritten, the
+    others hard-linked, or copied when --out is on another disk than the model)."""
+    bytes_per = torch.finfo(DTYPES[plan.dtype] if plan.dtype else torch.float32).bits // 8
+    with torch.device("meta"):
+        numel = dict((k, p.numel()) for k, p in Transformer(cfg).named_parameters())
+    trained = sum(numel[k] for k in plan.tensors) * bytes_per
+    where = shard_files(folder)
+    rewritten = {where[k] for k in plan.tensors}
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    same_disk = os.stat(existing).st_dev == os.stat(folder).st_dev
+    shards = sum(p.stat().st_size for p in set(where.values()) if p in rewritten or not same_disk)
+    return 2 * 3 * trained + trained + shards
+
+
+def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
+    """(checkpoint state, the resume history for run.json) for --resume, after checking that the run can be continued
+    with this plan: the settings that shape the trajectory are the same and the checkpoint is readable."""
+    run = read_run_json(out)
+    before = run.get("plan")
+    if before is None:
+        raise RefError(f"{out / 'run.json'} has no plan (an older ref wrote it) to resume; use another --out")
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise RefError(f"nothing to resume in {out}: no checkpoint.pt; start again with --overwrite")
+    try:
+        state = torch.load(ckpt, weights_only=True)
+        step, tensors = int(state["step"]), set(state["updated"])
+    except Exception as e:
+        raise RefError(f"{ckpt} is damaged ({type(e).__name__}); the run cannot be continued from it: start again with "
+                       "--overwrite") from None  # fmt: skip
+    now = as_dict(plan)
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    fixed = [k for k in changed if k not in RESUMABLE]
+    if fixed:
+        listed = ", ".join(f"{option_name(k)} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
+        raise RefError(f"--resume with settings that shape the run changed: {listed}; use the original values, or "
+                       "start a new run in another --out")  # fmt: skip
+    if tensors != set(plan.tensors):
+        raise RefError(f"{ckpt} holds {sorted(tensors)}, not the plan's tensors: it belongs to another run; start "
+                       "again with --overwrite")  # fmt: skip
+    if step > n_steps:
+        raise RefError(f"the checkpoint is at step {step} but this plan has {n_steps} steps; raise --max-steps or "
+                       "--epochs to at least that")  # fmt: skip
+    history = run.get("resumes", []) + [dict(at_step=step, changed={k: list(v) for k, v in changed.items()})]
     if changed:
-        raise RefError(f"--resume with different settings ({', '.join(changed)}): use the original ones")
+        print(f"resuming at step {step} with " + ", ".join(f"{option_name(k)} {a} -> {b}" for k, (a, b) in
+                                                          changed.items()), flush=True)  # fmt: skip
+    return state, history
+
+
+# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence, more steps,
+# how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
+RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
+             "eval_greedy"}  # fmt: skip
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a plan field (the derived taps and tensors keep their name)."""
+    return field if field in ("taps", "tensors") else f"--{field.replace('_', '-')}"
+
+
+def probe_directions(run_json: dict, plan: Plan, model, tok, data: GoalData, out: Path) -> torch.Tensor | None:
+    """The w_i of eq. 6 (ours on toxicity): probes fitted on the original weights (before a resumed checkpoint is
+    loaded, so a resumed run gets the same probes), saved in probes.safetensors, AUCs in run.json."""
+    if not plan.tox_layers:
+        return None
+    probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
+                              batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
+    run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc) for i, p in probes.items()}
+    atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
+    rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
+    return torch.stack(rows).float().to(model_device(model))
 
 
 def probe_tensors(probes: dict[int, Probe]) -> dict[str, torch.Tensor]:
@@ -205,10 +301,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--alpha", type=float, default=None, help="fixed retain weight alpha (turns REINFORCE off)")
     a("--alpha0", type=float, default=None, help="initial alpha of REINFORCE")
     a("--steering", type=float, default=None, help="RMU steering coefficient c")
-    a("--beta", type=float, default=Settings.beta, help="Adaptive RMU: c = beta * mean forget activation norm")
+    a("--beta", type=float, default=None, help="Adaptive RMU: c = beta * mean forget activation norm (default 5)")
     a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
     a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")
-    a("--policy-lr", type=float, default=Settings.policy_lr, help="REINFORCE (Adam) learning rate")
+    a("--policy-lr", type=float, default=None, help="REINFORCE (Adam) learning rate (default 1e-2)")
     a("--epochs", type=int, default=Settings.epochs)
     a("--max-steps", type=int, default=None)
     a("--batch-size", type=int, default=Settings.batch_size)
@@ -225,19 +321,22 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing --out folder")
     a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")
+    a("--allow-data-outside", action="store_true", help="let the data manifest name files outside the data folder")
     return Settings(**vars(p.parse_args(argv)))
 
 
-def dry_run(s: Settings) -> str:
+def dry_run(settings: Settings) -> str:
     """The plan of a run from the registry's architecture facts (or a local config.json), without any weights or
     downloads."""
-    cfg = architecture(s.model)
-    plan = resolve_plan(s, cfg)
+    cfg = architecture(settings.model)
+    plan = resolve_plan(settings, cfg)
     folder = prepared_hub_dir(plan.goal) if plan.data == "hub" else resolve_data_dir(plan.data, goal=plan.goal)
-    try:
-        data = load_goal_data(folder, plan.goal, topics=plan.topics) if folder is not None else None
-    except RefError:
-        data = None
+    data = None
+    if folder is not None:  # hub data not prepared: the steps stay unknown
+        try:
+            data = load_goal_data(folder, plan.goal, topics=plan.topics, allow_outside=plan.allow_data_outside)
+        except RefError:
+            pass
     return describe(plan, cfg, len(schedule(data, plan)) if data is not None else None)
 
 
@@ -251,14 +350,14 @@ def architecture(model: str) -> ModelConfig:
 
 
 def command(argv: list[str] | None) -> int:
-    s = parse_args(argv)
-    if s.dry_run:
-        print(dry_run(s))
+    settings = parse_args(argv)
+    if settings.dry_run:
+        print(dry_run(settings))
         return 0
-    unlearn(s)
-    print(f"wrote {s.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md"
-          + (", report.json" if s.evaluate else ""))  # fmt: skip
-    print((Path(s.out) / "summary.md").read_text())
+    unlearn(settings)
+    print(f"wrote {settings.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md"
+          + (", report.json" if settings.evaluate else ""))  # fmt: skip
+    print((Path(settings.out) / "summary.md").read_text())
     return 0
 
 

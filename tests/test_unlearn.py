@@ -58,9 +58,12 @@ def data_dir(tmp_path_factory):
 
 
 def settings(tiny_dirs, data_dir, out, **kw) -> U.Settings:
-    base = dict(model=str(tiny_dirs["llama"]), data=str(data_dir), out=str(out), tap_layer=2, update_layers=[1, 2],
-                tox_layers=[0, 1, 2], lr=1e-2, epochs=2, batch_size=4, max_len=24, steering=4.0, compile=False,
-                save_every=2, evaluate=False)  # fmt: skip
+    """The tiny test run; the method-specific options only where they apply (the others are refused)."""
+    base = dict(model=str(tiny_dirs["llama"]), data=str(data_dir), out=str(out), update_layers=[1, 2], lr=1e-2,
+                epochs=2, batch_size=4, max_len=24, compile=False, save_every=2, evaluate=False)  # fmt: skip
+    method, goal = kw.get("method", "ours"), kw.get("goal", "wmdp")
+    base |= dict(tox_layers=[0, 1, 2]) if (method, goal) == ("ours", "toxicity") else dict(tap_layer=2)
+    base |= dict(steering=4.0) if method == "rmu" else {}
     return U.Settings(**{**base, **kw})
 
 
@@ -214,7 +217,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
         return losses._replace(forget=losses.forget * float("nan")) if len(calls) > 6 else losses  # 2 calls a step
 
     monkeypatch.setitem(objectives.OBJECTIVES, ("ours", "wmdp"), poisoned)
-    with pytest.raises(RefError, match=r"step 4: loss is not finite.*last good checkpoint \(step 2\)"):
+    with pytest.raises(RefError, match=r"step 4 diverged: loss is not finite.*checkpoint of step 2, from before"):
         U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "nan"))
     assert torch.load(tmp_path / "nan/checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "nan/model").exists()

@@ -1,0 +1,304 @@
+"""Bad input and faults against `python -m ref.unlearn`, one test per case: each asserts the exit code, the one-line
+message, and that the files that existed before are byte-identical after (nothing the user owns is lost)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import ref
+import ref.unlearn as U
+from ref import validate
+from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
+
+
+def snapshot(*roots) -> dict[str, str]:
+    """sha256 of every file under the roots (a missing root is recorded as missing)."""
+    out = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        out |= {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        out |= {} if root.exists() else {str(root): "missing"}
+    return out
+
+
+@pytest.fixture
+def tiny(tiny_dirs, data_dir, tmp_path):  # noqa: F811
+    """The argv of a 2-step run of the tiny model, and the folders a refused command must leave as they were."""
+
+    def argv(out, *extra, **options):
+        opts = {
+            "--model": str(tiny_dirs["llama"]),
+            "--data": str(data_dir),
+            "--out": str(out),
+            "--max-steps": "2",
+            "--tap-layer": "2",
+            "--update-layers": "1,2",
+            "--lr": "1e-2",
+            "--max-len": "24",
+            "--save-every": "1",
+        }
+        opts |= {f"--{k.replace('_', '-')}": str(v) for k, v in options.items()}
+        return [x for k, v in opts.items() if v != "None" for x in (k, v)] + ["--no-compile", "--no-eval", *extra]
+
+    argv.sources = [tiny_dirs["llama"], data_dir]
+    return argv
+
+
+def refused(capsys, argv, *fragments, code=2, keep=()) -> str:
+    """Run ref.unlearn; assert the exit code, ONE line on stderr holding every fragment, and `keep` unchanged."""
+    before = snapshot(*keep)
+    capsys.readouterr()
+    assert U.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    for f in fragments:
+        assert f in err, (f, err)
+    assert snapshot(*keep) == before
+    return err
+
+
+def finished_run(tiny, capsys, out, *extra, **options):
+    assert U.main(tiny(out, *extra, **options)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return out
+
+
+# ---- --overwrite never deletes what it did not create ----
+
+
+def test_overwrite_refuses_a_folder_of_the_users_own_files(tiny, capsys, tmp_path):
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "thesis.tex").write_text("years of work")
+    refused(capsys, tiny(own, "--overwrite"), "mine has no run.json", "choose another --out", keep=[own])
+
+
+def test_overwrite_refuses_a_run_folder_holding_other_files(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    refused(capsys, tiny(out, "--overwrite"), "files ref.unlearn did not write (notes.txt)", keep=[out])
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_command_is_bad(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run")
+    refused(capsys, tiny(out, "--overwrite", model=tmp_path / "nope"), "nope", keep=[out])
+    refused(capsys, tiny(out, "--overwrite", lr=-1), "--lr is -1.0; use a number > 0", keep=[out])
+    refused(capsys, tiny(out, "--overwrite", tap_layer=9), "layer 9 is out of range", keep=[out])
+
+
+@pytest.mark.parametrize("where", ["model", "inside model", "around model", "data", "inside data"])
+def test_out_never_overlaps_the_model_or_data_folder(tiny, capsys, tmp_path, where):
+    model, data = tiny.sources
+    out = {"model": model, "inside model": model / "run", "around model": model.parent, "data": data,
+           "inside data": data / "forget"}[where]  # fmt: skip
+    what = "model" if "model" in where else "data"
+    refused(capsys, tiny(out, "--overwrite"), f"overlaps the {what} folder", "choose another --out",
+            keep=tiny.sources)  # fmt: skip
+
+
+def test_overwrite_replaces_a_run_folder_of_ours(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run", max_steps=1)
+    finished_run(tiny, capsys, out, "--overwrite", max_steps=2)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ---- explicit values are never replaced or accepted silently ----
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("lr", 0, "--lr is 0.0; use a number > 0"), ("alpha0", 0, "--alpha0 is 0.0; use a number >= 0.001 and <= 10000"),
+     ("max_len", 0, "--max-len is 0; use a whole number > 0"), ("alpha", -1, "--alpha is -1.0; use a number >= 0"),
+     ("max_len", -5, "--max-len is -5"), ("max_steps", -1, "--max-steps is -1"), ("max_steps", 0, "--max-steps is 0"),
+     ("epochs", 0, "--epochs is 0; use a whole number > 0"), ("lr", "nan", "--lr is nan"), ("lr", -1, "--lr is -1.0"),
+     ("seed", -1, "--seed is -1; use a whole number >= 0"), ("policy_lr", -1, "--policy-lr is -1.0"),
+     ("save_every", 0, "--save-every is 0"), ("batch_size", 0, "--batch-size is 0"),
+     ("eval_samples", 0, "--eval-samples is 0"), ("device", "gpu0", "--device is 'gpu0'; use cpu, cuda, cuda:N"),
+     ("dtype", "fp8", "--dtype is 'fp8'")],
+)  # fmt: skip
+def test_bad_values_are_refused_before_anything_is_written(tiny, capsys, tmp_path, option, value, message):
+    out = tmp_path / "run"
+    refused(capsys, tiny(out, **{option: value}), message, keep=[out, *tiny.sources])
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_cpu_machine_says_so(tiny, capsys, tmp_path):
+    refused(capsys, tiny(tmp_path / "run", device="cuda"), "--device is 'cuda' but", "--device cpu")
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(dict(method="ours", steering=4), "--steering applies to --method rmu"),
+     (dict(method="rmu", beta=2), "--beta applies to --method adaptive-rmu"),
+     (dict(method="rmu", alpha0=2), "--alpha0 applies to REINFORCE"), (dict(alpha=1, alpha0=2), "--alpha0 applies"),
+     (dict(method="rmu", policy_lr=0.1), "--policy-lr applies to REINFORCE"),
+     (dict(tox_layers="0,1"), "--tox-layers applies to --method ours --goal toxicity"),
+     (dict(goal="toxicity", tap_layer=2, update_layers="0,1"), "--tap-layer applies to the single-tap objectives"),
+     (dict(update_layers="1,1"), "--update-layers names [1, 1], with repeats")],
+)  # fmt: skip
+def test_options_that_would_be_ignored_are_refused(tiny, capsys, tmp_path, options, message):
+    refused(capsys, tiny(tmp_path / "run", **options), message)
+
+
+# ---- --out checked up front ----
+
+
+def test_out_that_is_a_file(tiny, capsys, tmp_path):
+    f = tmp_path / "results.txt"
+    f.write_text("keep me")
+    refused(capsys, tiny(f), "is a file, not a folder", keep=[f])
+
+
+def test_read_only_or_full_output_disk_fails_before_training(tiny, capsys, tmp_path, monkeypatch):
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(validate.tempfile, "NamedTemporaryFile", read_only)
+        refused(capsys, tiny(tmp_path / "ro"), "cannot write in", "(Permission denied)")
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    refused(capsys, tiny(tmp_path / "full"), "0 MiB free on its disk, the run needs about")
+    assert not (tmp_path / "ro").exists() and not (tmp_path / "full").exists()
+
+
+def test_disk_filling_up_while_writing_leaves_no_temporary_file(tiny, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if obj.get("step") == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    refused(capsys, tiny(out), "No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]  # no .tmp file
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+# ---- resume ----
+
+
+@pytest.mark.parametrize(
+    "options,listed",
+    [(dict(alpha=2), "--alpha (None -> 2.0)"), (dict(max_len=32), "--max-len (24 -> 32)"),
+     (dict(tap_layer=3, update_layers="1,2,3"), "--update-layers ([1, 2] -> [1, 2, 3])"),
+     (dict(update_params="mlp.up_proj.weight"), "--update-params (['mlp.down_proj.weight'] -> ['mlp.up_proj.weight'])"),
+     (dict(seed=1), "--seed (0 -> 1)")],
+)  # fmt: skip
+def test_resume_refuses_changed_settings_and_lists_them(tiny, capsys, tmp_path, options, listed):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(U.parse_args(tiny(out)), stop_after_step=1)
+    capsys.readouterr()
+    refused(capsys, tiny(out, "--resume", **options), "--resume with settings that shape the run changed", listed,
+            keep=[out])  # fmt: skip
+
+
+def test_resume_with_more_steps_continues_and_records_it(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run", max_steps=2)
+    finished_run(tiny, capsys, out, "--resume", max_steps=4)
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumes"] == [dict(at_step=2, changed={"max_steps": [2, 4]})]
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_resume_after_a_torn_metrics_line(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(U.parse_args(tiny(out, max_steps=4)), stop_after_step=2)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # a crash in the middle of a line
+    finished_run(tiny, capsys, out, "--resume", max_steps=4)
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", ["truncated checkpoint", "missing run.json", "damaged run.json", "no checkpoint"])
+def test_resume_of_a_damaged_run_says_what_to_do(tiny, capsys, tmp_path, damage):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(U.parse_args(tiny(out)), stop_after_step=1)
+    ckpt, run_json = out / "checkpoint.pt", out / "run.json"
+    if damage == "truncated checkpoint":
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    elif damage == "missing run.json":
+        run_json.unlink()
+    elif damage == "damaged run.json":
+        run_json.write_text("{")
+    else:
+        ckpt.unlink()
+    message = {"truncated checkpoint": "checkpoint.pt is damaged (", "missing run.json": "has no run.json",
+               "damaged run.json": "run.json is damaged (not JSON)",
+               "no checkpoint": "no checkpoint.pt"}[damage]  # fmt: skip
+    refused(capsys, tiny(out, "--resume"), message, keep=[out])
+
+
+def test_resume_and_overwrite_together(tiny, capsys, tmp_path):
+    refused(capsys, tiny(tmp_path / "run", "--resume", "--overwrite"), "contradict each other")
+
+
+# ---- divergence ----
+
+
+@pytest.mark.parametrize("method,goal", [("ours", "wmdp"), ("rmu", "wmdp"), ("adaptive-rmu", "wmdp"),
+                                         ("ours", "toxicity"), ("rmu", "toxicity")])  # fmt: skip
+def test_lr_1e30_stops_with_a_finite_checkpoint_from_before(tiny, capsys, tmp_path, method, goal):
+    out = tmp_path / "run"
+    kw = dict(method=method, goal=goal, lr=1e30)
+    if (method, goal) == ("ours", "toxicity"):
+        kw |= dict(tap_layer=None, update_layers="0,1,2", tox_layers="0,1,2")
+    err = refused(capsys, tiny(out, **kw), "step 1 diverged", "checkpoint of step 0", "--resume --lr 1e+29")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    original = dict(ref.load_model(tiny.sources[0], device="cpu").named_parameters())
+    assert state["step"] == 0 and all(torch.equal(t, original[k]) for k, t in state["updated"].items())
+    assert "grew from" in err or "not finite" in err
+    # the advice works: resuming with a sane learning rate continues from that checkpoint
+    finished_run(tiny, capsys, out, "--resume", **(kw | dict(lr=1e-2)))
+    assert json.loads((out / "run.json").read_text())["resumes"][-1]["changed"] == {"lr": [1e30, 1e-2]}
+
+
+def test_huge_steering_names_a_checkpoint_that_exists(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    err = refused(capsys, tiny(out, method="rmu", steering=1e30), "step 1 diverged: loss is not finite")
+    assert "checkpoint of step 0" in err and (out / "checkpoint.pt").is_file()
+
+
+# ---- what a user can cause at start-up ----
+
+
+def test_config_without_num_hidden_layers(tiny, capsys, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny.sources[0], model)
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    refused(capsys, tiny(tmp_path / "run", model=model), "config.json lacks num_hidden_layers", keep=[model])
+
+
+def test_ctrl_c_during_start_up_claims_no_checkpoint(tiny, capsys, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(U, "load_model", interrupted)
+    err = refused(capsys, tiny(tmp_path / "run"), "interrupted", code=130)
+    assert "checkpoint" not in err
+
+
+def test_manifest_paths_outside_the_data_folder(tiny, capsys, tmp_path):
+    model, data = tiny.sources
+    escaped = tmp_path / "escaped"
+    shutil.copytree(data, escaped)
+    manifest = json.loads((escaped / "manifest.json").read_text())
+    manifest["wmdp"]["retain"] = str(data / "retain" / "general.jsonl")  # absolute
+    manifest["wmdp"]["forget"] = [os.path.relpath(data / "forget" / "alpha.jsonl", escaped)]  # a .. escape
+    (escaped / "manifest.json").write_text(json.dumps(manifest))
+    refused(capsys, tiny(tmp_path / "run", data=escaped), "outside the data folder", "--allow-data-outside",
+            keep=[escaped, data])  # fmt: skip
+    finished_run(tiny, capsys, tmp_path / "allowed", "--allow-data-outside", data=escaped)
