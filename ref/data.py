@@ -9,7 +9,8 @@ which role:
                   "probe": "probe/trust.jsonl", "eval_prompts": "prompts/rtp-challenging.jsonl",
                   "eval_retain": ["mc/mmlu.jsonl"], "scorer": "trust"}}
 
-Paths are relative to the directory. Row schemas: forget/retain {"text"}, probe {"text", "label" 0/1 (1 = toxic)},
+Paths are relative to the directory and stay inside it, `..` and symlinks resolved (unless allow_outside).
+Row schemas: forget/retain {"text"}, probe {"text", "label" 0/1 (1 = toxic)},
 mc {"question", "choices" (4 strings), "answer" 0..3, "subject" (optional)}, prompts {"prompt"}.
 Several forget corpora alternate as topics during unlearning, as in the RMU reference; each is named by its
 file stem ("wmdp-cyber"). `--data demo` and `--data hub` name directories that data_prep writes on first use.
@@ -18,6 +19,7 @@ file stem ("wmdp-cyber"). `--data demo` and `--data hub` name directories that d
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,7 @@ class GoalData:
     mc_mode: str  # "letter" (lm-eval format) or "cloze" (length-normalised answer text, for small models)
     scorer: str | None
     manifest: dict  # the raw manifest, all goals
+    allow_outside: bool = False  # manifest paths may leave the data folder (also for the scorers' files)
 
 
 def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
@@ -126,12 +129,30 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _paths(root: Path, goal: str, key: str, value) -> list[Path]:
+def manifest_path(root: Path, name: str, value: str, allow_outside: bool = False) -> Path:
+    """root / value for the manifest entry `name` (e.g. "wmdp.forget"). Unless allow_outside, the path must be
+    relative and stay inside root once `..` and symlinks are resolved: a data folder may come from someone else,
+    and its manifest must not make a run read (and train on) files elsewhere."""
+    path = root / value
+    if allow_outside:
+        return path
+    real_root = os.path.realpath(root)
+    inside = os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+    if os.path.isabs(value) or not inside:
+        where = "absolute, not relative to" if os.path.isabs(value) else "outside"
+        raise RefError(
+            f"{root}/manifest.json: {name} names {value}, which is {where} the data folder {root}; move the file "
+            "into the folder (paths are relative to it), or pass --allow-data-outside"
+        )
+    return path
+
+
+def _paths(root: Path, goal: str, key: str, value, allow_outside: bool) -> list[Path]:
     """One manifest entry (a path or a list of paths) -> existing files under root."""
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise RefError(f"{root}/manifest.json: {goal}.{key} must be a path or a non-empty list of paths")
-    paths = [root / v for v in values]
+    paths = [manifest_path(root, f"{goal}.{key}", v, allow_outside) for v in values]
     for p in paths:
         if not p.is_file():
             raise RefError(
@@ -147,11 +168,14 @@ def _by_stem(paths: list[Path], goal: str, key: str) -> dict[str, Path]:
     return named
 
 
-def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[str] | None = None) -> GoalData:
+def load_goal_data(
+    data_dir: Path, goal: str, min_texts: int = 4, topics: list[str] | None = None, allow_outside: bool = False
+) -> GoalData:
     """Read and validate everything the manifest names for `goal`; errors are RefError with a one-line fix.
 
     Texts (forget, retain, probe) are loaded; MC and prompt files are validated here but returned as paths,
-    since evaluation reads them itself. `topics` keeps only the named forget corpora.
+    since evaluation reads them itself. `topics` keeps only the named forget corpora. Every path must stay inside
+    the data folder unless `allow_outside` (see manifest_path).
     """
     root = Path(data_dir)
     mpath = root / "manifest.json"
@@ -179,26 +203,26 @@ def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[s
         if key in entry and not isinstance(entry[key], str):
             raise RefError(f"{mpath}: {goal}.{key} must be a string")
 
+    def files(key: str) -> list[Path]:
+        return _paths(root, goal, key, entry[key], allow_outside)
+
     def corpus(name: str, path: Path) -> list[str]:
         texts = read_texts(path)
         if len(texts) < min_texts:
             raise RefError(f"corpus {name} ({path}) has only {len(texts)} texts; need at least {min_texts}")
         return texts
 
-    forget = {
-        name: corpus(name, p)
-        for name, p in _by_stem(_paths(root, goal, "forget", entry["forget"]), goal, "forget").items()
-    }
+    forget = {name: corpus(name, p) for name, p in _by_stem(files("forget"), goal, "forget").items()}
     if topics is not None:
         missing = [t for t in topics if t not in forget]
         if missing or not topics:
             raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
         forget = {t: forget[t] for t in topics}
-    retain = [t for p in _paths(root, goal, "retain", entry["retain"]) for t in corpus(p.stem, p)]
+    retain = [t for p in files("retain") for t in corpus(p.stem, p)]
 
     probe = None
     if "probe" in entry:
-        (ppath,) = _paths(root, goal, "probe", entry["probe"])
+        (ppath,) = files("probe")
         probe = read_probe(ppath)
         counts = [sum(label == c for _, label in probe) for c in (0, 1)]
         if min(counts) < min_texts:
@@ -208,12 +232,12 @@ def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[s
 
     evals = {}
     for key in ("eval_forget", "eval_retain"):
-        evals[key] = _by_stem(_paths(root, goal, key, entry[key]), goal, key) if key in entry else {}
+        evals[key] = _by_stem(files(key), goal, key) if key in entry else {}
         for p in evals[key].values():
             read_mc(p)
     prompts = None
     if "eval_prompts" in entry:
-        (prompts,) = _paths(root, goal, "eval_prompts", entry["eval_prompts"])
+        (prompts,) = files("eval_prompts")
         read_prompts(prompts)
 
     mc_mode = entry.get("mc_mode", "letter")
@@ -231,6 +255,7 @@ def load_goal_data(data_dir: Path, goal: str, min_texts: int = 4, topics: list[s
         mc_mode=mc_mode,
         scorer=entry.get("scorer"),
         manifest=manifest,
+        allow_outside=allow_outside,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ref.data import PROMPTS_TASK, GoalData
+from ref.data import PROMPTS_TASK, GoalData, manifest_path
 from ref.errors import RefError
 from ref.model import Transformer
 from ref.probe import Probe, train_probe
@@ -43,11 +43,16 @@ def trust_scorer(
 
 
 def manifest_scorer_files(data: GoalData, name: str) -> dict[str, Path]:
-    """The top-level manifest entry scorers.<name>, paths made absolute under the data directory."""
-    entry = data.manifest.get("scorers", {}).get(name)
+    """The top-level manifest entry scorers.<name>: file role -> path under the data directory, confined to it as
+    every manifest path is (ref.data.manifest_path), unless the data was loaded with allow_outside."""
+    scorers = data.manifest.get("scorers")
+    entry = scorers.get(name) if isinstance(scorers, dict) else None
     if not isinstance(entry, dict):
         raise RefError(f"{data.root}/manifest.json has no scorers.{name} entry; re-run the data preparation")
-    return {k: data.root / v for k, v in entry.items()}
+    for key, value in entry.items():
+        if not isinstance(value, str):
+            raise RefError(f"{data.root}/manifest.json: scorers.{name}.{key} must be a path (a string); fix it")
+    return {k: manifest_path(data.root, f"scorers.{name}.{k}", v, data.allow_outside) for k, v in entry.items()}
 
 
 class ProbeScorer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import types
@@ -234,6 +235,96 @@ def test_validation_errors(tiny, case):
     with pytest.raises(RefError, match=message) as err:
         load_goal_data(tiny, **({"goal": "g"} | kwargs))
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- manifest paths stay inside the data folder
+
+# one row valid in every role: each reader takes its own fields and ignores the others
+ANY_ROLE = [{"text": f"outside {i}", "label": i % 2, "prompt": f"outside {i}"} | MC_ROW for i in range(8)]
+ROLES = ["forget", "retain", "probe", "eval_forget", "eval_retain", "eval_prompts"]
+
+
+@pytest.fixture
+def outside(tmp_path_factory) -> Path:
+    """A valid data file in a folder next to (not inside) the data folder."""
+    path = tmp_path_factory.mktemp("outside") / "x.jsonl"
+    _write(path, ANY_ROLE)
+    return path
+
+
+def _escape(kind: str, tiny: Path, target: Path) -> str:
+    """A manifest path that leads from the data folder `tiny` to `target` outside it."""
+    if kind == "dotdot":
+        return os.path.relpath(target, tiny)
+    if kind == "absolute":
+        return str(target)
+    if kind == "symlinked file":
+        (tiny / "forget/x.jsonl").symlink_to(target)
+        return "forget/x.jsonl"
+    (tiny / "ext").symlink_to(target.parent)  # "symlinked folder"
+    return "ext/x.jsonl"
+
+
+ESCAPES = ["dotdot", "absolute", "symlinked file", "symlinked folder"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_manifest_paths_outside_the_folder_are_refused(tiny, outside, kind, role):
+    value = _escape(kind, tiny, outside)
+    _edit_manifest(tiny, **{role: value})
+    before = _hashes(tiny), _hashes(outside.parent)
+    with pytest.raises(RefError) as err:
+        load_goal_data(tiny, "g")
+    where = "absolute, not relative to" if kind == "absolute" else "outside"
+    assert str(err.value) == (
+        f"{tiny}/manifest.json: g.{role} names {value}, which is {where} the data folder {tiny}; move the file into "
+        "the folder (paths are relative to it), or pass --allow-data-outside"
+    )
+    assert (_hashes(tiny), _hashes(outside.parent)) == before  # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_allow_outside_reads_paths_outside_the_folder(tiny, outside, kind, role):
+    value = _escape(kind, tiny, outside)
+    _edit_manifest(tiny, **{role: value})
+    d = load_goal_data(tiny, "g", allow_outside=True)
+    texts = [r["text"] for r in ANY_ROLE]
+    want = {
+        "forget": (d.forget, {"x": texts}),
+        "retain": (d.retain, texts),
+        "probe": (d.probe, [(t, i % 2) for i, t in enumerate(texts)]),
+        "eval_forget": (d.eval_forget, {"x": tiny / value}),
+        "eval_retain": (d.eval_retain, {"x": tiny / value}),
+        "eval_prompts": (d.eval_prompts, tiny / value),
+    }[role]
+    assert want[0] == want[1] and d.allow_outside
+
+
+def test_paths_that_stay_inside_the_folder_are_fine(tiny, tmp_path_factory):
+    _write(tiny / "forget/deep/er/c.jsonl", [{"text": f"c text {i}"} for i in range(4)])
+    (tiny / "forget/alias.jsonl").symlink_to("b.jsonl")  # a symlink that stays inside
+    _edit_manifest(tiny, forget=["forget/deep/er/c.jsonl", "forget/../forget/a.jsonl", "forget/alias.jsonl"])
+    assert sorted(load_goal_data(tiny, "g").forget) == ["a", "alias", "c"]
+    link = tmp_path_factory.mktemp("elsewhere") / "data"
+    link.symlink_to(tiny)  # the data folder reached through a symlink: both sides are resolved
+    assert sorted(load_goal_data(link, "g").forget) == ["a", "alias", "c"]
+
+
+def test_scorer_files_stay_inside_the_folder(tiny, outside):
+    from ref.scorers import manifest_scorer_files
+
+    m = json.loads((tiny / "manifest.json").read_text())
+    escape = os.path.relpath(outside, tiny)
+    m["scorers"] = {"trust": {"weights": "scorer/w.pth", "config": escape}}
+    (tiny / "manifest.json").write_text(json.dumps(m))
+    before = _hashes(tiny), _hashes(outside.parent)
+    with pytest.raises(RefError, match=re.escape(f"scorers.trust.config names {escape}, which is outside the data")):
+        manifest_scorer_files(load_goal_data(tiny, "g"), "trust")
+    assert (_hashes(tiny), _hashes(outside.parent)) == before
+    files = manifest_scorer_files(load_goal_data(tiny, "g", allow_outside=True), "trust")
+    assert files == {"weights": tiny / "scorer/w.pth", "config": tiny / escape}
 
 
 # ---------------------------------------------------------------- batches

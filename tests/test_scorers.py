@@ -53,9 +53,8 @@ def test_trust_scorer_reads_the_manifest_files(tmp_path):
     (tmp_path / "scorer/config.json").write_text(json.dumps(cfg))
     tk.save(str(tmp_path / "scorer/tokenizer.json"))
     names = {"weights": "toxicity_classifier.pth", "config": "config.json", "tokenizer": "tokenizer.json"}
-    data = type(
-        "D", (), dict(root=tmp_path, manifest={"scorers": {"trust": {k: f"scorer/{f}" for k, f in names.items()}}})
-    )
+    trust = {k: f"scorer/{f}" for k, f in names.items()}
+    data = type("D", (), dict(root=tmp_path, allow_outside=False, manifest={"scorers": {"trust": trust}}))
     scorer = scorers.trust_scorer(scorers.manifest_scorer_files(data, "trust"))
     texts = ["You are bad", "you are nice nice", ""]
     with torch.no_grad():
