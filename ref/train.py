@@ -12,7 +12,6 @@ updated tensors (torch.func.functional_call); every forward stops after the deep
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +43,9 @@ class Diverged(RefError):
 def divergence(state: TrainState) -> str | None:
     """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None."""
     for name, p in state.params.items():
-        norm, original = (torch.linalg.vector_norm(t.detach().float()).item() for t in (p, state.originals[name]))
-        if not math.isfinite(norm):
-            return f"{name} is no longer finite"
+        if not bool(torch.isfinite(p).all()):
+            return f"{name} holds NaN or inf"
+        norm, original = (torch.linalg.vector_norm(t.detach().double()).item() for t in (p, state.originals[name]))
         if norm > MAX_NORM_GROWTH * original:
             return f"the norm of {name} grew from {original:.3g} to {norm:.3g} (> {MAX_NORM_GROWTH:g}x)"
     return None
@@ -79,11 +78,14 @@ class TrainState:
                     optimizer=self.optimizer.state_dict(), steering=dict(self.steering),
                     policy=self.policy.state_dict() if self.policy else None)  # fmt: skip
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, lr: float) -> None:
+        """Continue from a checkpoint, at learning rate `lr` (a resumed run may lower it after a divergence)."""
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state["updated"][k])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if self.policy:
             self.policy.load_state_dict(state["policy"])
         self.steering, self.step = dict(state["steering"]), state["step"]

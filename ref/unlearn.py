@@ -80,7 +80,7 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
               probe_directions(run_json, plan, model, tok, data, out))  # fmt: skip
     state = start_state(plan, model)
     if checkpoint is not None:
-        state.load_state_dict(checkpoint)
+        state.load_state_dict(checkpoint, lr=plan.lr)
     write_json(out / "run.json", run_json)
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
     save = lambda: atomic_torch_save(ckpt, state.state_dict())  # noqa: E731

@@ -90,11 +90,11 @@ def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
     assert plan.data == "hub"
     tox = resolve(Settings(model="mistral-7b", goal="toxicity"), cfg)
     assert tox.taps == tox.tox_layers == tox.update_layers == (4, 5, 6, 15, 16, 17, 25, 26, 27)
-    rmu = resolve(Settings(model="mistral-7b", method="rmu", lr=1e-4, max_len=64, alpha0=3.0), cfg)
+    rmu = resolve(Settings(model="mistral-7b", method="rmu", lr=1e-4, max_len=64), cfg)
     assert (rmu.alpha, rmu.alpha0, rmu.steering, rmu.beta, rmu.lr, rmu.max_len) == (1200.0, None, 6.5, None, 1e-4, 64)
     adaptive = resolve(Settings(model="mistral-7b", method="adaptive-rmu", beta=3.0), cfg)
     assert (adaptive.steering, adaptive.beta) == (None, 3.0)
-    fixed = resolve(Settings(model="mistral-7b", alpha=2.0, alpha0=0.5), cfg)
+    fixed = resolve(Settings(model="mistral-7b", alpha=2.0), cfg)
     assert (fixed.alpha, fixed.alpha0, fixed.reinforce) == (2.0, None, False)
     with pytest.raises(ref.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
         resolve(Settings(model="mistral-7b", update_params=["mlp.nope"]), cfg)
