@@ -1,4 +1,4 @@
-"""data_prep.hub: the hub datasets -> the data directory of DESIGN section 6, without network.
+"""data_prep.hub: the hub datasets -> the data directory of docs/DESIGN.md section 3, without network.
 
 A fake hub is built in tmp_path from tiny files in each repository's real layout and schema (parquet
 shards under config folders, train.tsv, prompts.jsonl, model files); `snapshot_download` is replaced by a
@@ -149,7 +149,7 @@ def _texts(path: Path) -> list[str]:
     return [r["text"] for r in _jsonl(path)]
 
 
-def test_both_goals_write_the_layout_of_design_section_6(tmp_path, fake_hub):
+def test_both_goals_write_the_layout_of_design_section_3(tmp_path, fake_hub):
     out = hub.prepare_hub_data(tmp_path / "data", ["wmdp", "toxicity"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == {
