@@ -1,0 +1,111 @@
+"""Bad command-line input: one `error:` line naming the option, the value and the fix, exit 2, and nothing lost
+(the model, the data and an earlier report byte-identical; no output file appears). Checked before loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ref import generate
+from ref.data import resolve_data_dir
+
+BAD_DEVICE_AND_DTYPE = [
+    (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N or mps"),
+    (["--dtype", "fp8"], "--dtype is 'fp8'; use one of float32, float16, bfloat16"),
+]
+if not torch.cuda.is_available():
+    BAD_DEVICE_AND_DTYPE.append((["--device", "cuda"], "--device is 'cuda' but "))
+
+
+def hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the roots (files or folders), by path."""
+    files = [f for r in map(Path, roots) for f in ([r] if r.is_file() else sorted(r.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.fixture
+def world(tiny_dirs, tmp_path, monkeypatch):
+    """(model folder, data folder, an earlier report) and a check that a refusal left all of them, and tmp_path,
+    as they were. Loading a model fails the test: every refusal here comes before any weights are read."""
+    model, data = tiny_dirs["llama"], resolve_data_dir("demo")
+    report = tmp_path / "old" / "report.json"
+    report.parent.mkdir()
+    report.write_text('{"earlier": true}\n')
+    before = hashes(model, data, tmp_path)
+
+    def unchanged():
+        assert hashes(model, data, tmp_path) == before
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("ref.checkpoint.load_model", no_loading)
+    return model, data, report, unchanged
+
+
+def refuses(main, argv: list[str], capsys, *words: str) -> str:
+    """main(argv) exits 2 after exactly one `error:` line that holds every one of `words`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ ref.generate
+
+
+def gen_argv(model, *more: str) -> list[str]:
+    return ["--model", str(model), "--prompt", "The quick brown fox", "--max-new-tokens", "3", *more]
+
+
+def test_generate_refuses_an_empty_prompt(world, capsys):
+    model, _, _, unchanged = world
+    refuses(generate.main, ["--model", str(model), "--prompt", "Cats", "--prompt", ""], capsys,
+            "--prompt is '' (prompt 2): an empty prompt has nothing to continue")  # fmt: skip
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["--temperature", "nan"], "--temperature is nan; use a number >= 0"),
+        (["--temperature", "-1"], "--temperature is -1.0; use a number >= 0"),
+        (["--top-p", "0"], "--top-p is 0.0; use a number > 0 and <= 1"),
+        (["--top-p", "1.5"], "--top-p is 1.5; use a number > 0 and <= 1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens is -1; use a whole number >= 0"),
+        (["--seed", "-1"], "--seed is -1; use a whole number >= 0"),
+        *BAD_DEVICE_AND_DTYPE,
+    ],
+)
+def test_generate_refuses_bad_values(world, capsys, more, message):
+    model, _, _, unchanged = world
+    refuses(generate.main, gen_argv(model, *more), capsys, message)
+    unchanged()
+
+
+def test_generate_refuses_more_tokens_than_positions(world, capsys):
+    model, _, _, unchanged = world
+    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    argv = gen_argv(model, "--max-new-tokens", str(positions))
+    err = refuses(generate.main, argv, capsys, f"--max-new-tokens is {positions}: the longest prompt (",
+                  f"the model's {positions} positions")  # fmt: skip
+    assert "use --max-new-tokens" in err and "or less" in err
+    unchanged()
+
+
+def test_generate_good_calls_print_the_continuation(tiny_dirs, capsys):
+    model = tiny_dirs["llama"]
+    argv = ["--model", str(model), "--prompt", "The quick brown fox", "--prompt", "Cats", "--max-new-tokens", "4"]
+    assert generate.main(argv + ["--temperature", "0", "--seed", "1"]) == 0
+    greedy = capsys.readouterr().out.splitlines()
+    assert generate.main(argv + ["--temperature", "0", "--seed", "2"]) == 0  # 0 is greedy: the seed plays no part
+    assert capsys.readouterr().out.splitlines() == greedy
+    assert len(greedy) == 2 and greedy[0].startswith("The quick brown fox") and greedy[1].startswith("Cats")
+    assert generate.main(argv + ["--temperature", "1", "--top-p", "1", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "The quick brown fox\nCats\n"  # 0 new tokens is a value: the prompts alone
