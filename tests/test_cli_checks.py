@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref import generate
+from ref import evaluate, generate, validate
 from ref.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
@@ -109,3 +109,122 @@ def test_generate_good_calls_print_the_continuation(tiny_dirs, capsys):
     assert len(greedy) == 2 and greedy[0].startswith("The quick brown fox") and greedy[1].startswith("Cats")
     assert generate.main(argv + ["--temperature", "1", "--top-p", "1", "--max-new-tokens", "0"]) == 0
     assert capsys.readouterr().out == "The quick brown fox\nCats\n"  # 0 new tokens is a value: the prompts alone
+
+
+# ------------------------------------------------------------------------------------------------ ref.evaluate
+
+
+def ev_argv(model, data, out, *more: str) -> list[str]:
+    return ["--model", str(model), "--goal", "wmdp", "--data", str(data), "--out", str(out), *more]
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file", "read-only"])
+def test_evaluate_refuses_an_unwritable_out_before_evaluating(world, capsys, monkeypatch, where):
+    model, data, report, unchanged = world
+    if where == "read-only":
+
+        def read_only(*a, **k):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(validate.tempfile, "NamedTemporaryFile", read_only)
+    out = {"folder": report.parent, "under a file": report / "r.json", "read-only": report.parent / "new.json"}[where]
+    message = {"folder": f"--out {out} is a folder; give a file name",
+               "under a file": f"--out {out}: {report} is a file, so no folder can be made there",
+               "read-only": f"--out {out}: cannot write in {report.parent} (Permission denied)"}[where]  # fmt: skip
+    refuses(evaluate.main, ev_argv(model, data, out), capsys, message)
+    unchanged()
+
+
+def test_evaluate_refuses_an_out_inside_the_model_folder(world, capsys):
+    model, data, _, unchanged = world
+    refuses(evaluate.main, ev_argv(model, data, model / "config.json"), capsys,
+            f"--out {model / 'config.json'} is inside the model folder", "write the report elsewhere")  # fmt: skip
+    unchanged()
+
+
+def make_run(root: Path, model: Path, run_json: str | None = None, finished: bool = True) -> Path:
+    """A ref.unlearn run folder: run.json (plan and settings) and, when finished, model/."""
+    plan = {"model": str(model), "data": "demo", "goal": "wmdp", "method": "ours"}
+    root.mkdir()
+    (root / "run.json").write_text(run_json if run_json is not None else json.dumps({"plan": plan, "settings": plan}))
+    (root / "metrics.jsonl").write_text('{"step": 1, "alpha": 1.0, "loss": 1.0}\n')
+    if finished:
+        (root / "model").symlink_to(model)
+    return root
+
+
+def test_evaluate_refuses_an_unfinished_run_folder(world, tmp_path, tmp_path_factory, capsys):
+    model, _, _, unchanged = world
+    run = make_run(tmp_path_factory.mktemp("runs") / "run", model, finished=False)
+    before = hashes(run)
+    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")], capsys,
+            f"--model {run}: the run folder has no model/ (the run did not finish)",
+            f"python -m ref.unlearn --resume --out {run}")  # fmt: skip
+    assert hashes(run) == before
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "run_json, message",
+    [
+        ("{not json", "is not valid JSON; the run folder is damaged"),
+        ('{"settings": {}}', "has no plan (model, data); the run folder is damaged"),
+    ],
+)
+def test_evaluate_refuses_a_damaged_run_json(world, tmp_path, tmp_path_factory, capsys, run_json, message):
+    model, _, _, unchanged = world
+    run = make_run(tmp_path_factory.mktemp("runs") / "run", model, run_json)
+    before = hashes(run)
+    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")], capsys,
+            f"{run / 'run.json'} {message}")  # fmt: skip
+    assert hashes(run) == before
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["--samples", "0"], "--samples is 0; use a whole number > 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens is 0; use a whole number > 0"),
+        (["--batch-size", "0"], "--batch-size is 0; use a whole number > 0"),
+        (["--limit", "0"], "--limit is 0; use a whole number > 0"),
+        (["--seed", "-1"], "--seed is -1; use a whole number >= 0"),
+        (["--tasks", ""], "--tasks is ''; name at least one task"),
+        (["--tasks", " , "], "--tasks is ' , '; name at least one task"),
+        (["--tasks", "demo-general,wmdp-bio"], "--tasks is 'demo-general,wmdp-bio': unknown task(s) for goal 'wmdp'"),
+        (["--scorer-layer", "4"], "--scorer-layer is 4; the scorer's base model {model} has 4 layers: use 0 to 3"),
+        (["--scorer-layer", "-1"], "--scorer-layer is -1; the scorer's base model {model} has 4 layers: use 0 to 3"),
+        *BAD_DEVICE_AND_DTYPE,
+    ],
+)
+def test_evaluate_refuses_bad_values(world, capsys, more, message):
+    model, data, report, unchanged = world
+    refuses(evaluate.main, ev_argv(model, data, report, *more), capsys, message.format(model=model))
+    unchanged()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp_path, monkeypatch, capsys, stop):
+    """The report is written once, atomically, at the end: stopped after its first task, the earlier report stays."""
+    report = tmp_path / "report.json"
+    report.write_text('{"earlier": true}\n')
+    model, data = tiny_dirs["llama"], resolve_data_dir("demo")
+    before = hashes(model, data, tmp_path)
+    calls = []
+
+    def first_task_only(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise stop("stopped during the second task")
+        return real(*a, **k)
+
+    real = evaluate.mc_accuracy
+    monkeypatch.setattr(evaluate, "mc_accuracy", first_task_only)
+    argv = ev_argv(model, data, report, "--limit", "2")
+    if stop is KeyboardInterrupt:
+        assert evaluate.main(argv) == 130
+        assert capsys.readouterr().err == "\ninterrupted\n"
+    else:
+        with pytest.raises(RuntimeError):  # a programming error keeps its traceback
+            evaluate.main(argv)
+    assert len(calls) == 2 and hashes(model, data, tmp_path) == before
