@@ -228,3 +228,37 @@ def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp
         with pytest.raises(RuntimeError):  # a programming error keeps its traceback
             evaluate.main(argv)
     assert len(calls) == 2 and hashes(model, data, tmp_path) == before
+
+
+# -------------------------------------------------------------------------------------------------- ref.report
+
+
+def test_report_refuses_what_is_not_a_run_folder(world, tmp_path, capsys):
+    from ref import report
+
+    _, _, old, unchanged = world
+    refuses(report.main, [str(tmp_path / "nope")], capsys, f"RUN_DIR {tmp_path / 'nope'} does not exist")
+    refuses(report.main, [str(old)], capsys, f"RUN_DIR {old} is a file: pass a run folder")
+    refuses(report.main, [str(old.parent)], capsys, f"RUN_DIR {old.parent} has no metrics.jsonl")
+    unchanged()
+
+
+def test_report_refuses_a_damaged_run_folder_or_a_bad_out_and_writes_nothing(world, tmp_path_factory, capsys):
+    from ref import report
+
+    model, _, old, unchanged = world
+    run = make_run(tmp_path_factory.mktemp("runs") / "run", model)
+    (run / "probes.safetensors").write_bytes(b"not safetensors")
+    (run / "report.json").write_text("[]")  # no before/after metrics: a note on stderr, but only once drawing
+    cases = [([], f"{run / 'probes.safetensors'} is not a readable safetensors file"),
+             (["--out", str(old)], f"--out {old} is a file, not a folder")]  # fmt: skip
+    for more, message in cases:
+        before = hashes(run)
+        refuses(report.main, [str(run), *more], capsys, message)
+        assert hashes(run) == before
+        (run / "probes.safetensors").unlink(missing_ok=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
+    before = hashes(run)
+    refuses(report.main, [str(run)], capsys, "has rows without step and alpha: not a metrics log of ref.unlearn")
+    assert hashes(run) == before and not (run / "figures").exists()
+    unchanged()
