@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref import evaluate, generate, validate
+from ref import evaluate, generate, table1, validate
 from ref.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
@@ -261,4 +261,34 @@ def test_report_refuses_a_damaged_run_folder_or_a_bad_out_and_writes_nothing(wor
     before = hashes(run)
     refuses(report.main, [str(run)], capsys, "has rows without step and alpha: not a metrics log of ref.unlearn")
     assert hashes(run) == before and not (run / "figures").exists()
+    unchanged()
+
+
+# -------------------------------------------------------------------------------------------------- ref.table1
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["--models", ""], "--models is ''; name at least one model"),
+        (["--models", " , "], "--models is ' , '; name at least one model"),
+        (["--max-steps", "0"], "--max-steps is 0; use a whole number > 0"),
+        (["--max-steps", "-2"], "--max-steps is -2; use a whole number > 0"),
+        (["--eval-samples", "0"], "--eval-samples is 0; use a whole number > 0"),
+        (["--eval-limit", "0"], "--eval-limit is 0; use a whole number > 0"),
+        (["--out", "{old}"], "--out {old} is a file, not a folder"),
+        (["--models", "{model},no-such-model"], "no model 'no-such-model'"),
+        (["--data", "{tmp}/nope"], "--data {tmp}/nope: {tmp}/nope is not a directory"),
+    ],
+)
+def test_table1_refuses_before_any_run_starts(world, tmp_path, monkeypatch, capsys, more, message):
+    model, _, old, unchanged = world
+
+    def no_run(*a, **k):
+        raise AssertionError("a run started before the input was checked")
+
+    monkeypatch.setattr(table1, "unlearn", no_run)
+    fill = lambda s: s.format(model=model, old=old, tmp=tmp_path)  # noqa: E731
+    argv = ["--models", str(model), "--data", "demo", "--out", str(tmp_path / "table"), "--max-steps", "1"]
+    refuses(table1.main, argv + [fill(m) for m in more], capsys, fill(message))
     unchanged()
