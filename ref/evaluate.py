@@ -189,6 +189,7 @@ def command(argv: list[str] | None) -> int:
         raise RefError(f"--tasks is {args.tasks!r}; name at least one task, or leave it out for all of the goal's")
     validate.writable_file("--out", args.out)
     model_path, run = _resolve_model(args.model)
+    model_folder = resolve(model_path)
     base_name = args.base_model if args.base_model is not None else run["plan"]["model"] if run else model_path
     if args.scorer_layer is not None:
         n = read_config(resolve(base_name)).num_layers
@@ -198,7 +199,7 @@ def command(argv: list[str] | None) -> int:
     data_arg = args.data if args.data is not None else run["plan"]["data"] if run else "hub"
     data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal)
     wanted = check_tasks(data, args.goal, tasks)
-    for what, folder in (("model", resolve(model_path)), ("data", data.root)):
+    for what, folder in (("model", model_folder), ("data", data.root)):
         if validate.same_or_inside(args.out, folder):
             raise RefError(f"--out {args.out} is inside the {what} folder {folder}; write the report elsewhere")
     model = load_model(model_path, dtype=args.dtype, device=args.device)

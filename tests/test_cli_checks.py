@@ -164,6 +164,15 @@ def test_evaluate_refuses_an_unfinished_run_folder(world, tmp_path, tmp_path_fac
     unchanged()
 
 
+def test_evaluate_keeps_an_explicit_data_of_a_run_folder(world, tmp_path, tmp_path_factory, capsys):
+    """--data "" is a value (a wrong one), not "not given": the run's own data does not replace it."""
+    model, _, _, unchanged = world
+    run = make_run(tmp_path_factory.mktemp("runs") / "run", model)
+    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--data", "", "--out", str(tmp_path / "r.json")],
+            capsys, "--data : . has no manifest.json")  # fmt: skip
+    unchanged()
+
+
 @pytest.mark.parametrize(
     "run_json, message",
     [
