@@ -53,6 +53,17 @@ def available_tasks(data: GoalData) -> dict[str, str]:
     return tasks
 
 
+def check_tasks(data: GoalData, goal: str, tasks: list[str] | None) -> list[str]:
+    """The tasks asked for (None: all of the goal's), each one the data has."""
+    have = available_tasks(data)
+    tasks = list(have) if tasks is None else tasks
+    unknown = [t for t in tasks if t not in have]
+    if unknown or not tasks:
+        asked, names = ",".join(tasks), ", ".join(have)
+        raise RefError(f"--tasks is {asked!r}: unknown task(s) for goal {goal!r}; use some of {names}")
+    return tasks
+
+
 def evaluate(
     model: Transformer,
     tok: Tokenizer,
@@ -71,10 +82,7 @@ def evaluate(
     measure exist. WMDP: U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity:
     U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task."""
     have = available_tasks(data)
-    tasks = list(have) if tasks is None else tasks
-    unknown = [t for t in tasks if t not in have]
-    if unknown or not tasks:
-        raise RefError(f"unknown task(s) {unknown or tasks} for goal {goal!r}; available: {', '.join(have)}")
+    tasks = check_tasks(data, goal, tasks)
     if limit is not None and limit < 1:
         raise RefError(f"--limit is {limit}; use a positive number of items per task")
     report: dict = dict(goal=goal, data=str(data.root), mc_mode=data.mc_mode, limit=limit, tasks={})
@@ -131,18 +139,27 @@ def headline(report: dict) -> dict[str, float]:
 
 
 def _resolve_model(name: str) -> tuple[str, dict | None]:
-    """A run folder (model/ + run.json) -> (its model/ folder, run.json); anything else is passed through."""
+    """A ref.unlearn run folder (it has run.json) -> (its model/ folder, run.json); anything else is passed through."""
     p = Path(name).expanduser()
-    if (p / "run.json").is_file() and (p / "model").is_dir():
-        try:
-            return str(p / "model"), json.loads((p / "run.json").read_text(encoding="utf-8"))
-        except ValueError:
-            raise RefError(f"{p / 'run.json'} is not valid JSON; the run folder is damaged") from None
-    return name, None
+    if not (p / "run.json").is_file():
+        return name, None
+    try:
+        run = json.loads((p / "run.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise RefError(f"{p / 'run.json'} is not valid JSON; the run folder is damaged") from None
+    plan = run.get("plan") if isinstance(run, dict) else None
+    if not isinstance(plan, dict) or not {"model", "data"} <= plan.keys():
+        raise RefError(f"{p / 'run.json'} has no plan (model, data); the run folder is damaged or from an older ref")
+    if not (p / "model").is_dir():
+        raise RefError(f"--model {name}: the run folder has no model/ (the run did not finish): resume it with "
+                       f"`python -m ref.unlearn --resume --out {name}`")  # fmt: skip
+    return str(p / "model"), run
 
 
 def command(argv: list[str] | None) -> int:
-    from ref.checkpoint import load_model
+    from ref import validate
+    from ref.checkpoint import load_model, resolve
+    from ref.config import read_config
     from ref.tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m ref.evaluate", description=__doc__.splitlines()[0])
@@ -162,17 +179,31 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, required=True, help="report json (written atomically)")
     args = p.parse_args(argv)
-    for name in ("samples", "max_new_tokens", "batch_size") + (("limit",) if args.limit is not None else ()):
-        if getattr(args, name) < 1:
-            raise RefError(f"--{name.replace('_', '-')} is {getattr(args, name)}; use a positive number")
+    for name in ("samples", "max_new_tokens", "batch_size", "limit"):
+        validate.positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
+    validate.number("--seed", args.seed, low=0, integer=True)
+    validate.device("--device", args.device)
+    validate.dtype("--dtype", args.dtype)
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == []:
+        raise RefError(f"--tasks is {args.tasks!r}; name at least one task, or leave it out for all of the goal's")
+    validate.writable_file("--out", args.out)
     model_path, run = _resolve_model(args.model)
-    base_name = args.base_model or (run["plan"]["model"] if run else model_path)
-    data_arg = args.data or (run["plan"]["data"] if run else "hub")
+    model_folder = resolve(model_path)
+    base_name = args.base_model if args.base_model is not None else run["plan"]["model"] if run else model_path
+    if args.scorer_layer is not None:
+        n = read_config(resolve(base_name)).num_layers
+        if not 0 <= args.scorer_layer < n:
+            raise RefError(f"--scorer-layer is {args.scorer_layer}; the scorer's base model {base_name} has {n} "
+                           f"layers: use 0 to {n - 1}")  # fmt: skip
+    data_arg = args.data if args.data is not None else run["plan"]["data"] if run else "hub"
     data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    wanted = check_tasks(data, args.goal, tasks)
+    for what, folder in (("model", model_folder), ("data", data.root)):
+        if validate.same_or_inside(args.out, folder):
+            raise RefError(f"--out {args.out} is inside the {what} folder {folder}; write the report elsewhere")
     model = load_model(model_path, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(model_path)
-    wanted = tasks if tasks is not None else list(available_tasks(data))
     same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
     base = lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device)  # noqa: E731
     scorer = make_scorer(data, args.goal, wanted, base, load_tokenizer(base_name), args.scorer_layer, args.seed,

@@ -69,7 +69,9 @@ def generate(
 
 
 def command(argv: list[str] | None) -> int:
-    from ref.checkpoint import load_model
+    from ref import validate
+    from ref.checkpoint import load_model, resolve
+    from ref.config import read_config
     from ref.errors import RefError
     from ref.tokenizer import load_tokenizer
 
@@ -83,10 +85,24 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if args.max_new_tokens < 0 or not 0 < args.top_p <= 1:
-        raise RefError("--max-new-tokens must be >= 0 and --top-p in (0, 1]")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tok = load_tokenizer(args.model)
+    if "" in args.prompt:
+        k = args.prompt.index("") + 1
+        raise RefError(f"--prompt is '' (prompt {k}): an empty prompt has nothing to continue; give some text")
+    validate.number("--max-new-tokens", args.max_new_tokens, low=0, integer=True)
+    validate.number("--temperature", args.temperature, low=0)
+    validate.number("--top-p", args.top_p, low=0, high=1, low_open=True)
+    validate.number("--seed", args.seed, low=0, integer=True)
+    validate.device("--device", args.device)
+    validate.dtype("--dtype", args.dtype)
+    folder = resolve(args.model)
+    tok = load_tokenizer(folder)
+    longest, positions = max(len(tok.encode(t)) for t in args.prompt), read_config(folder).max_position_embeddings
+    if longest + args.max_new_tokens > positions:
+        fix = f"use --max-new-tokens {positions - longest} or less" if longest <= positions else "shorten the prompt"
+        n = args.max_new_tokens
+        raise RefError(f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
+                       f"the model's {positions} positions (max_position_embeddings); {fix}")  # fmt: skip
+    model = load_model(folder, dtype=args.dtype, device=args.device)
     torch.manual_seed(args.seed)
     rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, row in zip(args.prompt, rows, strict=True):

@@ -19,18 +19,21 @@ metadata, so the same run folder gives byte-identical files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ref import validate
 from ref.cli import run_command
 from ref.errors import RefError
-from ref.runlog import read_metrics
+from ref.runlog import atomic_write_bytes, read_metrics
 
 # Bookkeeping entries of an evaluation report that are not metrics (counts, timings, settings).
 NOT_METRICS = {"n", "n_prompts", "correct", "seconds", "limit", "samples", "max_new_tokens", "seed", "layer"}
@@ -51,10 +54,11 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version string: deterministic bytes
-    return path
+    """The PNG, written atomically: an interruption leaves the old file or the new one, never half of one."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})  # no version string: deterministic bytes
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def _log_if_wide(ax, values: list[float]) -> None:
@@ -68,7 +72,10 @@ def _log_if_wide(ax, values: list[float]) -> None:
 
 def load_probes(path: Path) -> dict[int, Tensor]:
     """probes.safetensors -> {layer: raw probe weight [D]}, sorted by layer."""
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise RefError(f"{path} is not a readable safetensors file ({e}); the run folder is damaged") from None
     layers = sorted(int(k[len("layer") : -len(".weight")]) for k in tensors if k.endswith(".weight"))
     if not layers:
         raise RefError(f"{path} holds no 'layer{{i}}.weight' tensors: not a probes file of ref.unlearn")
@@ -244,33 +251,38 @@ def plot_before_after(bars: dict[str, tuple[float, float]], path: Path, goal: st
 
 
 def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
-    """Every figure that the run folder's files allow, into `out` (default RUN_DIR/figures); returns the paths."""
+    """Every figure that the run folder's files allow, into `out` (default RUN_DIR/figures); returns the paths.
+    Everything is read and checked before the first figure is written."""
     run_dir = Path(run_dir)
     out = run_dir / "figures" if out is None else Path(out)
     if not (run_dir / "metrics.jsonl").is_file():
-        raise RefError(f"{run_dir} has no metrics.jsonl: pass a run folder written by python -m ref.unlearn")
+        why = "has no metrics.jsonl" if run_dir.is_dir() else "is a file" if run_dir.exists() else "does not exist"
+        raise RefError(f"RUN_DIR {run_dir} {why}: pass a run folder written by python -m ref.unlearn")
     rows = read_metrics(run_dir / "metrics.jsonl")
+    if any(not isinstance(r, dict) or not {"step", "alpha"} <= r.keys() for r in rows):
+        raise RefError(f"{run_dir / 'metrics.jsonl'} has rows without step and alpha: not a metrics log of ref.unlearn")
+    probes = load_probes(run_dir / "probes.safetensors") if (run_dir / "probes.safetensors").is_file() else None
+    report = None
+    if (run_dir / "report.json").is_file():
+        try:
+            report = json.loads((run_dir / "report.json").read_text())
+        except ValueError:
+            report = {}
+    bars = report_bars(report) if isinstance(report, dict) else {}
+    validate.writable_folder("--out", out)
     written = []
     if rows:
         written += [plot_losses(rows, out / "losses.png"), plot_alpha(rows, out / "alpha.png")]
     else:
         print(f"note: {run_dir / 'metrics.jsonl'} has no steps yet: no loss or alpha curves", file=sys.stderr)
-    if (run_dir / "probes.safetensors").is_file():
-        probes = load_probes(run_dir / "probes.safetensors")
+    if probes is not None:
         written += [plot_probe_cosine(probes, out / "probe_cosine.png"),
                     plot_probe_weights(probes, out / "probe_weights.png"),
                     plot_probe_weight_grid(probes, out / "probe_weights_grid.png")]  # fmt: skip
-    if (run_dir / "report.json").is_file():
-        try:
-            report = json.loads((run_dir / "report.json").read_text())
-        except json.JSONDecodeError:
-            report = None
-        bars = report_bars(report) if isinstance(report, dict) else {}
-        if bars:
-            goal = str(report.get("goal", ""))
-            written.append(plot_before_after(bars, out / "before_after.png", goal))
-        else:
-            print(f"note: {run_dir / 'report.json'} has no before/after metrics: no bar chart", file=sys.stderr)
+    if bars:
+        written.append(plot_before_after(bars, out / "before_after.png", str(report.get("goal", ""))))
+    elif report is not None:
+        print(f"note: {run_dir / 'report.json'} has no before/after metrics: no bar chart", file=sys.stderr)
     return written
 
 

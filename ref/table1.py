@@ -16,7 +16,11 @@ import json
 import sys
 from pathlib import Path
 
+from ref import validate
+from ref.checkpoint import resolve
 from ref.cli import run_command
+from ref.data import resolve_data_dir
+from ref.errors import RefError
 from ref.runlog import atomic_write_text, write_json
 from ref.unlearn import GOALS, METHODS, Settings, unlearn
 
@@ -73,9 +77,20 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     a = p.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not models:
+        raise RefError(f"--models is {a.models!r}; name at least one model, e.g. --models smollm2-135m")
+    validate.positive("--max-steps", a.max_steps, integer=True)
+    validate.positive("--eval-samples", a.eval_samples, integer=True)
+    validate.positive("--eval-limit", a.eval_limit, integer=True)
     out = Path(a.out)
+    validate.writable_folder("--out", out)
+    for model in models:  # a wrong name fails now, not after hours of runs (a hub model is downloaded now)
+        resolve(model)
+    if a.data not in ("hub", "demo"):
+        resolve_data_dir(a.data)
     extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
-    table = run_all([m.strip() for m in a.models.split(",") if m.strip()], out, a.data, a.max_steps, extra)
+    table = run_all(models, out, a.data, a.max_steps, extra)
     md = markdown(table)
     write_json(out / "table1.json", table)
     atomic_write_text(out / "table1.md", md)

@@ -69,7 +69,20 @@ def writable_folder(option: str, path: Path, need_bytes: int = 0) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RefError(f"{option} {path} is a file, not a folder; choose another path")
-    existing = path
+    _writable_place(option, path, path, need_bytes)
+
+
+def writable_file(option: str, path: Path) -> None:
+    """`path` names a file that can be written (not a folder; its folder exists or can be made, and is writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RefError(f"{option} {path} is a folder; give a file name, e.g. {path / 'report.json'}")
+    _writable_place(option, path, path.parent)
+
+
+def _writable_place(option: str, path: Path, folder: Path, need_bytes: int = 0) -> None:
+    """`folder` (where `path` goes) exists or can be made, is writable and has `need_bytes` free."""
+    existing = folder
     while not existing.exists():
         if existing.parent == existing:
             break
@@ -85,14 +98,6 @@ def writable_folder(option: str, path: Path, need_bytes: int = 0) -> None:
     if free < need_bytes:
         raise RefError(f"{option} {path}: {free / 2**20:.0f} MiB free on its disk, the run needs about "
                        f"{need_bytes / 2**20:.0f} MiB; free some space or choose another disk")  # fmt: skip
-
-
-def writable_file(option: str, path: Path) -> None:
-    """`path` names a file that can be written (not a folder; its folder exists or can be made, and is writable)."""
-    path = Path(path)
-    if path.is_dir():
-        raise RefError(f"{option} {path} is a folder; give a file name, e.g. {path / 'report.json'}")
-    writable_folder(option, path.parent)
 
 
 def same_or_inside(a: Path, b: Path) -> bool:
