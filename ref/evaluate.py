@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN section 7): multiple-choice accuracy, RealToxicityPrompts toxicity, S-unlearning.
+"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, S-unlearning.
 
 The tasks of a goal -> one report: multiple choice scored as lm-evaluation-harness does (ref.mc), the toxicity
 prompts by the RealToxicityPrompts protocol (ref.toxicity) with the scorer the manifest names (ref.scorers), and
@@ -167,6 +167,7 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--goal", required=True, choices=["wmdp", "toxicity"])
     p.add_argument("--tasks", default=None, help="comma-separated MC file stems and/or rtp (default: all of the goal)")
     p.add_argument("--data", default=None, help="hub | demo | DIR (default: the run's data, else hub)")
+    p.add_argument("--allow-data-outside", action="store_true", help="let the manifest name files outside the data")
     p.add_argument("--limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--greedy", action="store_true", help="1 greedy sample per prompt (not comparable)")
     p.add_argument("--samples", type=int, default=25)
@@ -197,7 +198,7 @@ def command(argv: list[str] | None) -> int:
             raise RefError(f"--scorer-layer is {args.scorer_layer}; the scorer's base model {base_name} has {n} "
                            f"layers: use 0 to {n - 1}")  # fmt: skip
     data_arg = args.data if args.data is not None else run["plan"]["data"] if run else "hub"
-    data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal)
+    data = load_goal_data(resolve_data_dir(data_arg, goal=args.goal), args.goal, allow_outside=args.allow_data_outside)
     wanted = check_tasks(data, args.goal, tasks)
     for what, folder in (("model", model_folder), ("data", data.root)):
         if validate.same_or_inside(args.out, folder):

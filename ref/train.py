@@ -40,17 +40,6 @@ class Diverged(RefError):
     pass
 
 
-def divergence(state: TrainState) -> str | None:
-    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None."""
-    for name, p in state.params.items():
-        if not bool(torch.isfinite(p).all()):
-            return f"{name} holds NaN or inf"
-        norm, original = (torch.linalg.vector_norm(t.detach().double()).item() for t in (p, state.originals[name]))
-        if norm > MAX_NORM_GROWTH * original:
-            return f"the norm of {name} grew from {original:.3g} to {norm:.3g} (> {MAX_NORM_GROWTH:g}x)"
-    return None
-
-
 @dataclass
 class Run:
     """What stays fixed for the whole run."""
@@ -99,6 +88,17 @@ def start_state(plan: Plan, model: Transformer) -> TrainState:
     optimizer = torch.optim.AdamW(params.values(), lr=plan.lr, eps=1e-6, weight_decay=0.0)
     policy = AlphaPolicy(plan.alpha0, lr=plan.policy_lr, seed=plan.seed) if plan.reinforce else None
     return TrainState(params, originals, optimizer, policy, steering={})
+
+
+def divergence(state: TrainState) -> str | None:
+    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None."""
+    for name, p in state.params.items():
+        if not bool(torch.isfinite(p).all()):
+            return f"{name} holds NaN or inf"
+        norm, original = (torch.linalg.vector_norm(t.detach().double()).item() for t in (p, state.originals[name]))
+        if norm > MAX_NORM_GROWTH * original:
+            return f"the norm of {name} grew from {original:.3g} to {norm:.3g} (> {MAX_NORM_GROWTH:g}x)"
+    return None
 
 
 def schedule(data: GoalData, plan: Plan) -> list[tuple[int, str, list[str], list[str]]]:
