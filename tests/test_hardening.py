@@ -170,16 +170,21 @@ def test_read_only_or_full_output_disk_fails_before_training(tiny, capsys, tmp_p
     assert not (tmp_path / "ro").exists() and not (tmp_path / "full").exists()
 
 
-def test_disk_filling_up_while_writing_leaves_no_temporary_file(tiny, capsys, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def disk_full_at(step: int):
+    """torch.save that fails with ENOSPC when it writes the checkpoint of `step`."""
     real = torch.save
 
-    def full(obj, f, *a, **k):
-        if obj.get("step") == 2:
+    def save(obj, f, *a, **k):
+        if obj.get("step") == step:
             raise OSError(28, "No space left on device")
         return real(obj, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", full)
+    return save
+
+
+def test_disk_filling_up_while_writing_leaves_no_temporary_file(tiny, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", disk_full_at(2))
     refused(capsys, tiny(out), "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]  # no .tmp file
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
@@ -304,3 +309,37 @@ def test_manifest_paths_outside_the_data_folder(tiny, capsys, tmp_path):
     refused(capsys, tiny(tmp_path / "run", data=escaped), "outside the data folder", "--allow-data-outside",
             keep=[escaped, data])  # fmt: skip
     finished_run(tiny, capsys, tmp_path / "allowed", "--allow-data-outside", data=escaped)
+
+
+# ---- what was already good stays good ----
+
+
+def _rows(out):
+    drop = {"tokens_per_s", "elapsed_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+
+
+def test_resume_after_a_full_disk_or_a_kill_is_bit_identical(tiny, capsys, tmp_path, monkeypatch):
+    whole = finished_run(tiny, capsys, tmp_path / "whole", max_steps=4, save_every=2)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    with monkeypatch.context() as m:  # the disk fills up when step 4's checkpoint is written
+        m.setattr(torch, "save", disk_full_at(4))
+        refused(capsys, tiny(full, max_steps=4, save_every=2), "No space left on device")
+    finished_run(tiny, capsys, full, "--resume", max_steps=4, save_every=2)
+    # killed after step 3 was logged but before its checkpoint (the last one is step 2)
+    finished_run(tiny, capsys, killed, max_steps=2, save_every=2)
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "epoch": 0, "loss": 123.0}) + "\n")
+    finished_run(tiny, capsys, killed, "--resume", max_steps=4, save_every=2)
+    for out in (full, killed):
+        assert _rows(out) == _rows(whole)
+        assert (out / "updated.safetensors").read_bytes() == (whole / "updated.safetensors").read_bytes()
+
+
+def test_overwrite_replaces_a_run_folder_with_its_figures(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run", max_steps=1)
+    (out / "figures").mkdir()
+    (out / "figures" / "losses.png").write_bytes(b"png")  # what python -m ref.report adds
+    finished_run(tiny, capsys, out, "--overwrite", max_steps=2)
+    assert not (out / "figures").exists() and len(_rows(out)) == 2
