@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from ref import validate
+from ref import attack, validate
+from ref.attack import ATTACKS
 from ref.checkpoint import resolve
 from ref.cli import run_command
 from ref.data import resolve_data_dir
@@ -27,8 +28,10 @@ from ref.unlearn import GOALS, METHODS, Settings, unlearn
 COLUMNS = {"wmdp": ("WMDP acc (U)", "retain acc (R)", "S"), "toxicity": ("toxicity (U)", "retain acc (R)", "S")}
 
 
-def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict) -> dict:
-    """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours."""
+def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict,
+            attacks: list[str] = ()) -> dict:  # fmt: skip
+    """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
+    with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/)."""
     table: dict = {}
     for model in models:
         for goal in GOALS:
@@ -41,8 +44,22 @@ def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extr
                 report = json.loads((run / "report.json").read_text())
                 rows = table.setdefault(model, {}).setdefault(goal, {})
                 rows.setdefault("base", cells(report["details"]["before"]))
-                rows[method] = cells(report["details"]["after"])
+                rows[method] = cells(report["details"]["after"]) | attacked(run, attacks, extra)
     return table
+
+
+def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | None]:
+    """{"U after ATTACK": the unlearned model's U under its strongest setting (the largest U: the most recovered)}."""
+    if not attacks:
+        return {}
+    out = run.with_name(run.name + ".attack")  # beside the run: its folder holds only what ref.unlearn writes
+    if not (out / "attack.json").exists():
+        limit = ["--limit", str(extra["eval_limit"])] if extra.get("eval_limit") else []
+        attack.command([str(run), "--out", str(out), "--attacks", ",".join(attacks), "--eval-samples",
+                        str(extra["eval_samples"]), *limit])  # fmt: skip
+    results = json.loads((out / "attack.json").read_text())["attacks"]
+    worst = lambda rs: max((r["unlearned"]["U"] for r in rs.values() if r["unlearned"]["U"] is not None), default=None)  # noqa: E731
+    return {f"U after {name}": worst(results.get(name, {})) for name in attacks}
 
 
 def folder_name(model: str) -> str:
@@ -56,13 +73,15 @@ def cells(report: dict) -> dict:
     return dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
 
 
-def markdown(table: dict) -> str:
-    head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in COLUMNS[g]) + " |"
-    lines = [head, "|" + "---|" * (2 + 3 * len(GOALS))]
+def markdown(table: dict, attacks: list[str] = ()) -> str:
+    keys = ("U", "R", "S", *(f"U after {a}" for a in attacks))
+    names = {g: (*COLUMNS[g], *(f"U after {a}" for a in attacks)) for g in GOALS}
+    head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in names[g]) + " |"
+    lines = [head, "|" + "---|" * (2 + len(keys) * len(GOALS))]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for model, goals in table.items():
         for row in ("base", *METHODS):
-            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in ("U", "R", "S")]
+            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in keys]
             lines.append(f"| {model} | {row} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -76,6 +95,7 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--eval-samples", type=int, default=25, help="samples per toxicity prompt")
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--attacks", default="", help="add U under these ref.attack attacks (e.g. relearn,quantize)")
     a = p.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
@@ -90,8 +110,11 @@ def command(argv: list[str] | None) -> int:
     if a.data not in ("hub", "demo"):
         resolve_data_dir(a.data)
     extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
-    table = run_all(models, out, a.data, a.max_steps, extra)
-    md = markdown(table)
+    attacks = [x.strip() for x in a.attacks.split(",") if x.strip()]
+    if set(attacks) - set(ATTACKS):
+        raise RefError(f"--attacks is {a.attacks!r}; use some of {', '.join(ATTACKS)}")
+    table = run_all(models, out, a.data, a.max_steps, extra, attacks)
+    md = markdown(table, attacks)
     write_json(out / "table1.json", table)
     atomic_write_text(out / "table1.md", md)
     print(md)
