@@ -209,8 +209,10 @@ def settings_of(name: str, data: GoalData, rows: dict, opts) -> list[tuple[objec
         return [(bits, f"{bits}-bit") for bits in opts.bits]
     if name == "ablate":
         return [(None, "directions")]
-    if name == "fewshot":
-        mc = {t: r for t, r in rows.items() if t != PROMPTS_TASK}
+    if name == "fewshot":  # MC tasks only, and only those with a question left to score after the shots
+        mc = {t: r for t, r in rows.items() if t != PROMPTS_TASK and len(r) > opts.shots}
+        if not mc:
+            raise RefError(f"--shots {opts.shots}: no MC task has more questions than that; lower --shots")
         split = {t: split_shots(r, opts.shots, opts.seed) for t, r in mc.items()}
         return [(({t: s for t, (s, _) in split.items()}, {t: v for t, (_, v) in split.items()}), f"{opts.shots}-shot")]
     return [(relearn_texts(data, rows, opts.source, n, opts.seed), f"{opts.source} n={n}") for n in opts.n]

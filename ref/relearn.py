@@ -60,6 +60,7 @@ def relearn(
     warmup: float = 0.05,
     weight_decay: float = 0.01,
     max_len: int = 1024,
+    max_grad_norm: float = 1.0,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Fine-tune on `texts` with the causal LM loss; return name -> new value of every changed tensor.
@@ -67,7 +68,8 @@ def relearn(
     lora=True: LoRA (r, alpha, seeded by `seed`) on every block linear; returns the merged weights W + s B A.
     lora=False: every block linear weight trained directly, in the model's dtype; returns the trained weights.
     Each epoch shuffles the texts from (seed, epoch) and drops an incomplete last batch (ref.data.batches). AdamW,
-    with warmup_then_linear_decay over all the steps. The model passed in stays bit-identical; swap the returned
+    with warmup_then_linear_decay over all the steps, gradients clipped to `max_grad_norm` (the Hugging Face Trainer's
+    default, which the attack's published protocol ran with). The model passed in stays bit-identical; swap the returned
     tensors in (functional_call, or load_state_dict(strict=False)) to evaluate the relearned model."""
     if not texts:
         raise RefError("relearn got no texts; pass the examples to fine-tune on (Lucki et al. use about 10)")
@@ -98,6 +100,7 @@ def relearn(
         loss = causal_lm_loss(forward(ids, mask), ids, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4g}")
