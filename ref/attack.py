@@ -275,8 +275,10 @@ def plot(report: dict, path: Path) -> Path:
 
 def command(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m ref.attack", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="a finished ref.unlearn run folder")
-    p.add_argument("--out", type=Path, required=True, help="folder for attack.json, attack.md and attack.png")
+    p.add_argument("run_dir", nargs="?", help="a finished ref.unlearn run folder")
+    p.add_argument("--out", type=Path, help="folder for attack.json, attack.md and attack.png")
+    p.add_argument("--dry-run", action="store_true", help="print the relearning attack's memory estimate (--model)")
+    p.add_argument("--model", default=None, help="--dry-run: registry alias or model folder (default: the run's)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {', '.join(ATTACKS)}")
     p.add_argument("--data", default=None, help="hub | demo | DIR (default: the run's data)")
     p.add_argument("--n", default="10,100", help="relearn: examples to fine-tune on, a comma-separated list")
@@ -290,6 +292,11 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     opts = p.parse_args(argv)
+    if opts.dry_run:
+        print(dry_run(opts.model or read_run_json(Path(opts.run_dir or "."))["plan"]["model"]))
+        return 0
+    if opts.run_dir is None or opts.out is None:
+        raise RefError("give the run folder and --out: python -m ref.attack RUN_DIR --out DIR")
     opts.attacks = [a.strip() for a in opts.attacks.split(",") if a.strip()]
     unknown = [a for a in opts.attacks if a not in ATTACKS]
     if unknown or not opts.attacks:
@@ -316,6 +323,22 @@ def command(argv: list[str] | None) -> int:
     except RefError as e:  # no matplotlib: the table and the json are there
         print(f"note: no figure ({e})", file=sys.stderr)
     return 0
+
+
+def dry_run(model: str, r: int = 128, seq: int = 1024) -> str:
+    """The relearning attack's peak memory (bf16, LoRA r 128, batch 1 x 1024 tokens) beside the unlearning step's."""
+    from ref.memory import estimate_peak_bytes, lora_peak_bytes
+    from ref.plan import Settings
+    from ref.plan import resolve as resolve_plan
+    from ref.unlearn import architecture
+
+    cfg = architecture(model)
+    lora, step = lora_peak_bytes(cfg, r, seq, 2), estimate_peak_bytes(cfg, resolve_plan(Settings(model=model), cfg), 2)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    return (f"relearn attack on {model} (LoRA r {r} on the 7 block linears, batch 1 x {seq} tokens, bf16 weights): "
+            f"peak about {gib(lora['total'])} (weights {gib(lora['weights'])}, adapters with AdamW "
+            f"{gib(lora['adapters'])}, activations {gib(lora['activations'])}); the unlearning step of its default "
+            f"plan: {gib(step['ours'])} ({lora['total'] / step['ours']:.2f}x). Estimates from the shapes.")  # fmt: skip
 
 
 def ints(option: str, value: str) -> list[int]:

@@ -60,3 +60,16 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     ref_graph = (cfg.num_layers - plan.start) * activation_elements(cfg, N) + N * cfg.vocab_size
     reference = 2 * weights + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
     return dict(ours=ours, reference=reference, weights=weights, updated_tensors=updated * bytes_per)
+
+
+def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[str, int]:
+    """Peak memory of one step of the relearning attack (ref.relearn, LoRA on the seven block linears, batch 1 x
+    seq tokens): the weights, the adapters in fp32 with their gradients and two AdamW states, the activations
+    autograd keeps for every block (the adapters sit in all of them) and the fp32 logits with their log-softmax."""
+    D, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sides = [(D, q), (D, kv), (D, kv), (q, D), (D, I), (D, I), (I, D)]  # (in, out) of q k v o gate up down
+    adapters = cfg.num_layers * r * sum(i + o for i, o in sides)
+    weights = total_params(cfg) * bytes_per
+    activations = cfg.num_layers * activation_elements(cfg, seq) * bytes_per + 2 * seq * cfg.vocab_size * 4
+    return dict(total=weights + 16 * adapters + activations, weights=weights, adapters=16 * adapters,
+                activations=activations)  # fmt: skip

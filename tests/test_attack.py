@@ -90,3 +90,18 @@ def test_bad_attack_options(tiny_runs, tmp_path, capsys):
         assert attack.main([str(run), *out, *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_dry_run_estimates_the_relearning_attack(tiny_dirs, capsys):
+    import ref
+    from ref.config import read_config
+    from ref.lora import LoRA
+    from ref.memory import lora_peak_bytes
+
+    model = ref.load_model(tiny_dirs["llama"], device="cpu")
+    est = lora_peak_bytes(read_config(tiny_dirs["llama"]), r=8, seq=16, bytes_per=4)
+    adapter_params = sum(p.numel() for p in LoRA(model, r=8).parameters())
+    assert est["adapters"] == 16 * adapter_params  # fp32 value, gradient and two AdamW states
+    assert attack.main(["--dry-run", "--model", "mistral-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "relearn attack on mistral-7b" in out and "the unlearning step of its default plan: 16.9 GiB" in out
