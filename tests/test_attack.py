@@ -105,3 +105,17 @@ def test_dry_run_estimates_the_relearning_attack(tiny_dirs, capsys):
     assert attack.main(["--dry-run", "--model", "mistral-7b"]) == 0
     out = capsys.readouterr().out
     assert "relearn attack on mistral-7b" in out and "the unlearning step of its default plan: 16.9 GiB" in out
+
+
+def test_same_seed_same_attack(tiny_runs, tmp_path, capsys):
+    def once(out):
+        argv = [str(tiny_runs / "wmdp"), "--out", str(out), "--attacks", "relearn,fewshot", "--n", "3", "--shots", "1",
+                "--source", "forget"]  # fmt: skip
+        assert attack.main(argv) == 0, capsys.readouterr().err
+        report = json.loads((out / "attack.json").read_text())
+        for results in report["attacks"].values():
+            for r in results.values():
+                r.pop("seconds")
+        return report
+
+    assert once(tmp_path / "a") == once(tmp_path / "b")
