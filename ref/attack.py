@@ -215,7 +215,11 @@ def settings_of(name: str, data: GoalData, rows: dict, opts) -> list[tuple[objec
             raise RefError(f"--shots {opts.shots}: no MC task has more questions than that; lower --shots")
         split = {t: split_shots(r, opts.shots, opts.seed) for t, r in mc.items()}
         return [(({t: s for t, (s, _) in split.items()}, {t: v for t, (_, v) in split.items()}), f"{opts.shots}-shot")]
-    return [(relearn_texts(data, rows, opts.source, n, opts.seed), f"{opts.source} n={n}") for n in opts.n]
+    out = []
+    for n in opts.n:
+        texts, scored = relearn_texts(data, rows, opts.source, n, opts.seed)
+        out.append(((texts, scored), f"{opts.source} n={n}" + (f" ({len(texts)} available)" if len(texts) < n else "")))
+    return out
 
 
 def original_values(model_name: str, names: list[str], model: Transformer) -> dict[str, Tensor]:
