@@ -119,3 +119,20 @@ def test_same_seed_same_attack(tiny_runs, tmp_path, capsys):
         return report
 
     assert once(tmp_path / "a") == once(tmp_path / "b")
+
+
+def test_relearn_on_questions_trains_on_t_and_scores_the_disjoint_v_split(tmp_path):
+    from ref.data import load_goal_data, resolve_data_dir
+
+    data = load_goal_data(resolve_data_dir("demo"), "wmdp")
+    rows = attack.task_rows(data, limit=None)
+    texts, scored = attack.relearn_texts(data, rows, "questions", n=10, seed=0)
+    (task,) = data.eval_forget
+    assert len(texts) == 10 and len(scored[task]) == len(rows[task]) - 10
+    trained = {t.split("\nAnswer: ")[0] for t in texts}
+    assert not trained & {r["question"].strip() for r in scored[task]}  # V is disjoint from T
+    assert scored["demo-general"] == rows["demo-general"]  # retain questions are all scored
+    by_question = {r["question"].strip(): r for r in rows[task]}
+    for t in texts:  # "question\nAnswer: the correct choice's text"
+        question, answer = t.split("\nAnswer: ")
+        assert answer == by_question[question]["choices"][by_question[question]["answer"]]
