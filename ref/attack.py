@@ -176,20 +176,20 @@ def run_attacks(opts: argparse.Namespace) -> dict:
         directions = ablation_directions(model, originals, ids, mask, layers)
     for name in opts.attacks:
         for setting, label in settings_of(name, data, rows, opts):
+            # fewshot and relearn on questions score a subset: the unattacked figures are taken on it too
+            scored = setting[1] if name in ("fewshot", "relearn") else rows
+            same = "unattacked, same questions"
             t0, result = time.time(), {}
             for variant, values in variants.items():
                 with swapped(model, values):
+                    if scored is not rows:
+                        result[f"{variant} ({same})"] = measure(model, tok, data, scored, opts, scorer)
                     if name == "fewshot":
-                        shots, scored = setting
-                        result[variant] = measure(model, tok, data, scored, opts, scorer, shots)
-                        result[variant + " (0-shot, same questions)"] = measure(model, tok, data, scored, opts, scorer)
+                        result[variant] = measure(model, tok, data, scored, opts, scorer, shots=setting[0])
                         continue
-                    new = attack_values(name, setting, model, tok, data, opts, directions)
-                    scored = setting[1] if name == "relearn" else rows
-                    with swapped(model, new):
+                    with swapped(model, attack_values(name, setting, model, tok, data, opts, directions)):
                         result[variant] = measure(model, tok, data, scored, opts, scorer)
-            before = report["no attack"] if name != "fewshot" else {v: result[v + " (0-shot, same questions)"]
-                                                                    for v in variants}  # fmt: skip
+            before = {v: result[f"{v} ({same})"] for v in variants} if scored is not rows else report["no attack"]
             result["recovery"] = recovery(before["base"], before["unlearned"], result["unlearned"])
             result["seconds"] = round(time.time() - t0, 1)
             report["attacks"].setdefault(name, {})[label] = result
