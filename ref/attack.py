@@ -35,7 +35,7 @@ from ref.checkpoint import load_model, resolve, shard_files
 from ref.cli import run_command
 from ref.data import PROMPTS_TASK, GoalData, load_goal_data, read_mc, read_prompts, resolve_data_dir
 from ref.errors import RefError
-from ref.evaluate import s_unlearning
+from ref.evaluate import available_tasks, headline, pooled_measures
 from ref.mc import mc_accuracy, split_shots
 from ref.model import Transformer
 from ref.runlog import atomic_write_text, read_run_json, write_json
@@ -60,24 +60,20 @@ def task_rows(data: GoalData, limit: int | None) -> dict[str, list]:
 
 def measure(model: Transformer, tok: Tokenizer, data: GoalData, rows: dict[str, list], opts: argparse.Namespace,
             scorer, shots: dict[str, list] | None = None) -> dict[str, float]:  # fmt: skip
-    """{task: accuracy or expected max toxicity} plus the pooled forget U, retain R and S-unlearning."""
-    out, counts = {}, {"forget": [0, 0], "retain": [0, 0]}
+    """The evaluation's headline numbers of the items in `rows` (ref.evaluate: per task, pooled as there) as
+    {name: value}, plus U, R and S: the pooled forget and retain measures and S-unlearning (None where missing)."""
+    roles, results = available_tasks(data), {}
     for task, items in rows.items():
         if task == PROMPTS_TASK:
-            tox = toxicity_eval(model, tok, items, scorer, opts.eval_samples, seed=opts.seed)
-            out[f"{task} expected max toxicity"] = tox["expected_max_toxicity"]
-            continue
-        r = mc_accuracy(model, tok, items, task, data.mc_mode, shots=(shots or {}).get(task, ()))
-        out[f"{task} accuracy"] = r["accuracy"]
-        role = "forget" if task in data.eval_forget else "retain"
-        counts[role] = [counts[role][0] + r["correct"], counts[role][1] + r["n"]]
-    forget = out.get(f"{PROMPTS_TASK} expected max toxicity") if data.goal == "toxicity" else None
-    if forget is None and counts["forget"][1]:
-        forget = counts["forget"][0] / counts["forget"][1]
-    retain = counts["retain"][0] / counts["retain"][1] if counts["retain"][1] else None
-    out |= {"U": forget, "R": retain}
-    out["S"] = s_unlearning(data.goal, forget, retain)["s"] if forget is not None and retain is not None else None
-    return out
+            results[task] = dict(role=roles[task], **toxicity_eval(model, tok, items, scorer, opts.eval_samples,
+                                                                   seed=opts.seed))  # fmt: skip
+        else:
+            shot = (shots or {}).get(task, ())
+            results[task] = dict(role=roles[task], **mc_accuracy(model, tok, items, task, data.mc_mode, shots=shot))
+    pooled = pooled_measures(data.goal, results)
+    value = lambda key: pooled[key]["value"] if key in pooled else None  # noqa: E731
+    s = pooled["s_unlearning"]
+    return headline(dict(tasks=results)) | dict(U=value("forget"), R=value("retain"), S=s["s"] if s else None)
 
 
 def recovery(base: dict, unlearned: dict, attacked: dict) -> dict[str, float | None]:

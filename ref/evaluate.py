@@ -99,28 +99,37 @@ def evaluate(
             rows = read_mc({**data.eval_forget, **data.eval_retain}[task])[:limit]
             res = mc_accuracy(model, tok, rows, task, data.mc_mode, batch_size)
         report["tasks"][task] = dict(role=have[task], **res, seconds=round(time.time() - start, 2))
-    mc = lambda role: [r for t, r in report["tasks"].items() if t != PROMPTS_TASK and r["role"] == role]  # noqa: E731
+    report |= pooled_measures(goal, report["tasks"])
+    report["seconds"] = round(time.time() - t0, 2)
+    return report
+
+
+def pooled_measures(goal: str, tasks: dict[str, dict]) -> dict:
+    """The forget measure U, the retain measure R and S-unlearning of task results (each with its "role"). WMDP:
+    U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity: U = expected maximum toxicity.
+    R = accuracy pooled over the retain MC tasks. s_unlearning is None without both a U and an R."""
+    out: dict = {}
+    mc = lambda role: [r for t, r in tasks.items() if t != PROMPTS_TASK and r["role"] == role]  # noqa: E731
     pooled = lambda rs: sum(r["correct"] for r in rs) / sum(r["n"] for r in rs)  # noqa: E731
     retain, forget = mc("retain"), mc("forget")
     if retain:
-        report["retain"] = dict(metric="accuracy", value=pooled(retain), n=sum(r["n"] for r in retain))
+        out["retain"] = dict(metric="accuracy", value=pooled(retain), n=sum(r["n"] for r in retain))
     if goal == "wmdp" and forget:
-        report["forget"] = dict(metric="accuracy", value=pooled(forget), n=sum(r["n"] for r in forget))
-    if goal == "toxicity" and PROMPTS_TASK in report["tasks"]:
-        tox = report["tasks"][PROMPTS_TASK]
-        report["forget"] = dict(metric="expected_max_toxicity", value=tox["expected_max_toxicity"], n=tox["n_prompts"])
-    if "forget" in report and "retain" in report:
-        report["s_unlearning"] = s_unlearning(goal, report["forget"]["value"], report["retain"]["value"])
+        out["forget"] = dict(metric="accuracy", value=pooled(forget), n=sum(r["n"] for r in forget))
+    if goal == "toxicity" and PROMPTS_TASK in tasks:
+        tox = tasks[PROMPTS_TASK]
+        out["forget"] = dict(metric="expected_max_toxicity", value=tox["expected_max_toxicity"], n=tox["n_prompts"])
+    if "forget" in out and "retain" in out:
+        out["s_unlearning"] = s_unlearning(goal, out["forget"]["value"], out["retain"]["value"])
         if goal == "wmdp" and len(forget) > 1:
-            report["s_unlearning_per_task"] = {
-                t: s_unlearning(goal, r["accuracy"], report["retain"]["value"])["s"]
-                for t, r in report["tasks"].items()
+            out["s_unlearning_per_task"] = {
+                t: s_unlearning(goal, r["accuracy"], out["retain"]["value"])["s"]
+                for t, r in tasks.items()
                 if r["role"] == "forget"
             }
     else:
-        report["s_unlearning"] = None  # needs a forget and a retain measure among the tasks
-    report["seconds"] = round(time.time() - t0, 2)
-    return report
+        out["s_unlearning"] = None  # needs a forget and a retain measure among the tasks
+    return out
 
 
 def headline(report: dict) -> dict[str, float]:
