@@ -62,6 +62,9 @@ class TrainState:
     steering: dict[str, float]  # Adaptive RMU's c per topic, set on the topic's first batch
     step: int = 0  # steps done
 
+    def __post_init__(self):
+        self.original_norms = {k: norm(t) for k, t in self.originals.items()}  # for `divergence`, once
+
     def state_dict(self) -> dict:
         return dict(step=self.step, updated={k: p.detach().cpu() for k, p in self.params.items()},
                     optimizer=self.optimizer.state_dict(), steering=dict(self.steering),
@@ -90,14 +93,20 @@ def start_state(plan: Plan, model: Transformer) -> TrainState:
     return TrainState(params, originals, optimizer, policy, steering={})
 
 
+def norm(t: Tensor) -> float:
+    """The Frobenius norm, accumulated in fp32 (inf when it overflows: finite weights of ~1e30)."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).item()
+
+
 def divergence(state: TrainState) -> str | None:
-    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None."""
+    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None. Runs
+    after every step: one pass over the trained tensors, the original norms computed once."""
     for name, p in state.params.items():
         if not bool(torch.isfinite(p).all()):
             return f"{name} holds NaN or inf"
-        norm, original = (torch.linalg.vector_norm(t.detach().double()).item() for t in (p, state.originals[name]))
-        if norm > MAX_NORM_GROWTH * original:
-            return f"the norm of {name} grew from {original:.3g} to {norm:.3g} (> {MAX_NORM_GROWTH:g}x)"
+        now, original = norm(p), state.original_norms[name]
+        if now > MAX_NORM_GROWTH * original:
+            return f"the norm of {name} grew from {original:.3g} to {now:.3g} (> {MAX_NORM_GROWTH:g}x)"
     return None
 
 
