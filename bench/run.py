@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bench import measure, workload  # noqa: E402
 from bench.baseline import BaselineRMU  # noqa: E402
 
-GROUPS = ("step", "sweep", "losses", "forward", "mc", "load")
+GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset")
 MiB = 2**20
 BATCH, SEQ, TAP = 4, 512, 7
 
@@ -245,6 +245,24 @@ def rows_load(models: Models, data, a) -> list[dict]:
         row("load + read every weight vs from_pretrained", "peak RSS MiB", po, pt, **common),
         row("load + read every weight vs the model's bytes", "peak RSS MiB", po, nbytes, 1.2, **common),
     ]  # fmt: skip
+
+
+def rows_subset(models: Models, data, a) -> list[dict]:
+    """A whole ref.unlearn run (4 steps, tap 7) loading blocks 0..7 against the same run loading every block, one
+    fresh process each, alternating. fp32: the weights stay memory-mapped from the fp32 file, so blocks that never
+    run are never read either way; bf16: the cast copies every loaded tensor, as any load onto a GPU does."""
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        res = {"subset": [], "full": []}
+        for r in range(a.repeats):
+            for impl in ("subset", "full") if r % 2 == 0 else ("full", "subset"):
+                res[impl].append(worker("run", impl, "--dtype", dtype, "--out", f"runs/bench-{impl}"))
+        peak = {k: measure.summary([x["peak"] for x in v])["median"] / MiB for k, v in res.items()}
+        first = res["subset"][0]
+        out.append(row(f"unlearn run, blocks 0..7 loaded vs all 30 ({dtype})", "peak RSS MiB", peak["subset"],
+                       peak["full"], dtype=dtype, estimate_MiB=first["estimate"] / MiB,
+                       shapes=dict(model=workload.MODEL, steps=4, batch=4, seq=128, tap_layer=7)))  # fmt: skip
+    return out
 
 
 # ---- full size, random weights ----

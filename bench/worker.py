@@ -2,6 +2,7 @@
 
     python -m bench.worker load ours|transformers
     python -m bench.worker step baseline|rmu|ours --tap 7 --seq 512 --batch 4
+    python -m bench.worker run subset|full --dtype float32|bfloat16 --steps 4
 
 Prints one line `RESULT {json}`; memory figures are bytes above the resident size once the imports are done.
 """
@@ -71,15 +72,46 @@ def step(impl: str, tap: int, seq: int, batch: int) -> dict:
     return dict(peak=measure.peak_rss() - base, loaded=loaded, seconds=seconds)
 
 
+def run(impl: str, dtype: str, steps: int, out: str) -> dict:
+    """A whole `ref.unlearn` run (SmolLM2, WMDP demo data, ours, no evaluation, eager losses): the subset load it does
+    (embedding + blocks 0..7) or, monkeypatched, a load of every block. Also returns the plan's estimate."""
+    import ref.unlearn as U
+    from ref.checkpoint import resolve
+    from ref.config import read_config
+    from ref.memory import estimate_peak_bytes
+    from ref.plan import Settings
+    from ref.plan import resolve as resolve_plan
+
+    settings = Settings(model=workload.MODEL, goal="wmdp", out=out, overwrite=True, evaluate=False, compile=False,
+                        max_steps=steps, device="cpu", dtype=dtype, save_every=steps)  # fmt: skip
+    cfg = read_config(resolve(settings.model))
+    plan = resolve_plan(settings, cfg)
+    if impl == "full":
+        load = U.load_model
+        U.load_model = lambda *a, **k: load(*a, **{**k, "blocks": None})
+    base = measure.rss()
+    measure.reset_peak_rss()
+    U.unlearn(settings)
+    est = estimate_peak_bytes(cfg, plan, torch.finfo(getattr(torch, dtype)).bits // 8)
+    return dict(peak=measure.peak_rss() - base, estimate=est["ours"], loaded_weights=est["weights"],
+                full_weights=est["full_weights"])  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["load", "step"])
-    p.add_argument("impl", choices=["ours", "transformers", "baseline", "rmu"])
+    p.add_argument("what", choices=["load", "step", "run"])
+    p.add_argument("impl", choices=["ours", "transformers", "baseline", "rmu", "subset", "full"])
     p.add_argument("--tap", type=int, default=7)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", default="runs/bench-subset")
     a = p.parse_args(argv)
-    out = load(a.impl) if a.what == "load" else step(a.impl, a.tap, a.seq, a.batch)
+    if a.what == "run":
+        out = run(a.impl, a.dtype, a.steps, a.out)
+    else:
+        out = load(a.impl) if a.what == "load" else step(a.impl, a.tap, a.seq, a.batch)
     print("RESULT " + json.dumps(out), flush=True)
 
 

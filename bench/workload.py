@@ -89,17 +89,21 @@ class TokenStub:
         return ids, torch.ones_like(ids)
 
 
-def random_ours(arch: str, dtype: torch.dtype, device: str) -> Transformer:
-    """Our decoder built on the meta device, then materialised on `device` with random values in `dtype`."""
+def random_ours(arch: str, dtype: torch.dtype, device: str, blocks: int | None = None) -> Transformer:
+    """Our decoder built on the meta device, then materialised on `device` with random values in `dtype`; with
+    `blocks=k` only the embedding and blocks 0..k-1 (the rest stays on meta, as a subset load leaves it)."""
     cfg = config_from_dict(REGISTRY[arch].arch)
     with torch.device("meta"):
         model = Transformer(cfg)
     rope = {k: v.clone() for k, v in model.named_buffers()}  # built in fp32 on the CPU even under meta
-    model = model.to(dtype).to_empty(device=device)
+    parts = [model] if blocks is None else [model.model.embed_tokens, *model.model.layers[:blocks]]
+    for part in parts:
+        part.to(dtype).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=g)
+            if not p.is_meta:
+                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=g)
     for name, b in rope.items():  # to_empty left them uninitialised (and cast): put back the fp32 values
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, b.to(device))

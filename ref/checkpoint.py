@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ref.config import DTYPES, read_config
 from ref.errors import RefError
 from ref.model import Transformer
+from ref.placement import Placement, placement
 from ref.registry import REGISTRY, local_model_dir
 
 INDEX = "model.safetensors.index.json"
@@ -107,17 +107,26 @@ def _open(path: Path):
 
 
 def load_model(
-    name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+    name_or_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    blocks: int | None = None,
 ) -> Transformer:
-    """Load a checkpoint into the decoder. dtype defaults to fp32 on CPU, bf16 on GPU."""
+    """Load a checkpoint into the decoder. dtype defaults to fp32 on CPU, bf16 on GPU. `device`: one device, a
+    comma-separated list or "auto" (ref.placement: contiguous blocks per device). `blocks=k` reads only the embedding
+    and blocks 0..k-1 (what a training forward that stops at tap k-1 runs); the rest stays on the meta device until
+    `load_rest(model)` reads it."""
     folder = resolve(name_or_path)
     cfg = read_config(folder)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where_to = placement(cfg, str(device) if device is not None else None, default)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise RefError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = dtype or (torch.float32 if where_to.first.type == "cpu" else torch.bfloat16)
+    if blocks is not None and not 1 <= blocks <= cfg.num_layers:
+        raise RefError(f"blocks={blocks}: load between 1 and {cfg.num_layers} blocks of this model")
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
@@ -133,26 +142,48 @@ def load_model(
             f"{folder}: checkpoint has tensors the {cfg.model_type} config does not describe, e.g. "
             f"{unexpected[:3]}: config and weights disagree"
         )
-    state = {}
-    for shard in sorted(set(where[k] for k in expected)):
-        with _open(shard) as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue
-                t = f.get_slice(name)
-                shape = list(t.get_shape())
-                if shape != list(expected[name].shape):
-                    raise RefError(
-                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
-                        f"{list(expected[name].shape)}: config and weights do not belong together"
-                    )
-                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.source_dir, model.placement, model.load_dtype = folder, where_to, dtype  # what load_rest and save_model need
+    wanted = {k: v for k, v in expected.items() if blocks is None or _in_first_blocks(k, blocks)}
+    model.load_state_dict(_read(where, wanted, dtype, where_to), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(device)  # the rope buffers, built on the CPU
-    model.source_dir = folder  # where save_model copies the untouched shards from
+    model.rope.to(where_to.first)  # the rope buffers, built on the CPU
     return model.eval().requires_grad_(False)
+
+
+def _in_first_blocks(name: str, k: int) -> bool:
+    """The tensors a forward that stops after block k - 1 reads: the embedding and blocks 0..k-1."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) < k
+    return name.startswith("model.embed_tokens.")
+
+
+def load_rest(model: Transformer) -> Transformer:
+    """Read the tensors a subset load left on the meta device (the blocks above it, the final norm, the LM head),
+    from the same checkpoint, in the same dtype and placement. Tensors already loaded (trained ones too) stay."""
+    missing = {k: p for k, p in model.named_parameters() if p.is_meta}
+    if missing:
+        state = _read(shard_files(model.source_dir), missing, model.load_dtype, model.placement)
+        model.load_state_dict(state, strict=False, assign=True)  # assign keeps requires_grad (False) of the meta ones
+    return model
+
+
+def _read(where: dict[str, Path], wanted: dict[str, torch.Tensor], dtype: torch.dtype, to: Placement) -> dict:
+    """The `wanted` tensors (name -> a tensor of the expected shape) read from their shards, cast and placed."""
+    state = {}
+    for shard in sorted(set(where[k] for k in wanted)):
+        with _open(shard) as f:
+            for name in f.keys():
+                if name not in wanted:
+                    continue
+                shape = list(f.get_slice(name).get_shape())
+                if shape != list(wanted[name].shape):
+                    raise RefError(
+                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
+                        f"{list(wanted[name].shape)}: config and weights do not belong together"
+                    )
+                state[name] = f.get_tensor(name).to(device=to.of(name), dtype=dtype)
+    return state
 
 
 def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torch.Tensor]) -> Path:
@@ -184,16 +215,35 @@ def _write_folder(src: Path, tmp: Path, where: dict[str, Path], replaced: dict[s
             shutil.copy2(f, tmp / f.name)
     for shard in sorted(set(where.values())):
         names = {k for k, p in where.items() if p == shard}
-        if not names & set(replaced):
+        if names & set(replaced):
+            _patch_shard(shard, tmp / shard.name, {k: replaced[k] for k in names & set(replaced)})
+        else:
             _link_or_copy(shard, tmp / shard.name)
-            continue
-        with _open(shard) as f:
-            meta = f.metadata() or {}
-            tensors = {}
-            for k in f.keys():
-                t = f.get_tensor(k)
-                tensors[k] = replaced[k].detach().to("cpu", t.dtype).contiguous() if k in replaced else t
-        save_file(tensors, str(tmp / shard.name), metadata={**meta, "format": "pt"})
+
+
+def _patch_shard(src: Path, dst: Path, replaced: dict[str, torch.Tensor]) -> None:
+    """Copy a shard and overwrite the bytes of the replaced tensors in place: same names, shapes and dtypes (values
+    cast to the stored dtype), so the header and every offset stay as they were. The copy streams: the shard is
+    never held in memory (a single-file checkpoint is the whole model)."""
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as out:
+        for name, value in replaced.items():
+            entry = header[name]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            if list(value.shape) != entry["shape"]:
+                raise RefError(f"cannot save {name}: shape {list(value.shape)}, the checkpoint's {entry['shape']}")
+            data = value.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()
+            start, end = entry["data_offsets"]
+            if data.nbytes != end - start:
+                raise RefError(f"cannot save {name}: {data.nbytes} bytes for a {end - start}-byte slot in {src.name}")
+            out.seek(8 + n + start)
+            out.write(data.tobytes())
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -25,6 +25,11 @@ def layer_params(cfg: ModelConfig) -> dict[str, int]:
     return out
 
 
+def loaded_params(cfg: ModelConfig, blocks: int) -> int:
+    """Parameters of a subset load: the embedding and blocks 0..blocks-1 (no final norm, no LM head)."""
+    return cfg.vocab_size * cfg.hidden_size + blocks * sum(layer_params(cfg).values())
+
+
 def total_params(cfg: ModelConfig) -> int:
     embed = cfg.vocab_size * cfg.hidden_size
     return (
@@ -45,7 +50,8 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     """Peak memory of one training step, ours against the reference structure (both updating the same tensors with
     AdamW; optimizer states in the parameter dtype).
 
-    ours: one copy of the weights + the original values of the updated tensors, gradients and two AdamW states; the
+    ours: one copy of the weights it loads (the embedding and blocks 0..deepest tap) + the original values of the
+    updated tensors, gradients and two AdamW states; the
     graphs of the forget and the retain pass over blocks start..deepest tap are alive together at the backward.
     reference: two full copies (updated and frozen); each updated forward runs every block and the LM head with
     autograd recording from the first updated block, so the largest moment is the retain pass's full graph and
@@ -53,13 +59,13 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     N = plan.batch_size * plan.max_len
     per = layer_params(cfg)
     updated = sum(per[p] for p in plan.update_params) * len(plan.update_layers)
-    weights = total_params(cfg) * bytes_per
+    weights, full = loaded_params(cfg, max(plan.taps) + 1) * bytes_per, total_params(cfg) * bytes_per
     optim = 3 * updated * bytes_per  # gradient + exp_avg + exp_avg_sq
     grad_layers = max(plan.taps) - plan.start + 1
     ours = weights + updated * bytes_per + optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
     ref_graph = (cfg.num_layers - plan.start) * activation_elements(cfg, N) + N * cfg.vocab_size
-    reference = 2 * weights + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
-    return dict(ours=ours, reference=reference, weights=weights, updated_tensors=updated * bytes_per)
+    reference = 2 * full + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
+    return dict(ours=ours, reference=reference, weights=weights, full_weights=full, updated_tensors=updated * bytes_per)
 
 
 def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[str, int]:

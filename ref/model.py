@@ -6,6 +6,10 @@ by name and the unlearning code selects tensors by name. Family differences are 
 Taps: `taps[i]` is the residual stream after block i (transformers' `hidden_states[i + 1]`). With `stop_after=k`
 no block above k runs, and neither the final norm nor the LM head.
 
+Placement: each block runs on the device of its weights (ref.placement splits blocks over devices); the residual
+stream moves at the boundaries and taps and logits come back on the device of the input. A model loaded with
+only its first blocks (ref.checkpoint) holds the others on the meta device; running one is a clear error.
+
 Positions: by default position ids count real tokens only (cumsum of the attention mask), as transformers'
 `generate` does, so a left-padded row gives the same values as the same row unpadded. ref/rope.py turns them into
 the rotation of queries and keys.
@@ -200,12 +204,27 @@ class Transformer(nn.Module):
             t: attention_mask_4d(attention_mask, T, self.config.sliding_window if t != "full_attention" else None)
             for t in rope
         }
+        first, on = x.device, {}  # device -> rope and masks there
         out = {}
         for i in range(start_layer, last + 1):
             block = self.model.layers[i]
-            x = block(x, *rope[block.layer_type], masks[block.layer_type], cache)
+            dev = loaded_device(block, f"block {i}")
+            if dev not in on:
+                on[dev] = ({t: (c.to(dev), s.to(dev)) for t, (c, s) in rope.items()},
+                           {t: m if m is None else m.to(dev) for t, m in masks.items()})  # fmt: skip
+            x = block(x.to(dev), *on[dev][0][block.layer_type], on[dev][1][block.layer_type], cache)
             if i in taps:
-                out[i] = x
+                out[i] = x.to(first)
         if stop_after is not None:
             return Output(None, out)
-        return Output(self.lm_head(self.model.norm(x)), out)
+        x = x.to(loaded_device(self.lm_head, "the LM head"))
+        return Output(self.lm_head(self.model.norm(x)).to(first), out)
+
+
+def loaded_device(module: nn.Module, what: str) -> torch.device:
+    """The device of a module's weights; a clear error for a part that a subset load left unread (meta)."""
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        raise RefError(f"{what} is not loaded: the model was loaded with only its first blocks "
+                       "(load_model(..., blocks=k)); read the rest with ref.checkpoint.load_rest(model)")  # fmt: skip
+    return device

@@ -6,6 +6,7 @@ a frozen `Plan`. The run, `--dry-run` and run.json all read the plan; nothing wr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,6 +16,7 @@ from ref.config import ModelConfig
 from ref.errors import RefError
 from ref.memory import estimate_peak_bytes, total_params
 from ref.model import Transformer
+from ref.placement import parse_devices, split_blocks
 from ref.registry import UNLEARN_DEFAULTS, generic_defaults
 from ref.reinforce import ALPHA_RANGE
 
@@ -104,6 +106,11 @@ class Plan:
     def start(self) -> int:
         """First block run with gradients; the blocks below run once per batch under no_grad."""
         return min(self.update_layers)
+
+    @property
+    def loaded_blocks(self) -> int:
+        """Blocks the training reads: 0..deepest tap (the rest of the model only for the evaluation)."""
+        return max(self.taps) + 1
 
     @property
     def reinforce(self) -> bool:
@@ -217,16 +224,26 @@ def as_dict(plan: Plan) -> dict:
 def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
     """The plan in words: blocks run, taps, tensors updated, alpha, steps and the peak-memory estimate. The run
     prints it at its start and --dry-run prints it alone."""
-    dtype = plan.dtype or ("float32" if plan.device == "cpu" else "bfloat16")  # as load_model chooses on a GPU box
+    devices = parse_devices(plan.device)
+    on_cpu = devices is not None and devices[0].type == "cpu"
+    dtype = plan.dtype or ("float32" if on_cpu else "bfloat16")  # as load_model chooses on a GPU box
     bytes_per = torch.finfo(getattr(torch, dtype)).bits // 8
     est = estimate_peak_bytes(cfg, plan, bytes_per)
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    gpus = lambda b: math.ceil(b / GPU_BYTES)  # noqa: E731
     alpha = f"REINFORCE from alpha0 = {plan.alpha0:g}" if plan.reinforce else f"fixed {plan.alpha:g}"
-    return "\n".join([
-        f"plan: {plan.method} on {plan.goal}, model {plan.model} ({cfg.model_type}, {cfg.num_layers} layers, "
+    k, n = plan.loaded_blocks, cfg.num_layers
+    rest = "the final norm and the LM head"
+    if k < n:
+        rest = f"blocks {k}..{n - 1}, {rest} ({gib(est['full_weights'] - est['weights'])})"
+    lines = [
+        f"plan: {plan.method} on {plan.goal}, model {plan.model} ({cfg.model_type}, {n} layers, "
         f"{total_params(cfg) / 1e9:.2f} B parameters)",
+        f"- loads the embedding and blocks 0..{k - 1} ({gib(est['weights'])} of {gib(est['full_weights'])}); {rest} are read "
+        "only to evaluate",
         f"- blocks 0..{plan.start - 1} run once per batch under no_grad (shared by the updated and frozen passes)"
-        if plan.start else "- no shared prefix (the first block is updated)",
+        if plan.start
+        else "- no shared prefix (the first block is updated)",
         f"- blocks {plan.start}..{max(plan.taps)} run with gradients; none above {max(plan.taps)}; no LM head",
         f"- taps: {list(plan.taps)}",
         f"- updated tensors ({len(plan.tensors)}, {gib(est['updated_tensors'])}): {', '.join(plan.tensors)}",
@@ -235,6 +252,17 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         + (f"; adaptive c, beta = {plan.beta:g}" if plan.beta is not None else ""),
         f"- steps: {'unknown' if steps is None else steps} (data {plan.data}"
         f"{' not prepared' if steps is None else ''}), batch {plan.batch_size} x {plan.max_len} tokens",
-        f"- estimated peak memory ({bytes_per * 8}-bit weights): ours {gib(est['ours'])}, "
+        f"- estimated peak memory of a step ({bytes_per * 8}-bit weights): ours {gib(est['ours'])}, "
         f"reference structure {gib(est['reference'])} ({est['ours'] / est['reference']:.2f}x)",
-    ])  # fmt: skip
+    ]
+    if not on_cpu:
+        lines.append(f"- 80 GiB GPUs needed: training {gpus(est['ours'])}, evaluation (the whole model, "
+                     f"{gib(est['full_weights'])} of weights) {gpus(est['full_weights'] * EVAL_OVERHEAD)}; "
+                     "split with --device cuda:0,cuda:1,... or auto")  # fmt: skip
+    if devices is not None and (len(devices) > 1 or plan.device == "auto"):
+        lines.append(f"- placement: {split_blocks(cfg, devices).describe()}")
+    return "\n".join(lines)
+
+
+# One 80 GiB accelerator (A100 / H100 80GB); the evaluation's activations, KV cache and logits on top of the weights.
+GPU_BYTES, EVAL_OVERHEAD = 80 * 2**30, 1.1

@@ -36,6 +36,14 @@ REGISTRY: dict[str, ModelEntry] = {
                          max_position_embeddings=131072,
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192))),
+        ModelEntry("llama3.1-70b", "meta-llama/Llama-3.1-70B",
+                   _arch("llama", 128256, 8192, 28672, 80, 64, 8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192))),
+        ModelEntry("qwen2.5-72b", "Qwen/Qwen2.5-72B",
+                   _arch("qwen2", 152064, 8192, 29568, 80, 64, 8, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                         use_sliding_window=False, max_position_embeddings=131072)),
         ModelEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B",
                    _arch("qwen2", 152064, 3584, 18944, 28, 28, 4, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          use_sliding_window=False, sliding_window=131072, max_position_embeddings=131072)),
@@ -104,6 +112,13 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
     "mistral-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=78.0, alpha0_toxicity=78.0),
     "llama3.1-8b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=43.0, alpha0_toxicity=43.0),
     "qwen2.5-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(28), alpha0=5.7, alpha0_toxicity=5.7),
+    # 70B: the reference's indices (tap 7, down_proj of 5-7), not its relative depth (7 of 32 would be 17-18 of 80).
+    # The reference kept layer 7 unchanged from Zephyr-7B to Mixtral-8x7B, and no RMU setting for an 80-layer model
+    # is published; at layer 7 the training reads blocks 0..7 only (about 8 B parameters, one 80 GB GPU). The
+    # relative depth is one option away: --tap-layer 17 --update-layers 15,16,17 (its --dry-run prints its cost).
+    # alpha0: the paper's final alpha of the same family at 7-8B (none is published at 70B).
+    "llama3.1-70b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80), alpha0=43.0, alpha0_toxicity=43.0),
+    "qwen2.5-72b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80), alpha0=5.7, alpha0_toxicity=5.7),
     "olmo3-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=0.41, alpha0_toxicity=0.41),
     # SmolLM2-135M (30 layers, hidden 576): the reference's layer 7 (a quarter of the depth, as 7 of 32);
     # lr 1e-3: at 5e-5 the cosine forget loss moves by 2% in the 30 demo steps (0.99 -> 0.97), at 1e-3 to 0.33.

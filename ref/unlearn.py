@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ref import validate
-from ref.checkpoint import load_model, resolve, save_model, shard_files
+from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
 from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_dir
@@ -72,7 +72,8 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     if settings.overwrite and out.is_dir():
         clear_run_folder(out)
     print(describe(plan, cfg, len(steps)), flush=True)
-    model, tok = load_model(folder, dtype=plan.dtype, device=plan.device), load_tokenizer(folder)
+    model = load_model(folder, dtype=plan.dtype, device=plan.device, blocks=plan.loaded_blocks)
+    tok = load_tokenizer(folder)
     run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
                     model_type=model.config.model_type, resumes=resumes)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
     updated = {k: p.detach().cpu().contiguous() for k, p in st.params.items()}
     atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
     save_model(run.model, out / "model", replaced=dict(st.params))
-    report = evaluate_before_after(run, st, data) if run.plan.evaluate else None
+    report = evaluate_before_after(run, st, data) if run.plan.evaluate else None  # reads the blocks above the taps
     if report is not None:
         write_json(out / "report.json", report)
     atomic_write_text(out / "summary.md", summary(run, st, rows, run_json, report))
@@ -236,6 +237,7 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     from ref.scorers import make_scorer, scorer_info
 
     plan = run.plan
+    load_rest(run.model)
     base = lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device)  # noqa: E731 (a separate, frozen copy)
     scorer = make_scorer(
         data, plan.goal, list(available_tasks(data)), base, run.tok, seed=plan.seed, device=plan.device

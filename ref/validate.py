@@ -38,13 +38,22 @@ def positive(option: str, value: float | int | None, integer: bool = False) -> N
 
 
 def device(option: str, value: str | None) -> None:
-    """cpu, cuda, cuda:N or mps, and one this torch build and machine have."""
-    if value is None:
+    """cpu, cuda, cuda:N or mps, one this torch build and machine have; or a comma-separated list of them (blocks
+    split over the devices, ref.placement), or auto."""
+    if value is None or value == "auto":
         return
+    names = [s.strip() for s in value.split(",")]
+    if len(names) > 1 and len(set(names)) < len(names) and any(n != "cpu" for n in names):
+        raise RefError(f"{option} is {value!r}: a device is named twice; name each GPU once (cuda:0,cuda:1,...)")
+    for name in names:
+        _one_device(option, value, name)
+
+
+def _one_device(option: str, value: str, name: str) -> None:
     try:
-        dev = torch.device(value)
+        dev = torch.device(name)
     except RuntimeError:
-        raise RefError(f"{option} is {value!r}; use cpu, cuda, cuda:N or mps") from None
+        raise RefError(f"{option} is {value!r}; use cpu, cuda, cuda:N, mps, a comma-separated list or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
@@ -55,7 +64,7 @@ def device(option: str, value: str | None) -> None:
         if not torch.backends.mps.is_available():
             raise RefError(f"{option} is {value!r} but MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
-        raise RefError(f"{option} is {value!r}; use cpu, cuda, cuda:N or mps")
+        raise RefError(f"{option} is {value!r}; use cpu, cuda, cuda:N, mps, a comma-separated list or auto")
 
 
 def dtype(option: str, value: str | None) -> None:

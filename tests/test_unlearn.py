@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import ref
 import ref.unlearn as U
 from ref import objectives
+from ref.checkpoint import load_rest
 from ref.errors import RefError
 from ref.fused import eager
 from ref.model import Transformer
@@ -126,7 +127,11 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
 
     original = ref.load_model(tiny_dirs["llama"], device="cpu")
     trained = dict(run.model.named_parameters())
-    changed = {k for k, p in original.named_parameters() if not torch.equal(p, trained[k])}
+    # only the embedding and blocks 0..deepest tap were read (no evaluation here): the rest is still on meta
+    unread = {k for k, p in trained.items() if p.is_meta}
+    read = ("model.embed_tokens.", *(f"model.layers.{i}." for i in range(deepest + 1)))
+    assert unread == {k for k in trained if not k.startswith(read)}
+    changed = {k for k, p in original.named_parameters() if k not in unread and not torch.equal(p, trained[k])}
     expected = {f"model.layers.{i}.mlp.down_proj.weight" for i in run.plan.update_layers}
     assert run.plan.update_layers == ((0, 1, 2) if goal == "toxicity" and method == "ours" else (1, 2))
     assert changed == expected  # all other tensors bit-identical
@@ -142,14 +147,15 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
     saved = tmp_path / "run/model"
     with torch.no_grad():
         ours = ref.load_model(saved, device="cpu")(ids, mask).logits
-        mine = run.model(ids, mask).logits
+        mine = load_rest(run.model)(ids, mask).logits  # the blocks above the taps read from the source now
         theirs = (
             AutoModelForCausalLM.from_pretrained(saved)
             .eval()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
             .logits
         )
     real = mask.bool()
-    assert torch.equal(ours, mine)
+    assert torch.equal(ours, mine)  # model/ is complete: every shard, the trained tensors swapped in
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in tiny_dirs["llama"].iterdir())
     assert (theirs - ours)[real].abs().max() <= 1e-5  # same fp32 ops; see test_golden_families
     assert (tmp_path / "run/summary.md").read_text().startswith("# Unlearning run")
 
