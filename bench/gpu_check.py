@@ -59,12 +59,12 @@ def golden(device: str) -> list[dict]:
             ids, mask = (t.to(device) for t in tok.batch(PROMPTS))
             pos, real = (mask.cumsum(-1) - 1).clamp(min=0), mask.bool()
 
-            def hf(dtype):
+            logits = {}
+            for dtype in (torch.float32, torch.bfloat16):
                 m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
                 with torch.no_grad():
-                    return m.eval()(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()[real]
-
-            truth, theirs = hf(torch.float32), hf(torch.bfloat16)
+                    logits[dtype] = m.eval()(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()[real]
+            truth, theirs = logits[torch.float32], logits[torch.bfloat16]
             with torch.no_grad():
                 ours = load_model(folder, dtype="bfloat16", device=device)(ids, mask).logits.float()[real]
             d_ours, d_theirs = (ours - truth).abs().max().item(), (theirs - truth).abs().max().item()
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu-check.json")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print("make gpu-check needs a CUDA GPU: none is visible here (pass --device cpu to run the path on small archs)")
+        print(
+            "make gpu-check needs a CUDA GPU: none is visible here (pass --device cpu to run the path on small archs)"
+        )
         return 1
     t0, rows = time.perf_counter(), []
     info = dict(machine=measure.machine(), commit=measure.commit(),

@@ -239,8 +239,8 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
     lines = [
         f"plan: {plan.method} on {plan.goal}, model {plan.model} ({cfg.model_type}, {n} layers, "
         f"{total_params(cfg) / 1e9:.2f} B parameters)",
-        f"- loads the embedding and blocks 0..{k - 1} ({gib(est['weights'])} of {gib(est['full_weights'])}); {rest} are read "
-        "only to evaluate",
+        f"- loads the embedding and blocks 0..{k - 1} ({gib(est['weights'])} of {gib(est['full_weights'])}); "
+        f"{rest} are read only to evaluate",
         f"- blocks 0..{plan.start - 1} run once per batch under no_grad (shared by the updated and frozen passes)"
         if plan.start
         else "- no shared prefix (the first block is updated)",

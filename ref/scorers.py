@@ -14,6 +14,7 @@ import torch
 from ref.data import PROMPTS_TASK, GoalData, manifest_path
 from ref.errors import RefError
 from ref.model import Transformer
+from ref.placement import parse_devices
 from ref.probe import Probe, train_probe
 from ref.tokenizer import Tokenizer
 
@@ -32,7 +33,8 @@ def trust_scorer(
     missing = [k for k in ("weights", "config", "tokenizer") if k not in files or not Path(files[k]).is_file()]
     if missing:
         raise RefError(f"TRuST scorer files missing: {missing}; re-run `python -m data_prep.hub --goals toxicity`")
-    classifier = ToxicityClassifier.from_files(files["weights"], files["config"]).to(device or "cpu")
+    first = parse_devices(str(device))[0] if device is not None else "cpu"  # of a --device list, the first
+    classifier = ToxicityClassifier.from_files(files["weights"], files["config"]).to(first)
     tk = HFTokenizer.from_file(str(files["tokenizer"]))
 
     def score(texts: list[str]) -> list[float]:
