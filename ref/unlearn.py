@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--max-len", type=int, default=None, help="truncate texts to this many tokens (registry default)")
     a("--seed", type=int, default=Settings.seed)
     a("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
-    a("--device", default=None)
+    a("--device", default=None, help="cpu | cuda | cuda:N | a list cuda:0,cuda:1,... (blocks split) | auto")
     a("--no-compile", dest="compile", action="store_false", help="run the losses eager")
     a("--save-every", type=int, default=Settings.save_every, help="checkpoint every N steps")
     a("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
