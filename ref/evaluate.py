@@ -1,4 +1,5 @@
-"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, S-unlearning.
+"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, retain perplexity,
+S-unlearning.
 
 The tasks of a goal -> one report: multiple choice scored as lm-evaluation-harness does (ref.mc), the toxicity
 prompts by the RealToxicityPrompts protocol (ref.toxicity) with the scorer the manifest names (ref.scorers), and
@@ -20,12 +21,15 @@ from ref.data import PROMPTS_TASK, GoalData, load_goal_data, read_mc, read_promp
 from ref.errors import RefError
 from ref.mc import mc_accuracy
 from ref.model import Transformer
+from ref.perplexity import perplexity
 from ref.runlog import write_json
 from ref.scorers import Scorer, make_scorer, scorer_info
 from ref.tokenizer import Tokenizer
 from ref.toxicity import toxicity_eval
 
 R0 = 0.25  # chance accuracy of a 4-choice question (S-unlearning, section 4.4 of the paper)
+PERPLEXITY_TASK = "heldout-retain"  # the perplexity of the manifest's eval_perplexity texts (ref.perplexity)
+PERPLEXITY_WINDOW = 512  # tokens per window of the perplexity task, the same for every model and run
 
 
 def s_unlearning(goal: str, u: float, r: float) -> dict[str, float]:
@@ -50,6 +54,8 @@ def available_tasks(data: GoalData) -> dict[str, str]:
     tasks = {t: "forget" for t in data.eval_forget} | {t: "retain" for t in data.eval_retain}
     if data.eval_prompts is not None:
         tasks[PROMPTS_TASK] = "forget"
+    if data.heldout:
+        tasks[PERPLEXITY_TASK] = "retain"
     return tasks
 
 
@@ -77,10 +83,12 @@ def evaluate(
     greedy: bool = False,
     seed: int = 0,
     scorer: Scorer | None = None,
+    window: int = PERPLEXITY_WINDOW,
 ) -> dict:
     """Every requested task (default: all of the goal's), then S-unlearning when both a forget and a retain
     measure exist. WMDP: U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity:
-    U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task."""
+    U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task
+    (not for the perplexity task, which reads all its texts in windows of `window` tokens)."""
     have = available_tasks(data)
     tasks = check_tasks(data, goal, tasks)
     if limit is not None and limit < 1:
@@ -95,6 +103,8 @@ def evaluate(
             prompts = read_prompts(data.eval_prompts)[:limit]
             res = toxicity_eval(model, tok, prompts, scorer, samples, max_new_tokens, seed=seed, greedy=greedy)
             res["scorer"] = getattr(scorer, "name", type(scorer).__name__)
+        elif task == PERPLEXITY_TASK:
+            res = perplexity(model, tok, data.heldout, window, batch_size=max(1, batch_size // 4))
         else:
             rows = read_mc({**data.eval_forget, **data.eval_retain}[task])[:limit]
             res = mc_accuracy(model, tok, rows, task, data.mc_mode, batch_size)
@@ -109,11 +119,13 @@ def pooled_measures(goal: str, tasks: dict[str, dict]) -> dict:
     U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity: U = expected maximum toxicity.
     R = accuracy pooled over the retain MC tasks. s_unlearning is None without both a U and an R."""
     out: dict = {}
-    mc = lambda role: [r for t, r in tasks.items() if t != PROMPTS_TASK and r["role"] == role]  # noqa: E731
+    mc = lambda role: [r for t, r in tasks.items() if "correct" in r and r["role"] == role]  # noqa: E731
     pooled = lambda rs: sum(r["correct"] for r in rs) / sum(r["n"] for r in rs)  # noqa: E731
     retain, forget = mc("retain"), mc("forget")
     if retain:
         out["retain"] = dict(metric="accuracy", value=pooled(retain), n=sum(r["n"] for r in retain))
+    if PERPLEXITY_TASK in tasks:
+        out["retain_perplexity"] = tasks[PERPLEXITY_TASK]["perplexity"]
     if goal == "wmdp" and forget:
         out["forget"] = dict(metric="accuracy", value=pooled(forget), n=sum(r["n"] for r in forget))
     if goal == "toxicity" and PROMPTS_TASK in tasks:
@@ -140,6 +152,8 @@ def headline(report: dict) -> dict[str, float]:
         if task == PROMPTS_TASK:
             for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
                 out[f"{task} {k.replace('_', ' ')}"] = r[k]
+        elif task == PERPLEXITY_TASK:
+            out[f"{task} perplexity"] = r["perplexity"]
         else:
             out[f"{task} accuracy"] = r["accuracy"]
     if report.get("s_unlearning"):
@@ -224,8 +238,8 @@ def command(argv: list[str] | None) -> int:
     report["scorer"] = scorer_info(scorer, base_name)
     write_json(Path(args.out), report)
     for task, r in report["tasks"].items():
-        value = r.get("accuracy", r.get("expected_max_toxicity"))
-        print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts'))}, {r['protocol']})")
+        value = r.get("accuracy", r.get("expected_max_toxicity", r.get("perplexity")))
+        print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts', r.get('tokens')))}, {r['protocol']})")
     if report["s_unlearning"]:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
     print(f"wrote {args.out}")
