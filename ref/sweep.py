@@ -32,13 +32,13 @@ from ref import validate
 from ref.checkpoint import resolve
 from ref.cli import run_command
 from ref.config import read_config
-from ref.data import load_goal_data, resolve_data_dir
+from ref.data import load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
 from ref.plan import GOALS, METHODS, Settings
 from ref.plan import resolve as resolve_plan
 from ref.runlog import atomic_write_text, read_metrics, write_json
 from ref.train import Diverged, schedule
-from ref.unlearn import unlearn
+from ref.unlearn import architecture, unlearn
 
 # The settings a grid may vary (the ones that shape a run), each with its value parser; `layer` is the depth shorthand.
 LIST_KEYS = ("update_layers", "tox_layers", "update_params")
@@ -262,9 +262,10 @@ def plan_text(rows: list[dict], base: Settings) -> str:
     lines = [f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
              "| # | point | steps | state | estimate |", "|---|---|---|---|---|"]  # fmt: skip
     for i, r in enumerate(rows, 1):
-        guess = "" if r not in todo else "unknown" if est is None else f"{r['steps'] * est[0] + est[1]:.0f} s"
-        lines.append(f"| {i} | {r['name']} | {r['steps']} | {r['status']} | {guess} |")
-    if est is None:
+        known = est is not None and r["steps"] is not None
+        guess = "" if r not in todo else f"{r['steps'] * est[0] + est[1]:.0f} s" if known else "unknown"
+        lines.append(f"| {i} | {r['name']} | {r['steps'] or 'unknown'} | {r['status']} | {guess} |")
+    if est is None or any(r["steps"] is None for r in todo):
         total = "unknown until the first point finishes (then printed after every point)" if todo else "0 s"
     else:
         secs = sum(r["steps"] * est[0] + est[1] for r in todo)
@@ -307,7 +308,7 @@ def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: f
           metric: str = "accuracy", dry_run: bool = False, stop_after: int | None = None) -> dict:  # fmt: skip
     """Check every point, print the plan, run the points not finished, write sweep.json / sweep.md after each, and
     return the sweep's record. `stop_after` stops after running that many points (tests: an interrupted sweep)."""
-    cfg = read_config(resolve(base.model))
+    cfg = architecture(base.model) if dry_run else read_config(resolve(base.model))  # a dry run downloads nothing
     points = expand(base, grid, out, cfg.num_layers)
     names = [p.name for p in points]
     if len(set(names)) != len(names):
@@ -321,11 +322,10 @@ def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: f
             raise RefError(f"point {p.name}: {e}") from None
         key = (plan.data, tuple(plan.topics or ()))
         if key not in data_cache:
-            data_cache[key] = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal,
-                                             topics=plan.topics, allow_outside=plan.allow_data_outside)  # fmt: skip
+            data_cache[key] = goal_data(plan, dry_run)
         rows.append(dict(method=p.method, setting=setting_name(p.grid), name=p.name, folder=p.settings.out,
                          grid=p.grid, fields=fields_of(p.method, base.goal, p.grid, cfg.num_layers),
-                         settings=asdict(p.settings), steps=len(schedule(data_cache[key], plan)),
+                         settings=asdict(p.settings), steps=steps(data_cache[key], plan),
                          status=state(p)))  # fmt: skip
     previous = read_previous(out)
     for r in rows:
@@ -362,6 +362,18 @@ def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: f
                   "min", flush=True)  # fmt: skip
     finish(record, out, budget, metric)
     return record
+
+
+def goal_data(plan, dry_run: bool):
+    """The plan's data, or None on a dry run whose hub data is not prepared yet (the steps stay unknown)."""
+    folder = prepared_hub_dir(plan.goal) if dry_run and plan.data == "hub" else resolve_data_dir(plan.data, plan.goal)
+    if folder is None:
+        return None
+    return load_goal_data(folder, plan.goal, topics=plan.topics, allow_outside=plan.allow_data_outside)
+
+
+def steps(data, plan) -> int | None:
+    return None if data is None else len(schedule(data, plan))
 
 
 def rule_text(budget: float | None, metric: str) -> str:
@@ -444,7 +456,7 @@ def command(argv: list[str] | None) -> int:
     validate.number("--retain-budget", a.retain_budget, low=0)
     out = Path(a.out)
     validate.writable_folder("--out", out)
-    text = " ".join(a.grid) + (f" layer={a.layers}" if a.layers else "")
+    text = (f"layer={a.layers} " if a.layers else "") + " ".join(a.grid)
     grid = parse_grid(text, methods)
     if a.max_steps is not None and any("max_steps" in g for g in grid.values()):
         raise RefError("max-steps is given by --max-steps and by --grid; give it once")
