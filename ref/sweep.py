@@ -246,31 +246,39 @@ def fmt(v, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def estimate(rows: list[dict]) -> tuple[float, float] | None:
-    """(seconds a training step, seconds of an evaluation) from the finished points, or None without one."""
-    done = [r["metrics"] for r in rows if r.get("metrics") and r["metrics"]["steps"]]
+def estimate(rows: list[dict], method: str) -> tuple[float, float] | None:
+    """(seconds a training step, seconds of the rest of a point: loading, evaluation, saving) from the finished
+    points of `method` (of any method when it has none yet), or None without any finished point."""
+    done = [r for r in rows if r.get("metrics") and r["metrics"]["steps"]]
+    done = [r for r in done if r["method"] == method] or done
     if not done:
         return None
-    per_step = sum(m["train_s"] for m in done) / sum(m["steps"] for m in done)
-    return per_step, sum(m["eval_s"] for m in done) / len(done)
+    per_step = sum(r["metrics"]["train_s"] for r in done) / sum(r["metrics"]["steps"] for r in done)
+    rest = [r.get("seconds", r["metrics"]["train_s"] + r["metrics"]["eval_s"]) - r["metrics"]["train_s"] for r in done]
+    return per_step, sum(rest) / len(rest)
+
+
+def guess(rows: list[dict], r: dict) -> float | None:
+    """The seconds point `r` should take, or None (no finished point yet, or its steps unknown)."""
+    est = estimate(rows, r["method"])
+    return None if est is None or r["steps"] is None else r["steps"] * est[0] + est[1]
 
 
 def plan_text(rows: list[dict], base: Settings) -> str:
     """The sweep's plan: every point, its steps and state, and the time the points still to run should take."""
-    est = estimate(rows)
-    todo = [r for r in rows if r["status"] not in ("finished", "done") and not r["status"].startswith("diverged")]
+    todo = [r for r in rows if r["status"] in ("new", "started")]
     lines = [f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
              "| # | point | steps | state | estimate |", "|---|---|---|---|---|"]  # fmt: skip
     for i, r in enumerate(rows, 1):
-        known = est is not None and r["steps"] is not None
-        guess = "" if r not in todo else f"{r['steps'] * est[0] + est[1]:.0f} s" if known else "unknown"
-        lines.append(f"| {i} | {r['name']} | {r['steps'] or 'unknown'} | {r['status']} | {guess} |")
-    if est is None or any(r["steps"] is None for r in todo):
-        total = "unknown until the first point finishes (then printed after every point)" if todo else "0 s"
+        secs = guess(rows, r)
+        when = "" if r not in todo else "unknown" if secs is None else f"{secs:.0f} s"
+        lines.append(f"| {i} | {r['name']} | {r['steps'] or 'unknown'} | {r['status']} | {when} |")
+    secs = [guess(rows, r) for r in todo]
+    if None in secs:
+        total = "unknown until the first point finishes (then printed after every point)"
     else:
-        secs = sum(r["steps"] * est[0] + est[1] for r in todo)
-        total = (f"{len(todo)} points, ~{secs / 60:.1f} min (from the finished points: {est[0]:.2f} s a step, "
-                 f"{est[1]:.0f} s an evaluation)")  # fmt: skip
+        total = f"{len(todo)} points, ~{sum(secs) / 60:.1f} min (each method's time a step and the rest of a point, " \
+                "from its finished points)"  # fmt: skip
     return "\n".join(lines + [f"time to run: {total}"])
 
 
@@ -334,6 +342,8 @@ def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: f
             r["status"] = old["status"]  # deterministic: it would diverge again
         if r["status"] == "finished":
             r["metrics"] = measures(Path(r["folder"]))
+            if old and "seconds" in old:
+                r["seconds"] = old["seconds"]
     print(plan_text(rows, base), flush=True)
     record = dict(model=base.model, goal=base.goal, budget=budget, retain_metric=metric,
                   grid={m: {k: v for k, v in g.items()} for m, g in grid.items()}, points=rows)  # fmt: skip
@@ -354,12 +364,9 @@ def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: f
             r["metrics"] = measures(Path(r["folder"]))
         ran += 1
         finish(record, out, budget, metric)
-        est = estimate(rows)
-        left = [q for q in rows if q["status"] in ("new", "started")]
-        if est and left:
-            secs = sum(q["steps"] * est[0] + est[1] for q in left)
-            print(f"point {i} {r['status'].split(':')[0]} in {r['seconds']:.0f} s; {len(left)} left, ~{secs / 60:.1f} "
-                  "min", flush=True)  # fmt: skip
+        left = [guess(rows, q) for q in rows if q["status"] in ("new", "started")]
+        eta = "" if None in left else f", ~{sum(left) / 60:.1f} min"
+        print(f"point {i} {r['status'].split(':')[0]} in {r['seconds']:.0f} s; {len(left)} left{eta}", flush=True)
     finish(record, out, budget, metric)
     return record
 
