@@ -9,7 +9,8 @@
 - probe_cosine.png: cosine similarity between the probe directions of the probed layers (paper figure 1).
 - probe_weights.png, probe_weights_grid.png: histograms of the probe weights, the middle probed layer and all
   of them (paper figure 2).
-- before_after.png: every numeric metric that report.json has both before and after unlearning.
+- before_after.png: every numeric metric that report.json has both before and after unlearning (the retain
+  perplexity aside: it is on another scale; summary.md has it).
 
     python -m ref.report SWEEP_DIR [--out DIR]      # a ref.sweep folder (sweep.json): into SWEEP_DIR/figures/
 
@@ -276,6 +277,7 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
         except ValueError:
             report = {}
     bars = report_bars(report) if isinstance(report, dict) else {}
+    bars = {k: v for k, v in bars.items() if not k.endswith("perplexity")}  # another scale: summary.md has it
     validate.writable_folder("--out", out)
     written = []
     if rows:
