@@ -171,3 +171,18 @@ def test_cli_checks_before_running(tiny_dirs, data_dir, tmp_path, capsys):  # no
     assert not (tmp_path / "s").exists()
     assert sweep.main(argv + ["--layers", "1,2", "--dry-run"]) == 0
     assert "| 2 | rmu/layer=2 |" in capsys.readouterr().out and not (tmp_path / "s").exists()
+
+
+def test_figures_of_a_layer_sweep(tmp_path):
+    rows = [row("rmu", f"layer={i}", U=0.3 - 0.02 * i, R=0.8 - 0.01 * i, ppl=10 + i, S=0.5) for i in (3, 5, 7)]
+    rows += [row("ours", f"layer={i}", U=0.25 - 0.01 * i, R=0.79, ppl=10.5, S=0.55) for i in (3, 5, 7)]
+    for r, i in zip(rows, [3, 5, 7] * 2, strict=True):
+        r["grid"] = {"layer": i}
+    (tmp_path / "sweep.json").write_text(json.dumps(dict(model="m", goal="wmdp", points=rows)))
+    paths = report.write_sweep_figures(tmp_path)
+    assert [p.name for p in paths] == ["front.png", "layers.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert report.layer_of({"tap_layer": 4, "lr": 1}) == 4 and report.layer_of({"update_layers": [2, 6]}) == 6
+    assert report.layer_of({"lr": 1}) is None
+    assert report.front([(0.8, 0.3), (0.7, 0.2), (0.6, 0.25), (0.9, 0.4)], True) == [(0.7, 0.2), (0.8, 0.3), (0.9, 0.4)]
+    assert report.front([(10.0, 0.3), (12.0, 0.2), (11.0, 0.35)], False) == [(10.0, 0.3), (12.0, 0.2)]
