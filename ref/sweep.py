@@ -63,8 +63,8 @@ class Point:
 
 def setting_name(grid: dict) -> str:
     """`lr=0.001,update-layers=5+6+7`: the grid values in the order given, or `defaults` without any."""
-    fmt = lambda v: "+".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ",".join(f"{k.replace('_', '-')}={fmt(v)}" for k, v in grid.items()) or "defaults"
+    show = lambda v: "+".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return ",".join(f"{k.replace('_', '-')}={show(v)}" for k, v in grid.items()) or "defaults"
 
 
 # ------------------------------------------------------------------------------------------------------- the grid
@@ -75,13 +75,9 @@ def parse_value(key: str, text: str):
     try:
         if key in LIST_KEYS:
             items = [x.strip() for x in text.split("/") if x.strip()]
-            if key == "update_params":
-                return items or _bad()
-            out = []
-            for item in items:
-                lo, _, hi = item.partition("-")
-                out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-            return out or _bad()
+            if not items:
+                raise ValueError(text)
+            return items if key == "update_params" else [i for item in items for i in span(item)]
         if key == "raw_probe_weights":
             return {"true": True, "false": False}[text.lower()]
         if key == "probe_l2" and text == "auto":
@@ -94,8 +90,10 @@ def parse_value(key: str, text: str):
         raise RefError(f"--grid {key.replace('_', '-')}={text}: {text!r} is not {what}") from None
 
 
-def _bad():
-    raise ValueError
+def span(item: str) -> list[int]:
+    """`5` -> [5]; `5-7` -> [5, 6, 7]."""
+    lo, _, hi = item.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
 
 
 def parse_grid(text: str, methods: list[str]) -> dict[str, dict[str, list]]:
@@ -108,8 +106,7 @@ def parse_grid(text: str, methods: list[str]) -> dict[str, dict[str, list]]:
         if not eq or not values.strip():
             raise RefError(f"--grid {token!r}: write KEY=V1,V2,... (or METHOD:KEY=...), e.g. lr=1e-4,3e-4")
         if field not in GRID_KEYS:
-            known = {f.replace("-", "_") for f in Settings.__dataclass_fields__}
-            why = "a sweep-wide option, not a grid key" if field in known else "not a setting"
+            why = "a sweep-wide option, not a grid key" if field in Settings.__dataclass_fields__ else "not a setting"
             raise RefError(f"--grid {token!r}: {key} is {why}; grid keys: "
                            f"{', '.join(k.replace('_', '-') for k in GRID_KEYS)}")  # fmt: skip
         if scope and scope not in methods:
