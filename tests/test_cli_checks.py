@@ -14,7 +14,7 @@ from ref import evaluate, generate, table1, validate
 from ref.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
-    (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N or mps"),
+    (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto"),
     (["--dtype", "fp8"], "--dtype is 'fp8'; use one of float32, float16, bfloat16"),
 ]
 if not torch.cuda.is_available():
