@@ -220,7 +220,11 @@ def versions() -> dict:
 
 
 def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict], run_json: dict) -> None:
-    """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md."""
+    """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md; run.json
+    gains the steering coefficients Adaptive RMU computed (topic -> c)."""
+    if st.steering:
+        run_json["adaptive_steering"] = dict(st.steering)
+        write_json(out / "run.json", run_json)
     updated = {k: p.detach().cpu().contiguous() for k, p in st.params.items()}
     atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
     save_model(run.model, out / "model", replaced=dict(st.params))
@@ -267,6 +271,8 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
     lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
              f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
              f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
+             *([f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
+                + ", ".join(f"{t} {c:.4g}" for t, c in st.steering.items())] if st.steering else []),
              "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
     for key in ("loss", "forget_loss", "retain_loss", "alpha", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")

@@ -121,6 +121,10 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         assert after < 0.95 * before, f"{topic}: forget loss did not go down: {before} -> {after}"
     if method == "ours":
         assert all({"reward", "policy_mean", "policy_std"} <= set(r) for r in rows)
+    recorded = json.loads((tmp_path / "run/run.json").read_text()).get("adaptive_steering")
+    assert recorded == (st.steering if method == "adaptive-rmu" else None)  # the c actually used, per topic
+    if method == "adaptive-rmu":
+        assert set(recorded) == set(data.forget) and all(c > 0 for c in recorded.values())
     if goal == "toxicity" and method == "ours":
         assert set(rows[0]["forget_loss_layers"]) == {"0", "1", "2"}
         assert (tmp_path / "run/probes.safetensors").exists()
