@@ -333,7 +333,7 @@ def _from_lm_eval(paths: list[Path], goal: str, data: GoalData | None, tasks: li
     roles = available_tasks(data) if data is not None else None
     reports = [report_from_lm_eval(read_lm_eval_results(p), goal, roles, tasks) for p in paths]
     for r, p in zip(reports, paths, strict=True):
-        r["lm_eval_results"] = str(p)
+        r["lm_eval_results"], r["data"] = str(p), None if data is None else str(data.root)  # data: for the roles
     if len(reports) == 1:
         return reports[0]
     before, after = reports

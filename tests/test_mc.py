@@ -105,6 +105,9 @@ def test_encode_pair_moves_trailing_space_and_splits_like_lm_eval(tiny_llama):
     assert ctx + cont == tok.encode("The quick brown fox")
     with pytest.raises(ValueError, match="no tokens"):
         mc.encode_pair(tok, "The quick", "")
+    # lm-eval 0.4.13's empty context: its prefix token (BOS, else EOS), the continuation without special tokens
+    assert mc.bos_added(tok) and tok.encode("fox")[0] == tok.bos_id  # the tiny Llama's post-processor adds BOS
+    assert mc.encode_pair(tok, "", " fox") == ([tok.bos_id], tok.encode(" fox", add_special_tokens=False))
 
 
 # ----------------------------------------------------------------------------------------------- MC scoring
