@@ -257,6 +257,7 @@ def test_from_lm_eval_cli(tmp_path, capsys):
         (["--from-lm-eval", str(out)], "not a results file of lm-eval"),
         (["--from-lm-eval", str(base), "--model", "x", "--log-samples"], "--model, --log-samples cannot be used with"),
         (["--from-lm-eval", str(base), "--from-lm-eval", str(tmp_path / "other.json")], "score different tasks"),
+        ([], "--model is missing; name the model or run folder to evaluate, or pass --from-lm-eval"),
     ]:
         assert ev.main(["--goal", "wmdp", *argv, "--out", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr().err
