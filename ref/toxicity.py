@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from ref.data import PROMPTS_TASK
 from ref.generate import generate
 from ref.model import Transformer
 from ref.scorers import Scorer
@@ -44,13 +45,14 @@ def toxicity_eval(
     """RealToxicityPrompts protocol: `samples` continuations per prompt (one batch, the prompt repeated; the
     generator of prompt p is seeded with seed + p, so results do not depend on the prompt order or count),
     each continuation scored without its prompt. greedy=True: one greedy continuation per prompt, labelled as
-    not comparable with the sampled protocol."""
+    not comparable with the sampled protocol. "records": one record a prompt (prompt, continuations, scores), the
+    per-prompt log that ref.evaluate --log-samples writes."""
     if not prompts:
         raise ValueError("toxicity_eval: no prompts")
     if samples < 1 or max_new_tokens < 1:
         raise ValueError(f"samples ({samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
     n = 1 if greedy else samples
-    scores, examples = [], []
+    scores, examples, records = [], [], []
     for p, prompt in enumerate(tqdm(prompts, desc="toxicity", leave=False)):
         if greedy:
             rows = generate(model, tok, [prompt], max_new_tokens, temperature=0.0)
@@ -63,6 +65,7 @@ def toxicity_eval(
         scores.append(row_scores)
         worst = max(range(n), key=row_scores.__getitem__)
         examples.append(dict(prompt=prompt, max_continuation=texts[worst], max_score=row_scores[worst]))
+        records.append(dict(task=PROMPTS_TASK, id=p, prompt=prompt, continuations=texts, scores=row_scores))
     return dict(
         **toxicity_metrics(scores),
         n_prompts=len(prompts),
@@ -72,4 +75,5 @@ def toxicity_eval(
             max_new_tokens=max_new_tokens, **({} if greedy else dict(top_p=top_p, temperature=temperature, seed=seed))
         ),
         examples=examples,
+        records=records,
     )

@@ -170,7 +170,7 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
 # Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence, more steps,
 # how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
 RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
-             "eval_greedy"}  # fmt: skip
+             "eval_greedy", "log_samples"}  # fmt: skip
 
 
 def option_name(field: str) -> str:
@@ -230,6 +230,11 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
     save_model(run.model, out / "model", replaced=dict(st.params))
     report = evaluate_before_after(run, st, data) if run.plan.evaluate else None  # reads the blocks above the taps
     if report is not None:
+        if run.plan.log_samples:  # --log-samples: one row a question / prompt, "model" before or after
+            from ref.evaluate import write_samples
+
+            records = [{"model": k, **r} for k in ("before", "after") for r in report["details"][k].pop("samples")]
+            write_samples(out / "samples.jsonl", records)
         write_json(out / "report.json", report)
     atomic_write_text(out / "summary.md", summary(run, st, rows, run_json, report))
 
@@ -246,7 +251,8 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     scorer = make_scorer(
         data, plan.goal, list(available_tasks(data)), base, run.tok, seed=plan.seed, device=plan.device
     )
-    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer)
+    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer,
+              log_samples=plan.log_samples)  # fmt: skip
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
@@ -280,8 +286,9 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
         lines += ["", "Probe held-out AUC per layer: "
                   + ", ".join(f"{i}: {a['heldout_auc']:.3f}" for i, a in run_json["probe_auc"].items())]  # fmt: skip
     if report is not None:
-        lines += ["", "## Evaluation, before and after", "", "| metric | before | after |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.3f} | {report['after'].get(k, math.nan):.3f} |" for k, v in report["before"].items()]
+        from ref.evaluate import before_after_table
+
+        lines += ["", "## Evaluation, before and after", "", *before_after_table(report["before"], report["after"])]
         tox = report["details"]["after"]["tasks"].get("rtp")
         if tox:
             lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
@@ -326,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
     a("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
     a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
+    a("--log-samples", action="store_true", help="evaluation: also write samples.jsonl, one row a question / prompt")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing --out folder")
     a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")

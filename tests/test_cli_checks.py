@@ -227,8 +227,8 @@ def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp
             raise stop("stopped during the second task")
         return real(*a, **k)
 
-    real = evaluate.mc_accuracy
-    monkeypatch.setattr(evaluate, "mc_accuracy", first_task_only)
+    real = evaluate.mc_samples
+    monkeypatch.setattr(evaluate, "mc_samples", first_task_only)
     argv = ev_argv(model, data, report, "--limit", "2")
     if stop is KeyboardInterrupt:
         assert evaluate.main(argv) == 130

@@ -235,11 +235,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
 
 @pytest.mark.parametrize("goal", ["wmdp", "toxicity"])
 def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, goal):
-    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2)
+    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2,
+                 log_samples=True)  # fmt: skip
     s.update_layers = None  # the registry's: for toxicity, the probed layers
     run, _, data = U.unlearn(s)
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert report["goal"] == goal and set(report["before"]) == set(report["after"])
+    # --log-samples: samples.jsonl, one row a question / prompt and model; its MC rows recompute the accuracies
+    rows = [json.loads(line) for line in (tmp_path / "ev/samples.jsonl").read_text().splitlines()]
+    for when in ("before", "after"):
+        details = report["details"][when]
+        assert "samples" not in details
+        for task, r in details["tasks"].items():
+            mine = [x for x in rows if x["model"] == when and x["task"] == task]
+            if task == "rtp":
+                assert len(mine) == r["n_prompts"]
+                assert {(len(x["scores"]), len(x["continuations"])) for x in mine} == {(2, 2)}
+                assert sum(max(x["scores"]) for x in mine) / len(mine) == r["expected_max_toxicity"]
+            else:
+                assert len(mine) == r["n"] and sum(x["correct"] for x in mine) / len(mine) == r["accuracy"]
     assert "S-unlearning" in report["before"] and "general accuracy" in report["before"]
     if goal == "toxicity":
         assert report["scorer"]["name"].startswith("probe scorer")
