@@ -14,24 +14,53 @@ from ref.model import KVCache, Transformer
 from ref.tokenizer import Tokenizer
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p; the rest get -inf.
-    The most likely token is always kept."""
+    The most likely token is always kept.
+
+    A token is kept when the tokens more likely than it hold less than top_p (transformers' rule). The
+    probabilities are exp(logit - max) in the logits' dtype over their sum in float64. The nucleus is looked for
+    among the `candidates` most likely tokens (a partial sort); a row whose candidates hold less than top_p is
+    sorted in full."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    keep = _nucleus(logits.reshape(-1, logits.shape[-1]), top_p, candidates).view(logits.shape)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
+    """[R, V] logits -> [R, V] bool, True where top_p_filter keeps the token."""
+    V = logits.shape[-1]
+    k = min(k, V)
+    e = (logits - logits.amax(-1, keepdim=True)).exp()
+    z = e.sum(-1, keepdim=True, dtype=torch.float64)
+    top, idx = e.topk(k, dim=-1)  # sorted, most likely first
+    q = top.double() / z
+    cum = q.cumsum(-1)
+    keep_sorted = cum - q < top_p  # the mass before this token is below top_p
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep_sorted)
+    short = cum[:, -1] < top_p  # the candidates hold less than top_p: more tokens are kept than were looked at
+    if k < V and bool(short.any()):
+        rows = short.nonzero().squeeze(-1)
+        keep[rows] = _nucleus(logits[rows], top_p, V)
+    return keep
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = probabilities(logits, temperature, top_p).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution of logits [..., V]: temperature, then top-p, then softmax, in float32."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return top_p_filter(x, top_p).softmax(-1)
 
 
 @torch.no_grad()

@@ -21,6 +21,23 @@ def test_top_p_filter_on_hand_made_distribution():
     assert probs.tolist() == pytest.approx([0.0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95], abs=1e-6)
 
 
+def test_top_p_filter_keeps_what_transformers_keeps():
+    """The nucleus equals transformers' TopPLogitsWarper on peaked and flat rows (few or thousands of tokens kept),
+    whether it is found among the candidates or after the full sort (candidates=8 forces the fallback)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5000, generator=g) * torch.logspace(-1, 1.3, 64)[:, None]  # flat ... peaked rows
+    for top_p in (0.3, 0.9, 0.99):
+        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        for candidates in (8, 1024, 5000):
+            ours = top_p_filter(logits, top_p, candidates)
+            assert torch.equal(torch.isfinite(ours), theirs), (top_p, candidates)
+            assert torch.equal(ours[theirs], logits[theirs])  # kept logits unchanged
+        sizes = theirs.sum(-1)
+        assert sizes.min() <= 8 < 1024 < sizes.max()  # both paths ran at candidates 1024
+
+
 def test_sampling_is_fixed_for_a_seed(tiny_llama):
     _, model, tok = tiny_llama
     prompts = ["The quick brown fox", "Cats"]
