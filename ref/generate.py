@@ -20,8 +20,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> 
 
     A token is kept when the tokens more likely than it hold less than top_p (transformers' rule). The
     probabilities are exp(logit - max) in the logits' dtype over their sum in float64. The nucleus is looked for
-    among the `candidates` most likely tokens (a partial sort); a row whose candidates hold less than top_p is
-    sorted in full."""
+    among the `candidates` most likely tokens (a partial sort); a row whose candidates hold less than top_p looks
+    again among 8 times as many, up to the whole vocabulary."""
     if top_p >= 1.0:
         return logits
     keep = _nucleus(logits.reshape(-1, logits.shape[-1]), top_p, candidates).view(logits.shape)
@@ -43,7 +43,7 @@ def _nucleus(logits: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
     short = cum[:, -1] < top_p  # the candidates hold less than top_p: more tokens are kept than were looked at
     if k < V and bool(short.any()):
         rows = short.nonzero().squeeze(-1)
-        keep[rows] = _nucleus(logits[rows], top_p, V)
+        keep[rows] = _nucleus(logits[rows], top_p, 8 * k)
     return keep
 
 
@@ -95,6 +95,88 @@ def generate(
     if stop_at_eos and tokenizer.eos_id is not None:
         rows = [r[: r.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in r else r for r in rows]
     return rows
+
+
+class RepeatedCache(KVCache):
+    """A prefilled KVCache with each row repeated `repeats` times (rows b * repeats .. b * repeats + repeats - 1
+    hold row b), in buffers sized for `extra` more positions: each decoding step writes its keys and values in
+    place (KVCache concatenates, copying the whole cache at every step). `layers` holds views of the filled part."""
+
+    def __init__(self, prefill: KVCache, repeats: int, extra: int):
+        super().__init__()
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, kv in prefill.layers.items():
+            B, H, S, D = kv[0].shape
+            bufs = tuple(t.new_empty(B * repeats, H, S + extra, D) for t in kv)
+            for buf, t in zip(bufs, kv, strict=True):
+                buf.view(B, repeats, H, S + extra, D)[:, :, :, :S] = t[:, None]
+            self.buffers[i] = bufs
+            self.layers[i] = (bufs[0][:, :, :S], bufs[1][:, :, :S])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kb, vb = self.buffers[layer]
+        s, T = self.layers[layer][0].shape[2], k.shape[2]
+        if s + T > kb.shape[2]:
+            raise RuntimeError(f"RepeatedCache: {s + T} positions asked, room for {kb.shape[2]}")
+        kb[:, :, s : s + T], vb[:, :, s : s + T] = k, v
+        self.layers[layer] = (kb[:, :, : s + T], vb[:, :, : s + T])
+        return self.layers[layer]
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    n: int,
+    max_new_tokens: int = 20,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seeds: list[int] | None = None,
+    stop_at_eos: bool = True,
+) -> list[list[list[int]]]:
+    """n continuations of each prompt: out[p][s] = the new token ids of sample s of prompt p (ending with EOS where
+    one was emitted). The prompts are prefilled once, as one left-padded batch; each prompt's KV cache and last
+    logits are then repeated for its n samples and the len(prompts) * n rows decode together.
+
+    seeds[p] seeds prompt p's own generator, which draws its n rows at every step (one multinomial on its [n, V]
+    probabilities, as generate([prompt] * n, seed=seeds[p]) does), so the random stream of a prompt depends neither
+    on the other prompts of the batch nor on their order. temperature 0: argmax, no generator."""
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"sample_continuations: {len(seeds)} seeds for {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    B = len(prompts)
+    ids, mask = (t.to(device) for t in tokenizer.batch(prompts))
+    prefill = KVCache()
+    logits = model(ids, mask, cache=prefill).logits[:, -1].repeat_interleave(n, dim=0)
+    cache = RepeatedCache(prefill, n, max_new_tokens)
+    del prefill
+    mask = mask.repeat_interleave(n, dim=0)
+    gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else [None] * B
+    eos = tokenizer.eos_id if stop_at_eos else None
+    done = torch.zeros(B * n, dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new_tokens):
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = probabilities(logits, temperature, top_p).cpu()
+            tok = torch.cat(
+                [torch.multinomial(probs[p * n : (p + 1) * n], 1, generator=gens[p]).squeeze(-1) for p in range(B)]
+            ).to(device)
+        out.append(tok)
+        if eos is not None:
+            done |= tok == eos
+            if done.all():
+                break
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(tok[:, None], mask, cache=cache).logits[:, -1]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(B * n)]
+    if eos is not None:
+        rows = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+    return [rows[p * n : (p + 1) * n] for p in range(B)]
 
 
 def command(argv: list[str] | None) -> int:
