@@ -13,38 +13,59 @@ import torch
 from ref.model import KVCache, Transformer
 from ref.tokenizer import Tokenizer
 
+CANDIDATES = 256  # tokens looked at first for the nucleus (SmolLM2 at p 0.9: median 53-156 tokens kept)
 
-def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p; the rest get -inf.
-    The most likely token is always kept.
-
-    A token is kept when the tokens more likely than it hold less than top_p (transformers' rule). The
-    probabilities are exp(logit - max) in the logits' dtype over their sum in float64. The nucleus is looked for
-    among the `candidates` most likely tokens (a partial sort); a row whose candidates hold less than top_p looks
-    again among 8 times as many, up to the whole vocabulary."""
+    The most likely token is always kept. (Sampling computes the same set in `probabilities`.)"""
     if top_p >= 1.0:
         return logits
-    keep = _nucleus(logits.reshape(-1, logits.shape[-1]), top_p, candidates).view(logits.shape)
+    flat = logits.reshape(-1, logits.shape[-1])
+    keep = nucleus(_exp(flat), top_p, candidates).view(logits.shape)
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def _nucleus(logits: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
-    """[R, V] logits -> [R, V] bool, True where top_p_filter keeps the token."""
-    V = logits.shape[-1]
-    k = min(k, V)
-    e = (logits - logits.amax(-1, keepdim=True)).exp()
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x - max) per row: softmax before its normalisation."""
+    return (x - x.amax(-1, keepdim=True)).exp_()
+
+
+def nucleus(e: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
+    """e [R, V] = unnormalised probabilities (exp(logit - max)) -> [R, V] bool, True for the tokens top-p keeps.
+
+    A token is kept when the tokens more likely than it hold less than top_p (transformers' TopPLogitsWarper);
+    the most likely token always is. The mass is summed in float64. The nucleus is looked for among the
+    `candidates` most likely tokens (a partial sort, not a sort of the vocabulary); a row whose candidates hold
+    less than top_p looks again among 8 times as many, up to the whole vocabulary."""
+    V = e.shape[-1]
+    k = min(candidates, V)
     z = e.sum(-1, keepdim=True, dtype=torch.float64)
     top, idx = e.topk(k, dim=-1)  # sorted, most likely first
     q = top.double() / z
     cum = q.cumsum(-1)
     keep_sorted = cum - q < top_p  # the mass before this token is below top_p
     keep_sorted[:, 0] = True
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep_sorted)
+    keep = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, idx, keep_sorted)
     short = cum[:, -1] < top_p  # the candidates hold less than top_p: more tokens are kept than were looked at
     if k < V and bool(short.any()):
         rows = short.nonzero().squeeze(-1)
-        keep[rows] = _nucleus(logits[rows], top_p, 8 * k)
+        keep[rows] = nucleus(e[rows], top_p, 8 * k)
     return keep
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution of logits [..., V] in float32: softmax(logits / temperature) over the top-p
+    nucleus, renormalised (computed in place: exp(x - max), zero outside the nucleus, over its sum)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    if top_p >= 1.0:
+        return x.softmax(-1)
+    flat = x.reshape(-1, x.shape[-1])
+    e = _exp(flat)
+    e.mul_(nucleus(e, top_p))
+    return e.div_(e.sum(-1, keepdim=True)).view(x.shape)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -53,14 +74,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
         return logits.argmax(-1)
     probs = probabilities(logits, temperature, top_p).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The sampling distribution of logits [..., V]: temperature, then top-p, then softmax, in float32."""
-    x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
-    return top_p_filter(x, top_p).softmax(-1)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ref.checkpoint import load_model
-from ref.generate import RepeatedCache, generate, next_token, sample_continuations, top_p_filter
+from ref.generate import RepeatedCache, generate, next_token, probabilities, sample_continuations, top_p_filter
 from ref.model import KVCache
 from ref.tokenizer import load_tokenizer
 
@@ -42,6 +42,19 @@ def test_top_p_filter_keeps_what_transformers_keeps():
             assert torch.equal(ours[theirs], logits[theirs])  # kept logits unchanged
         sizes = theirs.sum(-1)
         assert sizes.min() <= 8 < 1024 < sizes.max()  # both paths ran at candidates 1024
+
+
+def test_probabilities_are_the_renormalised_nucleus():
+    """probabilities (in place: exp, zero outside the nucleus, over the sum) = softmax of the top-p-filtered
+    logits over the temperature, to float32 rounding, with exactly the same support."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 3000, generator=g) * torch.logspace(-1, 1, 16)[:, None]
+    for temperature, top_p in ((1.0, 0.9), (0.7, 0.5), (1.3, 1.0)):
+        want = top_p_filter(logits / temperature, top_p).softmax(-1)
+        got = probabilities(logits, temperature, top_p)
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(got.sum(-1), torch.ones(16))
 
 
 def test_sampling_is_fixed_for_a_seed(tiny_llama):
