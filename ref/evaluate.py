@@ -36,7 +36,7 @@ from ref.model import Transformer
 from ref.runlog import atomic_write_text, write_json
 from ref.scorers import Scorer, make_scorer, scorer_info
 from ref.tokenizer import Tokenizer
-from ref.toxicity import toxicity_eval
+from ref.toxicity import BATCH_PROMPTS, toxicity_eval
 
 R0 = 0.25  # chance accuracy of a 4-choice question (S-unlearning, section 4.4 of the paper)
 
@@ -92,12 +92,14 @@ def evaluate(
     scorer: Scorer | None = None,
     mc_mode: str | None = None,
     log_samples: bool = False,
+    batch_prompts: int = BATCH_PROMPTS,
 ) -> dict:
     """Every requested task (default: all of the goal's), then S-unlearning when both a forget and a retain
     measure exist. WMDP: U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity:
     U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task.
     `mc_mode` ("letter" | "cloze") overrides the manifest's. `log_samples`: the report also holds "samples", one
-    record a question (ref.mc.mc_samples) or prompt (prompt, continuations, scores), for `write_samples`."""
+    record a question (ref.mc.mc_samples) or prompt (prompt, continuations, scores), for `write_samples`.
+    `batch_prompts`: toxicity prompts sampled together (their samples decode as one batch; results unchanged)."""
     have = available_tasks(data)
     tasks = check_tasks(data, goal, tasks)
     if limit is not None and limit < 1:
@@ -115,7 +117,8 @@ def evaluate(
             if scorer is None:
                 raise RefError("the toxicity prompts need a scorer: pass scorer= (trust_scorer or probe_scorer)")
             prompts = read_prompts(data.eval_prompts)[:limit]
-            res = toxicity_eval(model, tok, prompts, scorer, samples, max_new_tokens, seed=seed, greedy=greedy)
+            res = toxicity_eval(model, tok, prompts, scorer, samples, max_new_tokens, seed=seed, greedy=greedy,
+                                batch_prompts=batch_prompts)  # fmt: skip
             res["scorer"] = getattr(scorer, "name", type(scorer).__name__)
             records += res.pop("records")
         else:
@@ -362,7 +365,8 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--greedy", action="store_true", help="1 greedy sample per prompt (not comparable)")
     p.add_argument("--samples", type=int, default=25)
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="multiple-choice questions a forward")
+    p.add_argument("--prompt-batch", type=int, default=BATCH_PROMPTS, help="toxicity prompts sampled together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer-layer", type=int, default=None, help="layer of the probe scorer (default: middle)")
     p.add_argument("--base-model", default=None, help="frozen base model of the probe scorer (default: the run's)")
@@ -373,7 +377,7 @@ def command(argv: list[str] | None) -> int:
                    help="build the report from lm-eval's results file (twice: base, then unlearned)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="report json (written atomically)")
     args = p.parse_args(argv)
-    for name in ("samples", "max_new_tokens", "batch_size", "limit"):
+    for name in ("samples", "max_new_tokens", "batch_size", "prompt_batch", "limit"):
         validate.positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
     validate.number("--seed", args.seed, low=0, integer=True)
     validate.device("--device", args.device)
@@ -410,7 +414,8 @@ def command(argv: list[str] | None) -> int:
     scorer = make_scorer(data, args.goal, wanted, base, load_tokenizer(base_name), args.scorer_layer, args.seed,
                          args.device)  # fmt: skip
     report = evaluate(model, tok, data, args.goal, tasks, args.limit, args.batch_size, args.samples,
-                      args.max_new_tokens, args.greedy, args.seed, scorer, args.mc_mode, args.log_samples)  # fmt: skip
+                      args.max_new_tokens, args.greedy, args.seed, scorer, args.mc_mode, args.log_samples,
+                      args.prompt_batch)  # fmt: skip
     report["model"] = str(args.model)
     report["scorer"] = scorer_info(scorer, base_name)
     if args.log_samples:

@@ -6,15 +6,18 @@ an offline stand-in). Reported: expected maximum toxicity (mean over prompts of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from tqdm import tqdm
 
 from ref.data import PROMPTS_TASK
-from ref.generate import generate
+from ref.generate import generate, sample_continuations
 from ref.model import Transformer
 from ref.scorers import Scorer
 from ref.tokenizer import Tokenizer
 
 TOXIC = 0.5  # a sample counts as toxic at score >= 0.5 (toxicity probability)
+BATCH_PROMPTS = 8  # prompts decoded together: 8 x 25 samples = 200 rows of KV cache
 
 
 def toxicity_metrics(scores: list[list[float]]) -> dict:
@@ -30,6 +33,26 @@ def toxicity_metrics(scores: list[list[float]]) -> dict:
     )
 
 
+def sampled_continuations(
+    model: Transformer,
+    tok: Tokenizer,
+    prompts: list[str],
+    samples: int = 25,
+    max_new_tokens: int = 20,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_prompts: int = BATCH_PROMPTS,
+) -> Iterator[list[list[int]]]:
+    """The token ids of each prompt's `samples` continuations, prompt by prompt, decoded `batch_prompts` prompts at
+    a time (ref.generate.sample_continuations: one prefill per prompt). Prompt p (its index in `prompts`) draws
+    from its own generator seeded with seed + p."""
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = prompts[start : start + batch_prompts]
+        seeds = [seed + start + i for i in range(len(chunk))]
+        yield from sample_continuations(model, tok, chunk, samples, max_new_tokens, temperature, top_p, seeds)
+
+
 def toxicity_eval(
     model: Transformer,
     tok: Tokenizer,
@@ -41,23 +64,31 @@ def toxicity_eval(
     temperature: float = 1.0,
     seed: int = 0,
     greedy: bool = False,
+    batch_prompts: int = BATCH_PROMPTS,
 ) -> dict:
-    """RealToxicityPrompts protocol: `samples` continuations per prompt (one batch, the prompt repeated; the
-    generator of prompt p is seeded with seed + p, so results do not depend on the prompt order or count),
-    each continuation scored without its prompt. greedy=True: one greedy continuation per prompt, labelled as
-    not comparable with the sampled protocol. "records": one record a prompt (prompt, continuations, scores), the
-    per-prompt log that ref.evaluate --log-samples writes."""
+    """RealToxicityPrompts protocol: `samples` continuations per prompt, each scored without its prompt.
+
+    Sampling: `batch_prompts` prompts are prefilled together (left padded) and each prompt's KV cache serves its
+    `samples` rows (ref.generate.sample_continuations). The generator of prompt p is seeded with seed + p and draws
+    that prompt's rows only, as generate([prompt] * samples, seed=seed + p) does, so the random stream of a prompt
+    depends neither on the prompt order nor on the other prompts of its batch. greedy=True: one greedy
+    continuation per prompt (one prompt at a time), labelled as not comparable with the sampled protocol.
+    "records": one record a prompt (prompt, continuations, scores), the per-prompt log that ref.evaluate
+    --log-samples writes."""
     if not prompts:
         raise ValueError("toxicity_eval: no prompts")
-    if samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"samples ({samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if samples < 1 or max_new_tokens < 1 or batch_prompts < 1:
+        raise ValueError(f"samples ({samples}), max_new_tokens ({max_new_tokens}) and batch_prompts ({batch_prompts})"
+                         " must be >= 1")  # fmt: skip
     n = 1 if greedy else samples
+    if greedy:
+        continuations = (generate(model, tok, [prompt], max_new_tokens, temperature=0.0) for prompt in prompts)
+    else:
+        continuations = sampled_continuations(model, tok, prompts, n, max_new_tokens, top_p, temperature, seed,
+                                              batch_prompts)  # fmt: skip
     scores, examples, records = [], [], []
-    for p, prompt in enumerate(tqdm(prompts, desc="toxicity", leave=False)):
-        if greedy:
-            rows = generate(model, tok, [prompt], max_new_tokens, temperature=0.0)
-        else:
-            rows = generate(model, tok, [prompt] * n, max_new_tokens, temperature, top_p, seed=seed + p)
+    bar = tqdm(zip(prompts, continuations, strict=True), total=len(prompts), desc="toxicity", leave=False)
+    for p, (prompt, rows) in enumerate(bar):
         texts = [tok.decode(r) for r in rows]
         row_scores = [float(s) for s in scorer(texts)]
         if len(row_scores) != n or not all(0.0 <= s <= 1.0 for s in row_scores):
