@@ -5,7 +5,8 @@ The demo stands in benign topics for the paper's data so the whole pipeline runs
 
 - wmdp: forget the solar system (60 paragraphs), keep general knowledge (60 paragraphs on cooking,
   geography, history, sports, animals and music); evaluated by 40 + 40 easy 4-choice questions scored in
-  cloze form (SmolLM2-135M is at chance in the letter format).
+  cloze form (SmolLM2-135M is at chance in the letter format), and by the perplexity of 24 held-out paragraphs
+  on the same subjects (never trained on; both goals).
 - toxicity: forget 80 rude sentences; a probe set of 100 rude and 100 neutral sentences (polite
   paraphrases of rude ones, as in ParaDetox, plus ordinary sentences; 20 of its rude sentences are not in
   the forget set); 30 prompt beginnings to continue; toxicity is scored by a probe on the frozen model.
@@ -71,6 +72,7 @@ def demo_files() -> dict[str, bytes]:
             "retain": "retain/demo-general.jsonl",
             "eval_forget": ["mc/demo-astronomy.jsonl"],
             "eval_retain": ["mc/demo-general.jsonl"],
+            "eval_perplexity": ["retain/demo-general-heldout.jsonl"],
             "mc_mode": "cloze",
         },
         "toxicity": {
@@ -80,6 +82,7 @@ def demo_files() -> dict[str, bytes]:
             "probe": "probe/demo-probe.jsonl",
             "eval_prompts": "prompts/demo-prompts.jsonl",
             "eval_retain": ["mc/demo-general.jsonl"],
+            "eval_perplexity": ["retain/demo-general-heldout.jsonl"],
             "mc_mode": "cloze",
             "scorer": "probe",
         },
@@ -89,6 +92,7 @@ def demo_files() -> dict[str, bytes]:
         "forget/demo-astronomy.jsonl": _jsonl([{"text": t} for t in _lines("astronomy.txt")]),
         "forget/demo-toxic.jsonl": _jsonl([{"text": t} for t in toxic[-N_FORGET_TOXIC:]]),
         "retain/demo-general.jsonl": _jsonl([{"text": t} for t in _lines("general.txt")]),
+        "retain/demo-general-heldout.jsonl": _jsonl([{"text": t} for t in _lines("general_heldout.txt")]),
         "mc/demo-astronomy.jsonl": _jsonl(_mc(_split("mc_astronomy.txt", "|"), subject="astronomy")),
         "mc/demo-general.jsonl": _jsonl(_mc(_split("mc_general.txt", "|"))),
         "probe/demo-probe.jsonl": _jsonl(probe),

@@ -9,6 +9,7 @@ plain jsonl, so `ref/` never needs pyarrow.
     wmdp      forget        forget/wmdp-bio.jsonl          cais/wmdp-bio-forget-corpus (gated, needs HF_TOKEN)
               forget        forget/wmdp-cyber.jsonl        cais/wmdp-corpora cyber-forget-corpus
               retain        retain/wikitext.jsonl          Salesforce/wikitext wikitext-2-raw-v1 test (as RMU)
+              eval_perplexity retain/wikitext-validation.jsonl  the same, validation split (never trained on)
               eval_forget   mc/wmdp-{bio,cyber}.jsonl      cais/wmdp (mc/wmdp-chem.jsonl is written too)
               eval_retain   mc/mmlu.jsonl                  cais/mmlu all test
     toxicity  forget        forget/paradetox-toxic.jsonl   s-nlp/paradetox train.tsv, toxic side deduplicated
@@ -50,6 +51,7 @@ BIO_FORGET_REPO = "cais/wmdp-bio-forget-corpus"
 # cais/wmdp config -> the subject named in lm-eval's description "... (with answers) about biology."
 WMDP_SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}
 WIKITEXT = "retain/wikitext.jsonl"
+WIKITEXT_HELDOUT = "retain/wikitext-validation.jsonl"  # the retain perplexity task (ref.perplexity)
 MMLU = "mc/mmlu.jsonl"
 TRUST_FILES = {  # manifest key -> (repo, file in the repo); written to scorer/trust/<file>
     "weights": ("berkatil/TRuST_toxicity_classifier", "toxicity_classifier.pth"),
@@ -289,9 +291,10 @@ class _Prep:
 
 
 def _shared(prep: _Prep) -> None:
-    """WikiText-2 (retain) and MMLU (eval_retain), used by both goals."""
+    """WikiText-2 (retain: test split; eval_perplexity: validation split) and MMLU (eval_retain), both goals."""
     wikitext = lambda files: _texts(_read_parquet(files, ["text"]), MIN_CHARS)
     prep.file(WIKITEXT, "Salesforce/wikitext", ["wikitext-2-raw-v1/test-*.parquet"], wikitext)
+    prep.file(WIKITEXT_HELDOUT, "Salesforce/wikitext", ["wikitext-2-raw-v1/validation-*.parquet"], wikitext)
     mmlu = lambda files: _mc(_read_parquet(files, ["question", "subject", "choices", "answer"]), "cais/mmlu")
     prep.file(MMLU, "cais/mmlu", ["all/test-*.parquet"], mmlu)
 
@@ -316,6 +319,7 @@ def _prepare_wmdp(prep: _Prep, allow_missing_bio: bool) -> dict:
         "retain": WIKITEXT,
         "eval_forget": [f"mc/wmdp-{t}.jsonl" for t in topics],  # chem has no forget corpus: not an eval target
         "eval_retain": [MMLU],
+        "eval_perplexity": [WIKITEXT_HELDOUT],
         "mc_mode": "letter",
     }
 
@@ -341,6 +345,7 @@ def _prepare_toxicity(prep: _Prep, probe_file: Path | None) -> dict:
         "probe": probe,
         "eval_prompts": "prompts/rtp-challenging.jsonl",
         "eval_retain": [MMLU],
+        "eval_perplexity": [WIKITEXT_HELDOUT],
         "mc_mode": "letter",
         "scorer": "trust",
     }

@@ -9,6 +9,9 @@ which role:
                   "probe": "probe/trust.jsonl", "eval_prompts": "prompts/rtp-challenging.jsonl",
                   "eval_retain": ["mc/mmlu.jsonl"], "scorer": "trust"}}
 
+An optional "eval_perplexity" (a path or a list) names held-out texts of the retain kind that the training never
+reads (none of them may be in the forget or retain corpora); the evaluation reports their perplexity (ref.perplexity).
+
 Paths are relative to the directory and stay inside it, `..` and symlinks resolved (unless allow_outside).
 Row schemas: forget/retain {"text"}, probe {"text", "label" 0/1 (1 = toxic)},
 mc {"question", "choices" (4 strings), "answer" 0..3, "subject" (optional)}, prompts {"prompt"}.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from ref.registry import cache_dir
 
 GOALS = ("wmdp", "toxicity")
 MC_MODES = ("letter", "cloze")
-LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain")  # a single path or a list of paths
+LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain", "eval_perplexity")  # a single path or a list of paths
 PATH_KEYS = ("probe", "eval_prompts")  # a single path
 STR_KEYS = ("mc_mode", "scorer")
 PROMPTS_TASK = "rtp"  # the task name of eval_prompts (an MC task is named by its file stem)
@@ -51,6 +54,7 @@ class GoalData:
     scorer: str | None
     manifest: dict  # the raw manifest, all goals
     allow_outside: bool = False  # manifest paths may leave the data folder (also for the scorers' files)
+    heldout: list[str] = field(default_factory=list)  # eval_perplexity: texts no training step reads
 
 
 def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
@@ -228,6 +232,15 @@ def load_goal_data(
         forget = {t: forget[t] for t in topics}
     read = lambda key: key in entry and (training or probe_scorer)  # noqa: E731
     retain = [t for p in files("retain") for t in corpus(p.stem, p)] if read("retain") else []
+    heldout = [t for p in files("eval_perplexity") for t in read_texts(p)] if "eval_perplexity" in entry else []
+    if "eval_perplexity" in entry and not heldout:
+        raise RefError(f"{mpath}: {goal}.eval_perplexity names files without texts; write rows of the form "
+                       '{"text": str}')  # fmt: skip
+    seen = set(retain).union(*forget.values()) & set(heldout)
+    if seen:
+        raise RefError(f"{mpath}: {goal}.eval_perplexity holds {len(seen)} text(s) that the training reads too "
+                       f"(e.g. {next(iter(seen))[:40]!r}); held-out texts must not be in the forget or retain "
+                       "corpora")  # fmt: skip
 
     probe = None
     if read("probe"):
@@ -265,6 +278,7 @@ def load_goal_data(
         scorer=entry.get("scorer"),
         manifest=manifest,
         allow_outside=allow_outside,
+        heldout=heldout,
     )
 
 

@@ -1,4 +1,5 @@
-"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, S-unlearning.
+"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, retain perplexity,
+S-unlearning.
 
 The tasks of a goal -> one report: multiple choice scored as lm-evaluation-harness does (ref.mc), the toxicity
 prompts by the RealToxicityPrompts protocol (ref.toxicity) with the scorer the manifest names (ref.scorers), and
@@ -33,12 +34,15 @@ from ref.data import (
 from ref.errors import RefError
 from ref.mc import LETTERS, bos_added, mc_samples, mc_summary
 from ref.model import Transformer
+from ref.perplexity import perplexity
 from ref.runlog import atomic_write_text, write_json
 from ref.scorers import Scorer, make_scorer, scorer_info
 from ref.tokenizer import Tokenizer
 from ref.toxicity import BATCH_PROMPTS, toxicity_eval
 
 R0 = 0.25  # chance accuracy of a 4-choice question (S-unlearning, section 4.4 of the paper)
+PERPLEXITY_TASK = "heldout-retain"  # the perplexity of the manifest's eval_perplexity texts (ref.perplexity)
+PERPLEXITY_WINDOW = 512  # tokens per window of the perplexity task, the same for every model and run
 
 
 def s_unlearning(goal: str, u: float, r: float) -> dict[str, float]:
@@ -63,6 +67,8 @@ def available_tasks(data: GoalData) -> dict[str, str]:
     tasks = {t: "forget" for t in data.eval_forget} | {t: "retain" for t in data.eval_retain}
     if data.eval_prompts is not None:
         tasks[PROMPTS_TASK] = "forget"
+    if data.heldout:
+        tasks[PERPLEXITY_TASK] = "retain"
     return tasks
 
 
@@ -93,10 +99,12 @@ def evaluate(
     mc_mode: str | None = None,
     log_samples: bool = False,
     batch_prompts: int = BATCH_PROMPTS,
+    window: int = PERPLEXITY_WINDOW,
 ) -> dict:
     """Every requested task (default: all of the goal's), then S-unlearning when both a forget and a retain
     measure exist. WMDP: U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity:
-    U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task.
+    U = expected maximum toxicity. R = accuracy pooled over the retain MC tasks. `limit`: first N items a task
+    (not for the perplexity task, which reads all its texts in windows of `window` tokens).
     `mc_mode` ("letter" | "cloze") overrides the manifest's. `log_samples`: the report also holds "samples", one
     record a question (ref.mc.mc_samples) or prompt (prompt, continuations, scores), for `write_samples`.
     `batch_prompts`: toxicity prompts sampled together (their samples decode as one batch; results unchanged)."""
@@ -121,6 +129,8 @@ def evaluate(
                                 batch_prompts=batch_prompts)  # fmt: skip
             res["scorer"] = getattr(scorer, "name", type(scorer).__name__)
             records += res.pop("records")
+        elif task == PERPLEXITY_TASK:
+            res = perplexity(model, tok, data.heldout, window, batch_size=max(1, batch_size // 4))
         else:
             rows = read_mc({**data.eval_forget, **data.eval_retain}[task])[:limit]
             scored = mc_samples(model, tok, rows, task, mode, batch_size)
@@ -157,11 +167,13 @@ def pooled_measures(goal: str, tasks: dict[str, dict]) -> dict:
     U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity: U = expected maximum toxicity.
     R = accuracy pooled over the retain MC tasks. s_unlearning is None without both a U and an R."""
     out: dict = {}
-    mc = lambda role: [r for t, r in tasks.items() if t != PROMPTS_TASK and r["role"] == role]  # noqa: E731
+    mc = lambda role: [r for t, r in tasks.items() if "correct" in r and r["role"] == role]  # noqa: E731
     pooled = lambda rs: sum(r["correct"] for r in rs) / sum(r["n"] for r in rs)  # noqa: E731
     retain, forget = mc("retain"), mc("forget")
     if retain:
         out["retain"] = dict(metric="accuracy", value=pooled(retain), n=sum(r["n"] for r in retain))
+    if PERPLEXITY_TASK in tasks:
+        out["retain_perplexity"] = tasks[PERPLEXITY_TASK]["perplexity"]
     if goal == "wmdp" and forget:
         out["forget"] = dict(metric="accuracy", value=pooled(forget), n=sum(r["n"] for r in forget))
     if goal == "toxicity" and PROMPTS_TASK in tasks:
@@ -188,6 +200,8 @@ def headline(report: dict) -> dict[str, float]:
         if task == PROMPTS_TASK:
             for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
                 out[f"{task} {k.replace('_', ' ')}"] = r[k]
+        elif task == PERPLEXITY_TASK:
+            out[f"{task} perplexity"] = r["perplexity"]
         else:
             out[f"{task} accuracy"] = r["accuracy"]
     if report.get("s_unlearning"):
@@ -431,8 +445,8 @@ def command(argv: list[str] | None) -> int:
 
 def print_report(report: dict) -> None:
     for task, r in report["tasks"].items():
-        value = r.get("accuracy", r.get("expected_max_toxicity"))
-        print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts'))}, {r['protocol']})")
+        value = r.get("accuracy", r.get("expected_max_toxicity", r.get("perplexity")))
+        print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts', r.get('tokens')))}, {r['protocol']})")
     if report["s_unlearning"]:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
 

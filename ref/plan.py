@@ -43,7 +43,7 @@ class Settings:
     steering: float | None = None  # RMU's c
     beta: float | None = None  # Adaptive RMU
     raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
-    probe_l2: float = 1e-2
+    probe_l2: float | None = None  # L2 of the eq. 6 probes; None: chosen per layer by K-fold AUC (--probe-l2 auto)
     lr: float | None = None
     policy_lr: float | None = None
     epochs: int = 2
@@ -86,7 +86,7 @@ class Plan:
     steering: float | None  # RMU's fixed c
     beta: float | None  # Adaptive RMU: c = beta * mean forget norm on each topic's first batch
     raw_probe_weights: bool
-    probe_l2: float
+    probe_l2: float | None  # the probes' fixed L2 (ours on toxicity); None: chosen per layer by K-fold (or no probes)
     lr: float
     max_len: int
     batch_size: int
@@ -156,6 +156,7 @@ def check_settings(user: Settings) -> None:
             ("--policy-lr", user.policy_lr, reinforce, "REINFORCE (--method ours without --alpha)"),
             ("--tox-layers", user.tox_layers, ours_toxicity, "--method ours --goal toxicity"),
             ("--raw-probe-weights", user.raw_probe_weights or None, ours_toxicity, "--method ours --goal toxicity"),
+            ("--probe-l2", user.probe_l2, ours_toxicity, "--method ours --goal toxicity"),
             ("--tap-layer", user.tap_layer, not ours_toxicity, "the single-tap objectives (ours on toxicity reads "
              "the --tox-layers)")]  # fmt: skip
     for option, value, applies, where in only:
@@ -197,7 +198,7 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         policy_lr=given(user.policy_lr, defaults.policy_lr) if reinforce else None,
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
         beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
-        raw_probe_weights=user.raw_probe_weights, probe_l2=user.probe_l2,
+        raw_probe_weights=user.raw_probe_weights, probe_l2=user.probe_l2 if tox else None,
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
         device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
@@ -234,6 +235,7 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     gpus = lambda b: math.ceil(b / GPU_BYTES)  # noqa: E731
     alpha = f"REINFORCE from alpha0 = {plan.alpha0:g}" if plan.reinforce else f"fixed {plan.alpha:g}"
+    probe_l2 = "chosen per layer by 5-fold AUC" if plan.probe_l2 is None else f"fixed {plan.probe_l2:g}"
     k, n = plan.loaded_blocks, cfg.num_layers
     rest = "the final norm and the LM head"
     if k < n:
@@ -248,6 +250,7 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         else "- no shared prefix (the first block is updated)",
         f"- blocks {plan.start}..{max(plan.taps)} run with gradients; none above {max(plan.taps)}; no LM head",
         f"- taps: {list(plan.taps)}",
+        *([f"- probes of eq. 6: L2 {probe_l2}"] if plan.tox_layers else []),
         f"- updated tensors ({len(plan.tensors)}, {gib(est['updated_tensors'])}): {', '.join(plan.tensors)}",
         f"- alpha: {alpha}; lr {plan.lr:g}"
         + (f"; steering c = {plan.steering:g}" if plan.steering is not None else "")

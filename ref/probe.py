@@ -9,6 +9,11 @@ with the intercept b unregularised and the penalty on w in the raw feature space
 internally, which changes nothing but the value of b, mapped back). In scikit-learn terms this is
 LogisticRegression(C=1 / (l2 * N)). Since the penalty is on raw weights, its strength relative to the data
 depends on the scale of the features (the residual norm grows with depth).
+
+The strength l2 is chosen per layer on held-out data unless given (`train_probe(l2=None)`, the default of
+ref.unlearn's `--probe-l2 auto`): stratified K-fold over the training part only (the held-out part that reports
+`heldout_auc` is never seen by the choice), the value of L2_GRID with the best mean fold AUC, ties going to the
+larger (stronger) penalty. The folds come from the seed, so the choice is deterministic.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from ref import losses
 # the usual case for 4096-dim states and a few thousand texts), keeps Newton to a handful of steps, and
 # favours a direction that generalises over one that only separates the training set.
 DEFAULT_L2 = 1e-2
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the k-fold choice's candidates, a decade apart
+FOLDS = 5
 
 
 @dataclass
@@ -37,6 +44,8 @@ class Probe:
     train_auc: float
     heldout_auc: float | None = None  # None when fitted without a held-out split
     n_iter: int = 0  # Newton steps taken
+    l2: float = DEFAULT_L2  # the penalty it was fitted with
+    cv_auc: dict[float, float] | None = None  # l2 -> mean K-fold AUC, when l2 was chosen by `choose_l2`
 
 
 def _check_xy(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,6 +116,7 @@ def fit_logistic_probe(x: Tensor, y: Tensor, l2: float = DEFAULT_L2, max_iter: i
         direction=w / torch.linalg.vector_norm(w).clamp_min(1e-300),
         train_auc=roc_auc(x @ theta[:-1], y),
         n_iter=n_iter,
+        l2=l2,
     )
 
 
@@ -132,32 +142,84 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def train_probe(x: Tensor, y: Tensor, heldout_fraction: float = 0.2, seed: int = 0, l2: float = DEFAULT_L2) -> Probe:
-    """Split (x, y) into train / held-out, stratified by label and deterministic for a seed, fit on train,
-    and report the AUC on both. heldout_fraction=0 fits on everything (heldout_auc None)."""
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    x, y = _check_xy(x, y)
-    if heldout_fraction == 0.0:
-        return fit_logistic_probe(x, y, l2=l2)
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, held-out) indices, sorted: `fraction` of each class held out (at least one, never all), the order
+    drawn from the seed."""
     gen = torch.Generator().manual_seed(seed)
-    labels = y.detach().cpu().to(torch.int64)
+    labels = labels.detach().cpu().to(torch.int64)
     train_idx, held_idx = [], []
     for c in (0, 1):
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 2:
-            raise ValueError(
-                f"train_probe: class {c} has {idx.numel()} example(s); need at least 2 (one to train, one held out)"
-            )
+            raise ValueError(f"class {c} has {idx.numel()} example(s); need at least 2 (one to train, one held out)")
         idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        k = min(max(1, round(heldout_fraction * idx.numel())), idx.numel() - 1)
+        k = min(max(1, round(fraction * idx.numel())), idx.numel() - 1)
         held_idx.append(idx[:k])
         train_idx.append(idx[k:])
-    tr = torch.sort(torch.cat(train_idx)).values.to(x.device)
-    he = torch.sort(torch.cat(held_idx)).values.to(x.device)
+    return torch.sort(torch.cat(train_idx)).values, torch.sort(torch.cat(held_idx)).values
+
+
+def stratified_folds(labels: Tensor, k: int, seed: int) -> list[Tensor]:
+    """k disjoint index sets covering every example, each class dealt round-robin after a seeded shuffle (so each
+    fold holds both classes); k is lowered to the smaller class's size when that is below k."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.detach().cpu().to(torch.int64)
+    k = min(k, *(int((labels == c).sum()) for c in (0, 1)))
+    if k < 2:
+        raise ValueError("K-fold needs at least 2 examples of each class")
+    folds: list[list[Tensor]] = [[] for _ in range(k)]
+    for c in (0, 1):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        for f in range(k):
+            folds[f].append(idx[f::k])
+    return [torch.sort(torch.cat(f)).values for f in folds]
+
+
+def choose_l2(x: Tensor, y: Tensor, grid: Sequence[float] = L2_GRID, folds: int = FOLDS, seed: int = 0
+              ) -> tuple[float, dict[float, float]]:  # fmt: skip
+    """The l2 of `grid` with the best mean held-out AUC over stratified K folds of (x, y), ties to the larger l2;
+    returns it and {l2: mean fold AUC}."""
+    x, y = _check_xy(x, y)
+    parts = stratified_folds(y, folds, seed)
+    every = torch.arange(len(y))
+    cv = {}
+    for l2 in grid:
+        aucs = []
+        for held in parts:
+            train = every[~torch.isin(every, held)].to(x.device)
+            with warnings.catch_warnings():  # a weak penalty on separable folds may not reach tol: still a probe
+                warnings.simplefilter("ignore")
+                probe = fit_logistic_probe(x[train], y[train], l2=l2)
+            aucs.append(roc_auc(x[held.to(x.device)].cpu() @ probe.weight, y[held.to(x.device)]))
+        cv[float(l2)] = sum(aucs) / len(aucs)
+    best = max(cv.values())
+    return max(l2 for l2, auc in cv.items() if auc >= best - 1e-12), cv
+
+
+def train_probe(x: Tensor, y: Tensor, heldout_fraction: float = 0.2, seed: int = 0,
+                l2: float | None = DEFAULT_L2) -> Probe:  # fmt: skip
+    """Split (x, y) into train / held-out, stratified by label and deterministic for a seed, fit on train,
+    and report the AUC on both. heldout_fraction=0 fits on everything (heldout_auc None). l2=None chooses the
+    penalty by `choose_l2` on the train part (recorded in probe.l2 and probe.cv_auc)."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    x, y = _check_xy(x, y)
+    if heldout_fraction == 0.0:
+        tr, he = torch.arange(len(y)), None
+    else:
+        try:
+            tr, he = stratified_split(y, heldout_fraction, seed)
+        except ValueError as e:
+            raise ValueError(f"train_probe: {e}") from None
+    tr = tr.to(x.device)
+    cv = None
+    if l2 is None:
+        l2, cv = choose_l2(x[tr], y[tr], seed=seed)
     probe = fit_logistic_probe(x[tr], y[tr], l2=l2)
-    scores = x[he].cpu() @ probe.weight
-    probe.heldout_auc = roc_auc(scores, labels[he.cpu()])
+    probe.cv_auc = cv
+    if he is not None:
+        probe.heldout_auc = roc_auc(x[he.to(x.device)].cpu() @ probe.weight, y.cpu()[he])
     return probe
 
 
@@ -183,10 +245,11 @@ def fit_layer_probes(
     max_len: int,
     batch_size: int,
     seed: int,
-    l2: float = DEFAULT_L2,
+    l2: float | None = DEFAULT_L2,
 ) -> dict[int, Probe]:
     """One probe per layer on the frozen model's last-token states of the (text, label) rows, label 1 = toxic; the
-    texts go through the model in batches of `batch_size`, cut to `max_len` tokens."""
+    texts go through the model in batches of `batch_size`, cut to `max_len` tokens. l2=None: chosen per layer by
+    K-fold (`choose_l2`)."""
     device = next(model.parameters()).device
     feats: dict[int, list[Tensor]] = {i: [] for i in layers}
     for k in range(0, len(rows), batch_size):

@@ -9,7 +9,15 @@
 - probe_cosine.png: cosine similarity between the probe directions of the probed layers (paper figure 1).
 - probe_weights.png, probe_weights_grid.png: histograms of the probe weights, the middle probed layer and all
   of them (paper figure 2).
-- before_after.png: every numeric metric that report.json has both before and after unlearning.
+- before_after.png: every numeric metric that report.json has both before and after unlearning (the retain
+  perplexity aside: it is on another scale; summary.md has it).
+
+    python -m ref.report SWEEP_DIR [--out DIR]      # a ref.sweep folder (sweep.json): into SWEEP_DIR/figures/
+
+- front.png: the forget-retain front of each method, one marker per setting (forget U against retain accuracy, and
+  against retain perplexity), the base model as a star, each method's non-dominated points joined.
+- layers.png: when the grid moved the depth (layer, tap-layer or update-layers), forget U and retain against the
+  layer, one line per method and setting of the other keys (the paper's figures 6-7).
 
 matplotlib is an optional extra: it is imported only when a figure is drawn. We draw on a bare
 matplotlib.figure.Figure with the Agg canvas (no pyplot, no global state) and strip the PNG's software
@@ -269,6 +277,7 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
         except ValueError:
             report = {}
     bars = report_bars(report) if isinstance(report, dict) else {}
+    bars = {k: v for k, v in bars.items() if not k.endswith("perplexity")}  # another scale: summary.md has it
     validate.writable_folder("--out", out)
     written = []
     if rows:
@@ -286,12 +295,109 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
     return written
 
 
+# ----------------------------------------------------------------------------------------------------- sweeps
+
+METHOD_COLORS = {"ours": "C3", "rmu": "C0", "adaptive-rmu": "C2"}
+
+
+def front(points: list[tuple[float, float]], higher_x_better: bool) -> list[tuple[float, float]]:
+    """The non-dominated (x, U) points, sorted by x: none other has both a better retain x and a lower U."""
+    better = (lambda a, b: a >= b) if higher_x_better else (lambda a, b: a <= b)
+    keep = [p for p in points if not any(q != p and better(q[0], p[0]) and q[1] <= p[1] for q in points)]
+    return sorted(set(keep))
+
+
+def _sweep_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
+    path = Path(sweep_dir) / "sweep.json"
+    try:
+        record = json.loads(path.read_text())
+        rows = [r for r in record["points"] if r.get("metrics") and r["metrics"].get("U") is not None]
+    except (ValueError, KeyError, TypeError):
+        raise RefError(f"{path} is not a sweep.json of ref.sweep; the sweep folder is damaged") from None
+    return record, rows
+
+
+def plot_front(record: dict, rows: list[dict], path: Path) -> Path:
+    """Forget U against retain accuracy (left) and retain perplexity (right), a marker per point."""
+    u_name = "expected max toxicity (U)" if record["goal"] == "toxicity" else "forget accuracy (U)"
+    fig, axes = _figure(11, 4.5, ncols=2)
+    for ax, key, label, higher in ((axes[0], "R", "retain accuracy (R), higher is better", True),
+                                   (axes[1], "ppl", "retain perplexity, lower is better", False)):  # fmt: skip
+        base = rows[0]["metrics"] if rows else {}
+        if base.get(f"{key}_before") is not None:
+            ax.plot(base[f"{key}_before"], base["U_before"], "k*", ms=12, label="base")
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method and r["metrics"].get(key) is not None]
+            xy = [(r["metrics"][key], r["metrics"]["U"]) for r in mine]
+            if not xy:
+                continue
+            color = METHOD_COLORS.get(method)
+            ax.scatter(*zip(*xy, strict=True), color=color, label=method, s=25)
+            ax.plot(*zip(*front(xy, higher), strict=True), color=color, lw=1)
+            for r, (x, y) in zip(mine, xy, strict=True):
+                ax.annotate(r["setting"], (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points", color=color)
+        ax.set(xlabel=label, ylabel=u_name + ", lower is better")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no values (the data names no eval_perplexity)", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"Forget-retain front: {record['goal']} on {record['model']} (one marker per setting)")
+    return _save(fig, path)
+
+
+def layer_of(grid: dict) -> int | None:
+    """The depth a point's grid set: layer, else tap_layer, else the deepest updated layer (None: not moved)."""
+    for key in ("layer", "tap_layer"):
+        if grid.get(key) is not None:
+            return int(grid[key])
+    return max(grid["update_layers"]) if grid.get("update_layers") else None
+
+
+def plot_layers(record: dict, rows: list[dict], path: Path) -> Path:
+    """Forget U and retain (accuracy, perplexity) against the layer: a line per method and other settings."""
+    fig, axes = _figure(14, 4, ncols=3)
+    lines: dict[tuple[str, str], list] = {}
+    for r in rows:
+        others = ",".join(f"{k}={v}" for k, v in r["grid"].items() if k not in ("layer", "tap_layer", "update_layers"))
+        lines.setdefault((r["method"], others), []).append((layer_of(r["grid"]), r["metrics"]))
+    for ax, key, label in zip(axes, ("U", "R", "ppl"), ("forget U", "retain accuracy", "retain perplexity"),
+                              strict=True):  # fmt: skip
+        for (method, others), pts in lines.items():
+            pts = sorted((x, m[key]) for x, m in pts if m.get(key) is not None)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=METHOD_COLORS.get(method),
+                        label=f"{method} {others}".strip())  # fmt: skip
+        base = rows[0]["metrics"].get(f"{key}_before")
+        if base is not None:
+            ax.axhline(base, color="k", ls="--", lw=0.8, label="base")
+        ax.set(xlabel="layer (tap; ours on toxicity: the middle probed layer)", ylabel=label)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"Layer sweep: {record['goal']} on {record['model']}")
+    return _save(fig, path)
+
+
+def write_sweep_figures(sweep_dir: Path, out: Path | None = None) -> list[Path]:
+    """front.png, and layers.png when the sweep moved the depth, into `out` (default SWEEP_DIR/figures)."""
+    record, rows = _sweep_rows(sweep_dir)
+    out = Path(sweep_dir) / "figures" if out is None else Path(out)
+    if not rows:
+        raise RefError(f"{Path(sweep_dir) / 'sweep.json'} has no finished point yet: nothing to draw")
+    validate.writable_folder("--out", out)
+    written = [plot_front(record, rows, out / "front.png")]
+    if sum(layer_of(r["grid"]) is not None for r in rows) > 1:
+        written.append(plot_layers(record, [r for r in rows if layer_of(r["grid"]) is not None], out / "layers.png"))
+    return written
+
+
 def command(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m ref.report", description="Figures of a ref.unlearn run folder.")
-    p.add_argument("run_dir", type=Path, help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json)")
+    p.add_argument("run_dir", type=Path, help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json)"
+                   " or a ref.sweep folder (sweep.json)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default RUN_DIR/figures)")
     args = p.parse_args(argv)
-    for path in write_figures(args.run_dir, args.out):
+    draw = write_sweep_figures if (args.run_dir / "sweep.json").is_file() else write_figures
+    for path in draw(args.run_dir, args.out):
         print(f"wrote {path}")
     return 0
 

@@ -6,7 +6,8 @@ with S-unlearning.
 
 Each run goes to OUT/MODEL/GOAL-METHOD (a normal ref.unlearn run folder; MODEL as folder_name gives it); a run
 whose report.json exists is not run again. The base row is the "before" evaluation of the runs (the same for
-every method).
+every method). `--from-sweep SWEEP_DIR/sweep.json` (repeatable, one per model and goal) runs each method with the
+setting that ref.sweep selected for it (at its retain budget, or by S-unlearning) instead of the defaults.
 """
 
 from __future__ import annotations
@@ -23,24 +24,31 @@ from ref.cli import run_command
 from ref.data import resolve_data_dir
 from ref.errors import RefError
 from ref.runlog import atomic_write_text, write_json
+from ref.sweep import selected_settings, sweep_record
 from ref.unlearn import GOALS, METHODS, Settings, unlearn
 
 COLUMNS = {"wmdp": ("WMDP acc (U)", "retain acc (R)", "S"), "toxicity": ("toxicity (U)", "retain acc (R)", "S")}
 
 
 def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict,
-            attacks: list[str] = ()) -> dict:  # fmt: skip
+            attacks: list[str] = (), chosen: dict | None = None) -> dict:  # fmt: skip
     """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
-    with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/)."""
+    with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
+    `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults."""
     table: dict = {}
     for model in models:
         for goal in GOALS:
             for method in METHODS:
                 run = out / folder_name(model) / f"{goal}-{method}"
+                fields = (chosen or {}).get((model, goal), {}).get(method, {})
                 if not (run / "report.json").exists():
                     s = Settings(model=model, goal=goal, method=method, data=data, out=str(run),
-                                 max_steps=max_steps, overwrite=run.exists(), **extra)  # fmt: skip
+                                 overwrite=run.exists(), **{"max_steps": max_steps, **extra, **fields})  # fmt: skip
                     unlearn(s)
+                elif fields:
+                    had = json.loads((run / "run.json").read_text())["settings"]
+                    if any(had.get(k) != v for k, v in fields.items()):
+                        raise RefError(f"{run} was run with other settings than the sweep selected; use another --out")
                 report = json.loads((run / "report.json").read_text())
                 rows = table.setdefault(model, {}).setdefault(goal, {})
                 rows.setdefault("base", cells(report["details"]["before"]))
@@ -96,6 +104,8 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--attacks", default="", help="add U under these ref.attack attacks (e.g. relearn,quantize)")
+    p.add_argument("--from-sweep", action="append", default=[], help="a sweep.json of ref.sweep: each method runs "
+                   "with the setting the sweep selected (repeatable: one per model and goal)")  # fmt: skip
     a = p.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
@@ -113,7 +123,16 @@ def command(argv: list[str] | None) -> int:
     attacks = [x.strip() for x in a.attacks.split(",") if x.strip()]
     if set(attacks) - set(ATTACKS):
         raise RefError(f"--attacks is {a.attacks!r}; use some of {', '.join(ATTACKS)}")
-    table = run_all(models, out, a.data, a.max_steps, extra, attacks)
+    chosen = {}
+    for path in a.from_sweep:
+        record = sweep_record(path)
+        key = (record["model"], record["goal"])
+        if key[0] not in models or key in chosen:
+            raise RefError(f"--from-sweep {path} is a sweep of {key[0]} ({key[1]}): not in --models, or a second one")
+        chosen[key] = selected_settings(path, *key)
+        if a.max_steps is not None and any("max_steps" in f for f in chosen[key].values()):
+            raise RefError(f"--max-steps and the sweep {path} both set max-steps; give it once")
+    table = run_all(models, out, a.data, a.max_steps, extra, attacks, chosen)
     md = markdown(table, attacks)
     write_json(out / "table1.json", table)
     atomic_write_text(out / "table1.md", md)

@@ -148,6 +148,8 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
         raise RefError(f"{ckpt} is damaged ({type(e).__name__}); the run cannot be continued from it: start again with "
                        "--overwrite") from None  # fmt: skip
     now = as_dict(plan)
+    if not before.get("tox_layers"):  # runs without probes recorded a probe_l2 they never used (before ref 14)
+        before["probe_l2"] = None
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
@@ -185,7 +187,8 @@ def probe_directions(run_json: dict, plan: Plan, model, tok, data: GoalData, out
         return None
     probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
                               batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
-    run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc) for i, p in probes.items()}
+    run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc)
+                             for i, p in probes.items()}  # fmt: skip
     atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
     rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
     return torch.stack(rows).float().to(model_device(model))
@@ -283,8 +286,8 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
     for key in ("loss", "forget_loss", "retain_loss", "alpha", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
     if "probe_auc" in run_json:
-        lines += ["", "Probe held-out AUC per layer: "
-                  + ", ".join(f"{i}: {a['heldout_auc']:.3f}" for i, a in run_json["probe_auc"].items())]  # fmt: skip
+        aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g})" for i, a in run_json["probe_auc"].items()]
+        lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
         from ref.evaluate import before_after_table
 
@@ -318,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--steering", type=float, default=None, help="RMU steering coefficient c")
     a("--beta", type=float, default=None, help="Adaptive RMU: c = beta * mean forget activation norm (default 5)")
     a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
+    a("--probe-l2", type=probe_l2, default=None, help="L2 of the eq. 6 probes: auto (default; per layer by 5-fold "
+      "held-out AUC) or a number (0.01: the fixed value of earlier versions)")  # fmt: skip
     a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")
     a("--policy-lr", type=float, default=None, help="REINFORCE (Adam) learning rate (default 1e-2)")
     a("--epochs", type=int, default=Settings.epochs)
@@ -339,6 +344,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")
     a("--allow-data-outside", action="store_true", help="let the data manifest name files outside the data folder")
     return Settings(**vars(p.parse_args(argv)))
+
+
+def probe_l2(value: str) -> float | None:
+    """--probe-l2: "auto" (None: chosen by K-fold) or a number (checked > 0 with the other settings)."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use auto or a number > 0, not {value!r}") from None
 
 
 def dry_run(settings: Settings) -> str:

@@ -40,8 +40,11 @@ def test_demo_wmdp_goal(demo_dir):
     assert d.eval_retain == {"demo-general": demo_dir / "mc/demo-general.jsonl"}
     assert (d.mc_mode, d.scorer, d.probe, d.eval_prompts) == ("cloze", None, None, None)
     # short paragraphs, as the forget/retain corpora of the paper are paragraphs, not single sentences
-    for text in d.forget["demo-astronomy"] + d.retain:
+    for text in d.forget["demo-astronomy"] + d.retain + d.heldout:
         assert 40 <= len(text.split()) <= 100, text
+    # the retain perplexity's held-out paragraphs: never trained on, the same for both goals
+    assert len(d.heldout) == 24 and not set(d.heldout) & set(d.retain)
+    assert d.heldout == load_goal_data(demo_dir, "toxicity").heldout
 
 
 def test_demo_toxicity_goal(demo_dir):
@@ -79,7 +82,7 @@ def test_demo_mc_answers_balanced_and_correct(demo_dir, name):
 
 def test_demo_bytes_deterministic_and_idempotent(demo_dir, tmp_path):
     again = demo.write_demo_data(tmp_path / "again")
-    assert _hashes(again) == _hashes(demo_dir) and len(_hashes(again)) == 9  # 8 data files + marker
+    assert _hashes(again) == _hashes(demo_dir) and len(_hashes(again)) == 10  # 9 data files + marker
     mtime = (again / "manifest.json").stat().st_mtime_ns
     assert demo.write_demo_data(again) == again and (again / "manifest.json").stat().st_mtime_ns == mtime
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind

@@ -142,6 +142,7 @@ def test_cuda_on_a_cpu_machine_says_so(tiny, capsys, tmp_path):
      (dict(method="rmu", alpha0=2), "--alpha0 applies to REINFORCE"), (dict(alpha=1, alpha0=2), "--alpha0 applies"),
      (dict(method="rmu", policy_lr=0.1), "--policy-lr applies to REINFORCE"),
      (dict(tox_layers="0,1"), "--tox-layers applies to --method ours --goal toxicity"),
+     (dict(goal="toxicity", method="rmu", probe_l2="0.01"), "--probe-l2 applies to --method ours --goal toxicity"),
      (dict(goal="toxicity", tap_layer=2, update_layers="0,1"), "--tap-layer applies to the single-tap objectives"),
      (dict(update_layers="1,1"), "--update-layers names [1, 1], with repeats")],
 )  # fmt: skip

@@ -39,6 +39,7 @@ WIKITEXT = [
     " \n",
     " It was released in January 2011 in Japan and is the third game in the series . \n",
 ]
+WIKITEXT_VALIDATION = ["", " = Tower Building = \n", " The tower was built in 1904 of local stone" + LONG + " . \n"]
 PARADETOX = [  # (toxic, neutral); the toxic side repeats, as in the real train.tsv
     ("you are a stupid idiot", "you are not smart"),
     ("you are a stupid idiot", "you are unwise"),
@@ -101,6 +102,8 @@ def _build_repos(root: Path) -> None:
     put("cais/mmlu", "anatomy/test-00000-of-00001.parquet", _mc_table("other config", 1, ["anatomy"]))
     put("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet", pa.table({"text": WIKITEXT}))
     put("Salesforce/wikitext", "wikitext-2-raw-v1/train-00000-of-00001.parquet", pa.table({"text": ["train"]}))
+    validation = pa.table({"text": WIKITEXT_VALIDATION})
+    put("Salesforce/wikitext", "wikitext-2-raw-v1/validation-00000-of-00001.parquet", validation)
     put("Salesforce/wikitext", "wikitext-103-raw-v1/test-00000-of-00001.parquet", pa.table({"text": ["103"]}))
     (root / "s-nlp/paradetox").mkdir(parents=True)
     with open(root / "s-nlp/paradetox/train.tsv", "w", newline="", encoding="utf-8") as f:
@@ -158,6 +161,7 @@ def test_both_goals_write_the_layout_of_design_section_3(tmp_path, fake_hub):
             "retain": "retain/wikitext.jsonl",
             "eval_forget": ["mc/wmdp-bio.jsonl", "mc/wmdp-cyber.jsonl"],
             "eval_retain": ["mc/mmlu.jsonl"],
+            "eval_perplexity": ["retain/wikitext-validation.jsonl"],
             "mc_mode": "letter",
         },
         "toxicity": {
@@ -166,6 +170,7 @@ def test_both_goals_write_the_layout_of_design_section_3(tmp_path, fake_hub):
             "probe": "probe/paradetox.jsonl",
             "eval_prompts": "prompts/rtp-challenging.jsonl",
             "eval_retain": ["mc/mmlu.jsonl"],
+            "eval_perplexity": ["retain/wikitext-validation.jsonl"],
             "mc_mode": "letter",
             "scorer": "trust",
         },
@@ -182,6 +187,7 @@ def test_both_goals_write_the_layout_of_design_section_3(tmp_path, fake_hub):
     assert _texts(out / "forget/wmdp-cyber.jsonl") == [CYBER[0], CYBER[2], CYBER[5]]
     assert _texts(out / "forget/wmdp-bio.jsonl") == BIO
     assert _texts(out / "retain/wikitext.jsonl") == [WIKITEXT[3], WIKITEXT[5]]
+    assert _texts(out / "retain/wikitext-validation.jsonl") == [WIKITEXT_VALIDATION[2]]  # the held-out split
     # ParaDetox: toxic side deduplicated (the trailing-space copy too); the probe adds the neutral side as 0.
     toxic = ["you are a stupid idiot", 'shut up, "genius"', "this is damn bad"]
     assert _texts(out / "forget/paradetox-toxic.jsonl") == toxic

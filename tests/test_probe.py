@@ -163,3 +163,34 @@ def test_last_token_features_one_truncated_forward():
     assert feats[7].dtype == torch.float32 and feats[7].shape == (2, 3)
     assert feats[2][:, 0].tolist() == [23.0, 21.0]
     assert feats[7][:, 0].tolist() == [73.0, 71.0]
+
+
+def test_choose_l2_by_k_fold_is_deterministic_and_held_out():
+    x, y = overlapping()
+    l2, cv = P.choose_l2(x, y, seed=0)
+    assert list(cv) == list(P.L2_GRID) and l2 in P.L2_GRID
+    assert cv[l2] == max(cv.values()) and all(0.5 < a <= 1.0 for a in cv.values())
+    assert P.choose_l2(x, y, seed=0) == (l2, cv)  # same seed: the same folds, the same choice
+    # the folds: disjoint, covering, stratified
+    folds = P.stratified_folds(y, 5, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(len(y)))
+    assert all(0 < int(y[f].sum()) < len(f) for f in folds)
+    # noise labels in D close to N: a weak penalty fits noise, held-out AUC finds no signal at any strength
+    g = torch.Generator().manual_seed(5)
+    xn, yn = torch.randn(100, 60, generator=g, dtype=torch.float64), (torch.arange(100) % 2).double()
+    _, cvn = P.choose_l2(xn, yn)
+    assert all(abs(a - 0.5) < 0.2 for a in cvn.values())
+    # ties (every strength separates the clean data perfectly) go to the strongest penalty
+    xs, ys = separable()
+    assert P.choose_l2(xs, ys, grid=(1e-3, 1e-2, 1e-1)) == (1e-1, {1e-3: 1.0, 1e-2: 1.0, 1e-1: 1.0})
+
+
+def test_train_probe_auto_l2_chooses_on_the_train_part_only():
+    x, y = overlapping()
+    auto = P.train_probe(x, y, seed=3, l2=None)
+    train, held = P.stratified_split(y, 0.2, seed=3)
+    assert (auto.l2, auto.cv_auc) == P.choose_l2(x[train], y[train], seed=3)  # the held-out part never seen
+    fixed = P.train_probe(x, y, seed=3, l2=auto.l2)
+    assert torch.equal(fixed.weight, auto.weight) and fixed.heldout_auc == auto.heldout_auc and fixed.cv_auc is None
+    assert P.train_probe(x, y, seed=3, l2=None).weight.equal(auto.weight)  # deterministic
+    assert P.train_probe(x, y, seed=3).l2 == P.DEFAULT_L2  # the fixed value stays the default of train_probe

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import ref
 import ref.unlearn as U
-from ref import objectives
+from ref import objectives, probe
 from ref.checkpoint import load_rest
 from ref.errors import RefError
 from ref.fused import eager
@@ -128,6 +128,12 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
     if goal == "toxicity" and method == "ours":
         assert set(rows[0]["forget_loss_layers"]) == {"0", "1", "2"}
         assert (tmp_path / "run/probes.safetensors").exists()
+        # the probes' L2 chosen per layer by K-fold (the default), recorded with the grid's held-out AUCs
+        aucs = json.loads((tmp_path / "run/run.json").read_text())["probe_auc"]
+        assert set(aucs) == {"0", "1", "2"} and run.plan.probe_l2 is None
+        for a in aucs.values():
+            assert list(a["cv_auc"]) == [str(v) for v in probe.L2_GRID] and a["l2"] in probe.L2_GRID
+            assert a["cv_auc"][str(a["l2"])] == max(a["cv_auc"].values())
 
     original = ref.load_model(tiny_dirs["llama"], device="cpu")
     trained = dict(run.model.named_parameters())
