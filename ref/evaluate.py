@@ -422,6 +422,8 @@ def command(argv: list[str] | None) -> int:
         if validate.same_or_inside(args.out, folder):
             raise RefError(f"--out {args.out} is inside the {what} folder {folder}; write the report elsewhere")
     model = load_model(model_path, dtype=args.dtype, device=args.device)
+    if len(model.placement.runs) > 1:
+        print(f"placement: {model.placement.describe()}", file=sys.stderr)
     tok = load_tokenizer(model_path)
     same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
     base = lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device)  # noqa: E731

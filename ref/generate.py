@@ -227,6 +227,8 @@ def command(argv: list[str] | None) -> int:
         raise RefError(f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
                        f"the model's {positions} positions (max_position_embeddings); {fix}")  # fmt: skip
     model = load_model(folder, dtype=args.dtype, device=args.device)
+    if len(model.placement.runs) > 1:
+        print(f"placement: {model.placement.describe()}", file=sys.stderr)
     torch.manual_seed(args.seed)
     rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, row in zip(args.prompt, rows, strict=True):
