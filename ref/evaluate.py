@@ -480,6 +480,10 @@ def print_report(report: dict) -> None:
     for task, r in report["tasks"].items():
         value = r.get("accuracy", r.get("expected_max_toxicity", r.get("perplexity")))
         print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts', r.get('tokens')))}, {r['protocol']})")
+        if "fluency_perplexity" in r:
+            print(f"{task} fluency: perplexity mean {r['fluency_perplexity']:.2f}, median "
+                  f"{r['fluency_perplexity_median']:.2f} under {r['fluency_reference']} ({r['fluency_empty']} empty); "
+                  f"distinct-1/2/3 {r['distinct_1']:.3f}/{r['distinct_2']:.3f}/{r['distinct_3']:.3f}")  # fmt: skip
     if report["s_unlearning"]:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
 
