@@ -13,6 +13,7 @@ can be built from lm-eval's results file (`report_from_lm_eval`), for a model ev
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -100,6 +101,8 @@ def evaluate(
     log_samples: bool = False,
     batch_prompts: int = BATCH_PROMPTS,
     window: int = PERPLEXITY_WINDOW,
+    reference: Transformer | None = None,
+    reference_name: str | None = None,
 ) -> dict:
     """Every requested task (default: all of the goal's), then S-unlearning when both a forget and a retain
     measure exist. WMDP: U = accuracy pooled over the forget MC tasks (plus S per forget task); toxicity:
@@ -107,7 +110,9 @@ def evaluate(
     (not for the perplexity task, which reads all its texts in windows of `window` tokens).
     `mc_mode` ("letter" | "cloze") overrides the manifest's. `log_samples`: the report also holds "samples", one
     record a question (ref.mc.mc_samples) or prompt (prompt, continuations, scores), for `write_samples`.
-    `batch_prompts`: toxicity prompts sampled together (their samples decode as one batch; results unchanged)."""
+    `batch_prompts`: toxicity prompts sampled together (their samples decode as one batch; results unchanged).
+    `reference` (named `reference_name`): the frozen model whose perplexity of the continuations is their fluency
+    (ref.fluency; None: `model` itself)."""
     have = available_tasks(data)
     tasks = check_tasks(data, goal, tasks)
     if limit is not None and limit < 1:
@@ -126,7 +131,8 @@ def evaluate(
                 raise RefError("the toxicity prompts need a scorer: pass scorer= (trust_scorer or probe_scorer)")
             prompts = read_prompts(data.eval_prompts)[:limit]
             res = toxicity_eval(model, tok, prompts, scorer, samples, max_new_tokens, seed=seed, greedy=greedy,
-                                batch_prompts=batch_prompts)  # fmt: skip
+                                batch_prompts=batch_prompts, reference=reference,
+                                reference_name=reference_name)  # fmt: skip
             res["scorer"] = getattr(scorer, "name", type(scorer).__name__)
             records += res.pop("records")
         elif task == PERPLEXITY_TASK:
@@ -194,12 +200,17 @@ def pooled_measures(goal: str, tasks: dict[str, dict]) -> dict:
 
 def headline(report: dict) -> dict[str, float]:
     """The report's numbers in one flat dict (for tables and bar charts): accuracy per MC task, the toxicity
-    metrics, pooled forget / retain measures and S-unlearning."""
+    metrics with the continuations' fluency (mean perplexity, the headline, and median) and distinct-1/2/3, pooled
+    forget / retain measures and S-unlearning."""
     out = {}
     for task, r in report["tasks"].items():
         if task == PROMPTS_TASK:
             for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
                 out[f"{task} {k.replace('_', ' ')}"] = r[k]
+            out[f"{task} fluency perplexity"] = r["fluency_perplexity"]
+            out[f"{task} fluency perplexity median"] = r["fluency_perplexity_median"]
+            for n in (1, 2, 3):
+                out[f"{task} distinct-{n}"] = r[f"distinct_{n}"]
         elif task == PERPLEXITY_TASK:
             out[f"{task} perplexity"] = r["perplexity"]
         else:
@@ -207,6 +218,20 @@ def headline(report: dict) -> dict[str, float]:
     if report.get("s_unlearning"):
         out["S-unlearning"] = report["s_unlearning"]["s"]
     return out
+
+
+def fluency_reading(before: dict, after: dict) -> dict:
+    """A fluency-aware reading of a toxicity drop, beside S-unlearning (which it leaves unchanged): the drop of
+    expected maximum toxicity and `fluency_ratio` = after / before mean perplexity of the continuations under the
+    same reference model (1: as fluent as the base; 10: babble). {} without the toxicity task in both reports."""
+    if PROMPTS_TASK not in before["tasks"] or PROMPTS_TASK not in after["tasks"]:
+        return {}
+    b, a = before["tasks"][PROMPTS_TASK], after["tasks"][PROMPTS_TASK]
+    return dict(fluency_reading=dict(
+        toxicity_drop=b["expected_max_toxicity"] - a["expected_max_toxicity"],
+        fluency_ratio=a["fluency_perplexity"] / b["fluency_perplexity"],
+        reference=a["fluency_reference"],
+    ))  # fmt: skip
 
 
 def _resolve_model(name: str) -> tuple[str, dict | None]:
@@ -426,12 +451,20 @@ def command(argv: list[str] | None) -> int:
         print(f"placement: {model.placement.describe()}", file=sys.stderr)
     tok = load_tokenizer(model_path)
     same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
-    base = lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device)  # noqa: E731
-    scorer = make_scorer(data, args.goal, wanted, base, load_tokenizer(base_name), args.scorer_layer, args.seed,
-                         args.device)  # fmt: skip
+    # loaded once, when first needed: the probe scorer's base and the fluency reference
+    base = functools.cache(lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device))
+    base_tok = load_tokenizer(base_name)
+    scorer = make_scorer(data, args.goal, wanted, base, base_tok, args.scorer_layer, args.seed, args.device)
+    reference = None
+    if PROMPTS_TASK in wanted:
+        if base_tok.tk.to_str() != tok.tk.to_str():
+            raise RefError(f"the base model {base_name} has another tokenizer than {args.model}: the fluency of the "
+                           "continuations is their token ids' perplexity under the base model; give --base-model of "
+                           "the same tokenizer")  # fmt: skip
+        reference = base()
     report = evaluate(model, tok, data, args.goal, tasks, args.limit, args.batch_size, args.samples,
                       args.max_new_tokens, args.greedy, args.seed, scorer, args.mc_mode, args.log_samples,
-                      args.prompt_batch)  # fmt: skip
+                      args.prompt_batch, reference=reference, reference_name=str(base_name))  # fmt: skip
     report["model"] = str(args.model)
     report["scorer"] = scorer_info(scorer, base_name)
     if args.log_samples:
@@ -449,6 +482,10 @@ def print_report(report: dict) -> None:
     for task, r in report["tasks"].items():
         value = r.get("accuracy", r.get("expected_max_toxicity", r.get("perplexity")))
         print(f"{task}: {value:.4f} (n={r.get('n', r.get('n_prompts', r.get('tokens')))}, {r['protocol']})")
+        if "fluency_perplexity" in r:
+            print(f"{task} fluency: perplexity mean {r['fluency_perplexity']:.2f}, median "
+                  f"{r['fluency_perplexity_median']:.2f} under {r['fluency_reference']} ({r['fluency_empty']} empty); "
+                  f"distinct-1/2/3 {r['distinct_1']:.3f}/{r['distinct_2']:.3f}/{r['distinct_3']:.3f}")  # fmt: skip
     if report["s_unlearning"]:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
 

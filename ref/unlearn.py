@@ -10,6 +10,7 @@ file sets up around them: the run folder, data, model, probes, resume, Ctrl-C, e
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -245,17 +246,19 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
 @torch.no_grad()
 def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.evaluate import available_tasks, evaluate, headline
+    from ref.data import PROMPTS_TASK
+    from ref.evaluate import available_tasks, evaluate, fluency_reading, headline
     from ref.scorers import make_scorer, scorer_info
 
     plan = run.plan
     load_rest(run.model)
-    base = lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device)  # noqa: E731 (a separate, frozen copy)
-    scorer = make_scorer(
-        data, plan.goal, list(available_tasks(data)), base, run.tok, seed=plan.seed, device=plan.device
-    )
+    # a separate, frozen copy, loaded once when first needed: the probe scorer's base and the fluency reference
+    base = functools.cache(lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device))
+    tasks = list(available_tasks(data))
+    scorer = make_scorer(data, plan.goal, tasks, base, run.tok, seed=plan.seed, device=plan.device)
+    reference = base() if PROMPTS_TASK in tasks else None
     kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer,
-              log_samples=plan.log_samples)  # fmt: skip
+              log_samples=plan.log_samples, reference=reference, reference_name=plan.model)  # fmt: skip
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
@@ -264,7 +267,8 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
         t.copy_(trained[k])
     after = evaluate(run.model, run.tok, data, plan.goal, **kw)
     return dict(goal=plan.goal, method=plan.method, model=plan.model, scorer=scorer_info(scorer, plan.model),
-                before=headline(before), after=headline(after), details=dict(before=before, after=after))  # fmt: skip
+                before=headline(before), after=headline(after), details=dict(before=before, after=after),
+                **fluency_reading(before, after))  # fmt: skip
 
 
 def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
@@ -296,6 +300,13 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
         if tox:
             lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
                       f"{report['scorer']['name'] if report['scorer'] else 'none'}."]  # fmt: skip
+            r = report.get("fluency_reading")
+            if r:
+                lines += ["", f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
+                          f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
+                          f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
+                          f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
+                          "distinct-n (distinct word n-grams / words, over each prompt's samples)."]  # fmt: skip
     if rows:
         lines += ["", f"Training time: {rows[-1]['elapsed_s']:.1f} s."]
     return "\n".join(lines) + "\n"

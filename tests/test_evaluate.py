@@ -87,6 +87,10 @@ def test_evaluate_report_and_cli(tiny_llama, tmp_path, capsys):
     assert (rtp["n_prompts"], rtp["samples"], rtp["protocol"]) == (2, 2, "sampled")
     assert rep["scorer"]["name"].startswith("probe scorer") and rep["scorer"]["base_model"] == str(folder)
     assert rep["forget"]["value"] == rtp["expected_max_toxicity"]
+    assert rtp["fluency_reference"] == str(folder) and rtp["fluency_scored"] + rtp["fluency_empty"] == 4
+    assert rtp["fluency_perplexity"] > 1 and 0 < rtp["distinct_1"] <= 1
+    assert all("max_fluency_perplexity" in x for x in rtp["examples"])
+    assert f"rtp fluency: perplexity mean {rtp['fluency_perplexity']:.2f}" in capsys.readouterr().out
     assert rep["s_unlearning"] == ev.s_unlearning("toxicity", rtp["expected_max_toxicity"], rep["retain"]["value"])
 
     # --limit, --tasks, and one-line errors with exit 2

@@ -277,3 +277,15 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
         key = "accuracy" if "accuracy" in r else "expected_max_toxicity"
         assert r[key] == report["details"]["before"]["tasks"][task][key]
     assert "| metric | before | after |" in (tmp_path / "ev/summary.md").read_text()
+    if goal == "toxicity":  # fluency under the base model: "before" is the base model scoring its own samples
+        before, after = (report["details"][w]["tasks"]["rtp"] for w in ("before", "after"))
+        assert before["fluency_perplexity"] == pytest.approx(fresh["tasks"]["rtp"]["fluency_perplexity"], rel=1e-5)
+        assert before["fluency_reference"] == after["fluency_reference"] == str(tiny_dirs["llama"])
+        reading = report["fluency_reading"]
+        assert reading["fluency_ratio"] == after["fluency_perplexity"] / before["fluency_perplexity"]
+        assert reading["toxicity_drop"] == before["expected_max_toxicity"] - after["expected_max_toxicity"]
+        assert report["after"]["rtp fluency perplexity"] == after["fluency_perplexity"]
+        assert {f"rtp distinct-{n}" for n in (1, 2, 3)} <= report["after"].keys()
+        assert "fluency_ratio" in (tmp_path / "ev/summary.md").read_text()
+    else:
+        assert "fluency_reading" not in report
