@@ -295,7 +295,7 @@ def markdown(rows: list[dict], selection: dict, rule: str, goal: str) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(m.get('U'))} | {fmt(m.get('R'))} | "
                      f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
                      f"{fmt(m.get('train_s'), 0)} | {fmt(m.get('eval_s'), 0)} | {status} |")  # fmt: skip
-    lines += ["", f"Selected ({rule}):", "", "| method | setting | U | R | retain perplexity | S |", "|---|" * 6]
+    lines += ["", f"Selected ({rule}):", "", "| method | setting | U | R | retain perplexity | S |", "|" + "---|" * 6]
     for method, r in selection.items():
         if r is None:
             lines.append(f"| {method} | none qualifies | | | | |")
