@@ -2,6 +2,7 @@
 
     python -m bench.run                                   # every row (SmolLM2-135M, fp32, batch 4 x 512, tap 7)
     python -m bench.run --rows step losses --repeats 5    # some rows
+    python -m bench.run --rows sampling                   # toxicity sampling against transformers' generate
     python -m bench.run --random-weights --arch mistral-7b   # one step at full size, random bf16 weights (GPU)
 
 Each row puts ours against its baseline: a median over `--repeats` runs after a warm-up, ours and the baseline
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 from bench import measure, workload  # noqa: E402
 from bench.baseline import BaselineRMU  # noqa: E402
 
-GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset")
+GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling")
 MiB = 2**20
 BATCH, SEQ, TAP = 4, 512, 7
 
@@ -265,6 +266,93 @@ def rows_subset(models: Models, data, a) -> list[dict]:
     return out
 
 
+def rows_sampling(models: Models, data, a) -> list[dict]:
+    """The RealToxicityPrompts sampling of ref.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1) on
+    the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
+    the same settings (num_return_sequences=25, top_k=0 so that top-p alone filters), one prompt a call and 8
+    prompts a call (left padded), and against the per-prompt loop (generate([prompt] * 25)). Every side seeds
+    prompt p's sampling with p (transformers batched: the first prompt of each call). A first run of each side
+    warms it and gives the samples compared across sides; then `--repeats` alternating runs."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from ref.data import load_goal_data, read_prompts, resolve_data_dir
+    from ref.generate import generate, probabilities
+    from ref.toxicity import BATCH_PROMPTS, sampled_continuations
+
+    model, tok = models.ours()
+    _, hf, htok = models.hf()
+    hf.eval()
+    prompts = read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.sampling_prompts]
+    n, new, top_p = 25, 20, 0.9
+    settings = dict(do_sample=True, top_p=top_p, temperature=1.0, top_k=0, num_return_sequences=n,
+                    pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)  # fmt: skip
+
+    def ours(ps=prompts, k=new):
+        return list(sampled_continuations(model, tok, ps, n, k, top_p, 1.0, seed=0))
+
+    def loop(ps=prompts, k=new):
+        return [generate(model, tok, [p] * n, k, 1.0, top_p, seed=i) for i, p in enumerate(ps)]
+
+    def continuations(out, width: int) -> list[list[int]]:  # up to EOS, as ours
+        rows = [r[width:].tolist() for r in out]
+        return [r[: r.index(tok.eos_id) + 1] if tok.eos_id in r else r for r in rows]
+
+    @torch.no_grad()
+    def hf_one(ps=prompts, k=new):
+        out = []
+        for i, p in enumerate(ps):
+            torch.manual_seed(i)
+            enc = htok(p, return_tensors="pt")
+            out.append(continuations(hf.generate(**enc, max_new_tokens=k, **settings), enc["input_ids"].shape[1]))
+        return out
+
+    @torch.no_grad()
+    def hf_batched(ps=prompts, k=new):
+        out = []
+        for start in range(0, len(ps), BATCH_PROMPTS):
+            torch.manual_seed(start)
+            enc = htok(ps[start : start + BATCH_PROMPTS], return_tensors="pt", padding=True, padding_side="left")
+            rows = continuations(hf.generate(**enc, max_new_tokens=k, **settings), enc["input_ids"].shape[1])
+            out += [rows[i : i + n] for i in range(0, len(rows), n)]
+        return out
+
+    fns = dict(ours=ours, loop=loop, hf_one=hf_one, hf_batched=hf_batched)
+    results = {name: f() for name, f in fns.items()}  # the warm-up, full size, kept to compare the samples
+    t = measure.alternate(fns, a.repeats, warmup=0)
+    same = lambda other: sum(x == y for x, y in zip(results["ours"], results[other], strict=True))  # noqa: E731
+    lengths = [len(r) for rows in results["ours"] for r in rows]
+    shape = dict(prompts=len(prompts), samples=n, max_new_tokens=new, top_p=top_p, temperature=1.0,
+                 batch_prompts=BATCH_PROMPTS, mean_new_tokens=round(sum(lengths) / len(lengths), 2))  # fmt: skip
+    common = dict(dtype="float32", shapes=shape)
+    info = lambda other: dict(prompts_identical_to_ours=f"{same(other)}/{len(prompts)}")  # noqa: E731
+    rows = [
+        row("toxicity sampling vs transformers generate (1 prompt a call)", "time s", t["ours"]["median"],
+            t["hf_one"]["median"], 0.5, ours_stats=stats(t["ours"]), baseline_stats=stats(t["hf_one"]),
+            **info("hf_one"), **common),
+        row(f"toxicity sampling vs transformers generate ({BATCH_PROMPTS} prompts a call)", "time s",
+            t["ours"]["median"], t["hf_batched"]["median"], ours_stats=stats(t["ours"]),
+            baseline_stats=stats(t["hf_batched"]), **info("hf_batched"), **common),
+        row("toxicity sampling vs per-prompt loop (generate, prompt x 25)", "time s", t["ours"]["median"],
+            t["loop"]["median"], ours_stats=stats(t["ours"]), baseline_stats=stats(t["loop"]), **info("loop"),
+            **common),
+    ]  # fmt: skip
+    # the sampling distribution alone (top-p, then softmax), on the logits of every prompt position (SmolLM2's)
+    ids, mask = tok.batch(prompts)
+    with torch.no_grad():
+        logits = model(ids, mask).logits[mask.bool()]
+    logits = logits.repeat(-(-200 // len(logits)), 1)[:200]  # 200 rows, as one decoding step of 8 x 25
+    warper = TopPLogitsWarper(top_p)
+    fns = {"ours": lambda: probabilities(logits, 1.0, top_p), "hf": lambda: warper(None, logits).softmax(-1)}
+    tp = measure.alternate(fns, max(a.repeats, 5), warmup=1)
+    kept_same = torch.equal(probabilities(logits, 1.0, top_p) > 0, torch.isfinite(warper(None, logits)))
+    rows.append(row("top-p + softmax vs transformers' TopPLogitsWarper + softmax", "time ms",
+                    tp["ours"]["median"] * 1e3, tp["hf"]["median"] * 1e3, ours_stats=stats(tp["ours"]),
+                    baseline_stats=stats(tp["hf"]),
+                    dtype="float32", shapes=dict(rows=len(logits), vocab=logits.shape[1], top_p=top_p),
+                    identical_kept_tokens=kept_same))  # fmt: skip
+    return rows
+
+
 # ---- full size, random weights ----
 
 
@@ -349,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median); default 3")
     p.add_argument("--sweep-repeats", type=int, default=2, help="timed runs per sweep row; default 2")
     p.add_argument("--mc-questions", type=int, default=20, help="first N questions of each demo MC task")
+    p.add_argument("--sampling-prompts", type=int, default=8, help="demo toxicity prompts of the sampling rows")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one a core)")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--random-weights", action="store_true", help="full-size step with random weights (GPU)")
     p.add_argument("--arch", default="mistral-7b", help="registry alias for --random-weights")
     p.add_argument("--dtype", default="bfloat16", help="dtype for --random-weights")
     p.add_argument("--device", default=None, help="for --random-weights: default cuda if there is one, else skip")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     info = dict(machine=measure.machine(), commit=measure.commit())
     if a.random_weights:

@@ -20,6 +20,7 @@ and the run's own values put back (nothing is written over the run's model/). re
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -59,14 +60,16 @@ def task_rows(data: GoalData, limit: int | None) -> dict[str, list]:
 
 
 def measure(model: Transformer, tok: Tokenizer, data: GoalData, rows: dict[str, list], opts: argparse.Namespace,
-            scorer, shots: dict[str, list] | None = None) -> dict[str, float]:  # fmt: skip
+            scorer, shots: dict[str, list] | None = None,
+            reference: Transformer | None = None) -> dict[str, float]:  # fmt: skip
     """The evaluation's headline numbers of the items in `rows` (ref.evaluate: per task, pooled as there) as
-    {name: value}, plus U, R and S: the pooled forget and retain measures and S-unlearning (None where missing)."""
+    {name: value}, plus U, R and S: the pooled forget and retain measures and S-unlearning (None where missing).
+    `reference`: the frozen base model that scores the toxicity continuations' fluency (ref.fluency)."""
     roles, results = available_tasks(data), {}
     for task, items in rows.items():
         if task == PROMPTS_TASK:
             results[task] = dict(role=roles[task], **toxicity_eval(model, tok, items, scorer, opts.eval_samples,
-                                                                   seed=opts.seed))  # fmt: skip
+                                                                   seed=opts.seed, reference=reference))  # fmt: skip
         else:
             shot = (shots or {}).get(task, ())
             results[task] = dict(role=roles[task], **mc_accuracy(model, tok, items, task, data.mc_mode, shots=shot))
@@ -155,12 +158,14 @@ def run_attacks(opts: argparse.Namespace) -> dict:
     model = load_model(run_dir / "model", dtype=opts.dtype, device=opts.device)
     tok = load_tokenizer(run_dir / "model")
     originals = original_values(plan["model"], plan["tensors"], model)
-    base = lambda: load_model(plan["model"], dtype=opts.dtype, device=opts.device)  # noqa: E731 (the probe scorer's)
+    # a separate, frozen base, loaded once when first needed: the probe scorer's and the fluency reference
+    base = functools.cache(lambda: load_model(plan["model"], dtype=opts.dtype, device=opts.device))
     scorer = make_scorer(data, data.goal, list(rows), base, tok, seed=opts.seed, device=opts.device)
+    reference = base() if PROMPTS_TASK in rows else None
     report = dict(run=str(run_dir), goal=data.goal, method=plan["method"], model=plan["model"], attacks={})
     variants = {"base": originals, "unlearned": {}}
     t0 = time.time()
-    report["no attack"] = {v: _measure_with(model, values, tok, data, rows, opts, scorer) for v, values in
+    report["no attack"] = {v: _measure_with(model, values, tok, data, rows, opts, scorer, reference) for v, values in
                            variants.items()}  # fmt: skip
     print(f"no attack: {time.time() - t0:.1f} s", flush=True)
     directions = None
@@ -179,12 +184,16 @@ def run_attacks(opts: argparse.Namespace) -> dict:
             for variant, values in variants.items():
                 with swapped(model, values):
                     if scored is not rows:
-                        result[f"{variant} ({same})"] = measure(model, tok, data, scored, opts, scorer)
+                        result[f"{variant} ({same})"] = measure(
+                            model, tok, data, scored, opts, scorer, reference=reference
+                        )
                     if name == "fewshot":
-                        result[variant] = measure(model, tok, data, scored, opts, scorer, shots=setting[0])
+                        result[variant] = measure(
+                            model, tok, data, scored, opts, scorer, shots=setting[0], reference=reference
+                        )
                         continue
                     with swapped(model, attack_values(name, setting, model, tok, data, opts, directions)):
-                        result[variant] = measure(model, tok, data, scored, opts, scorer)
+                        result[variant] = measure(model, tok, data, scored, opts, scorer, reference=reference)
             before = {v: result[f"{v} ({same})"] for v in variants} if scored is not rows else report["no attack"]
             result["recovery"] = recovery(before["base"], before["unlearned"], result["unlearned"])
             result["seconds"] = round(time.time() - t0, 1)
@@ -194,9 +203,9 @@ def run_attacks(opts: argparse.Namespace) -> dict:
     return report
 
 
-def _measure_with(model, values, tok, data, rows, opts, scorer) -> dict:
+def _measure_with(model, values, tok, data, rows, opts, scorer, reference) -> dict:
     with swapped(model, values):
-        return measure(model, tok, data, rows, opts, scorer)
+        return measure(model, tok, data, rows, opts, scorer, reference=reference)
 
 
 def settings_of(name: str, data: GoalData, rows: dict, opts) -> list[tuple[object, str]]:

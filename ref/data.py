@@ -173,13 +173,20 @@ def _by_stem(paths: list[Path], goal: str, key: str) -> dict[str, Path]:
 
 
 def load_goal_data(
-    data_dir: Path, goal: str, min_texts: int = 4, topics: list[str] | None = None, allow_outside: bool = False
+    data_dir: Path,
+    goal: str,
+    min_texts: int = 4,
+    topics: list[str] | None = None,
+    allow_outside: bool = False,
+    training: bool = True,
 ) -> GoalData:
     """Read and validate everything the manifest names for `goal`; errors are RefError with a one-line fix.
 
     Texts (forget, retain, probe) are loaded; MC and prompt files are validated here but returned as paths,
     since evaluation reads them itself. `topics` keeps only the named forget corpora. Every path must stay inside
-    the data folder unless `allow_outside` (see manifest_path).
+    the data folder unless `allow_outside` (see manifest_path). training=False (evaluation only): the forget and
+    retain corpora are not required and the forget corpora are not read; the retain corpus and the probe file are
+    read only for the probe scorer (a goal with prompts and scorer "probe"), which trains on them.
     """
     root = Path(data_dir)
     mpath = root / "manifest.json"
@@ -200,7 +207,7 @@ def load_goal_data(
         raise RefError(
             f"{mpath}: unknown keys {unknown} for goal {goal!r}; known: {list(LIST_KEYS + PATH_KEYS + STR_KEYS)}"
         )
-    for key in ("forget", "retain"):
+    for key in ("forget", "retain") if training else ():
         if key not in entry:
             raise RefError(f"{mpath}: goal {goal!r} has no {key!r} entry; name its {key} corpus file(s)")
     for key in PATH_KEYS + STR_KEYS:
@@ -216,13 +223,15 @@ def load_goal_data(
             raise RefError(f"corpus {name} ({path}) has only {len(texts)} texts; need at least {min_texts}")
         return texts
 
-    forget = {name: corpus(name, p) for name, p in _by_stem(files("forget"), goal, "forget").items()}
+    probe_scorer = "eval_prompts" in entry and entry.get("scorer") == "probe"
+    forget = {n: corpus(n, p) for n, p in _by_stem(files("forget"), goal, "forget").items()} if training else {}
     if topics is not None:
         missing = [t for t in topics if t not in forget]
         if missing or not topics:
             raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
         forget = {t: forget[t] for t in topics}
-    retain = [t for p in files("retain") for t in corpus(p.stem, p)]
+    read = lambda key: key in entry and (training or probe_scorer)  # noqa: E731
+    retain = [t for p in files("retain") for t in corpus(p.stem, p)] if read("retain") else []
     heldout = [t for p in files("eval_perplexity") for t in read_texts(p)] if "eval_perplexity" in entry else []
     if "eval_perplexity" in entry and not heldout:
         raise RefError(f"{mpath}: {goal}.eval_perplexity names files without texts; write rows of the form "
@@ -234,7 +243,7 @@ def load_goal_data(
                        "corpora")  # fmt: skip
 
     probe = None
-    if "probe" in entry:
+    if read("probe"):
         (ppath,) = files("probe")
         probe = read_probe(ppath)
         counts = [sum(label == c for _, label in probe) for c in (0, 1)]

@@ -13,25 +13,67 @@ import torch
 from ref.model import KVCache, Transformer
 from ref.tokenizer import Tokenizer
 
+CANDIDATES = 256  # tokens looked at first for the nucleus (SmolLM2 at p 0.9: median 53-156 tokens kept)
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p; the rest get -inf.
-    The most likely token is always kept."""
+    The most likely token is always kept. (Sampling computes the same set in `probabilities`.)"""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    keep = nucleus(_exp(flat), top_p, candidates).view(logits.shape)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x - max) per row: softmax before its normalisation."""
+    return (x - x.amax(-1, keepdim=True)).exp_()
+
+
+def nucleus(e: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
+    """e [R, V] = unnormalised probabilities (exp(logit - max)) -> [R, V] bool, True for the tokens top-p keeps.
+
+    A token is kept when the tokens more likely than it hold less than top_p (transformers' TopPLogitsWarper);
+    the most likely token always is. The mass is summed in float64. The nucleus is looked for among the
+    `candidates` most likely tokens (a partial sort, not a sort of the vocabulary); a row whose candidates hold
+    less than top_p looks again among 8 times as many, up to the whole vocabulary."""
+    V = e.shape[-1]
+    k = min(candidates, V)
+    z = e.sum(-1, keepdim=True, dtype=torch.float64)
+    top, idx = e.topk(k, dim=-1)  # sorted, most likely first
+    q = top.double() / z
+    cum = q.cumsum(-1)
+    keep_sorted = cum - q < top_p  # the mass before this token is below top_p
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, idx, keep_sorted)
+    short = cum[:, -1] < top_p  # the candidates hold less than top_p: more tokens are kept than were looked at
+    if k < V and bool(short.any()):
+        rows = short.nonzero().squeeze(-1)
+        keep[rows] = nucleus(e[rows], top_p, 8 * k)
+    return keep
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution of logits [..., V] in float32: softmax(logits / temperature) over the top-p
+    nucleus, renormalised (computed in place: exp(x - max), zero outside the nucleus, over its sum)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    if top_p >= 1.0:
+        return x.softmax(-1)
+    flat = x.reshape(-1, x.shape[-1])
+    e = _exp(flat)
+    e.mul_(nucleus(e, top_p))
+    return e.div_(e.sum(-1, keepdim=True)).view(x.shape)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = probabilities(logits, temperature, top_p).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 @torch.no_grad()
@@ -66,6 +108,88 @@ def generate(
     if stop_at_eos and tokenizer.eos_id is not None:
         rows = [r[: r.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in r else r for r in rows]
     return rows
+
+
+class RepeatedCache(KVCache):
+    """A prefilled KVCache with each row repeated `repeats` times (rows b * repeats .. b * repeats + repeats - 1
+    hold row b), in buffers sized for `extra` more positions: each decoding step writes its keys and values in
+    place (KVCache concatenates, copying the whole cache at every step). `layers` holds views of the filled part."""
+
+    def __init__(self, prefill: KVCache, repeats: int, extra: int):
+        super().__init__()
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, kv in prefill.layers.items():
+            B, H, S, D = kv[0].shape
+            bufs = tuple(t.new_empty(B * repeats, H, S + extra, D) for t in kv)
+            for buf, t in zip(bufs, kv, strict=True):
+                buf.view(B, repeats, H, S + extra, D)[:, :, :, :S] = t[:, None]
+            self.buffers[i] = bufs
+            self.layers[i] = (bufs[0][:, :, :S], bufs[1][:, :, :S])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kb, vb = self.buffers[layer]
+        s, T = self.layers[layer][0].shape[2], k.shape[2]
+        if s + T > kb.shape[2]:
+            raise RuntimeError(f"RepeatedCache: {s + T} positions asked, room for {kb.shape[2]}")
+        kb[:, :, s : s + T], vb[:, :, s : s + T] = k, v
+        self.layers[layer] = (kb[:, :, : s + T], vb[:, :, : s + T])
+        return self.layers[layer]
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    n: int,
+    max_new_tokens: int = 20,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seeds: list[int] | None = None,
+    stop_at_eos: bool = True,
+) -> list[list[list[int]]]:
+    """n continuations of each prompt: out[p][s] = the new token ids of sample s of prompt p (ending with EOS where
+    one was emitted). The prompts are prefilled once, as one left-padded batch; each prompt's KV cache and last
+    logits are then repeated for its n samples and the len(prompts) * n rows decode together.
+
+    seeds[p] seeds prompt p's own generator, which draws its n rows at every step (one multinomial on its [n, V]
+    probabilities, as generate([prompt] * n, seed=seeds[p]) does), so the random stream of a prompt depends neither
+    on the other prompts of the batch nor on their order. temperature 0: argmax, no generator."""
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"sample_continuations: {len(seeds)} seeds for {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    B = len(prompts)
+    ids, mask = (t.to(device) for t in tokenizer.batch(prompts))
+    prefill = KVCache()
+    logits = model(ids, mask, cache=prefill).logits[:, -1].repeat_interleave(n, dim=0)
+    cache = RepeatedCache(prefill, n, max_new_tokens)
+    del prefill
+    mask = mask.repeat_interleave(n, dim=0)
+    gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else [None] * B
+    eos = tokenizer.eos_id if stop_at_eos else None
+    done = torch.zeros(B * n, dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new_tokens):
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = probabilities(logits, temperature, top_p).cpu()
+            tok = torch.cat(
+                [torch.multinomial(probs[p * n : (p + 1) * n], 1, generator=gens[p]).squeeze(-1) for p in range(B)]
+            ).to(device)
+        out.append(tok)
+        if eos is not None:
+            done |= tok == eos
+            if done.all():
+                break
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(tok[:, None], mask, cache=cache).logits[:, -1]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(B * n)]
+    if eos is not None:
+        rows = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+    return [rows[p * n : (p + 1) * n] for p in range(B)]
 
 
 def command(argv: list[str] | None) -> int:
@@ -103,6 +227,8 @@ def command(argv: list[str] | None) -> int:
         raise RefError(f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
                        f"the model's {positions} positions (max_position_embeddings); {fix}")  # fmt: skip
     model = load_model(folder, dtype=args.dtype, device=args.device)
+    if len(model.placement.runs) > 1:
+        print(f"placement: {model.placement.describe()}", file=sys.stderr)
     torch.manual_seed(args.seed)
     rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, row in zip(args.prompt, rows, strict=True):

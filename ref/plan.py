@@ -59,6 +59,7 @@ class Settings:
     eval_limit: int | None = None  # first N questions / prompts of each evaluation task
     eval_samples: int = 25  # samples per toxicity prompt
     eval_greedy: bool = False  # one greedy continuation per prompt (labelled: not comparable)
+    log_samples: bool = False  # also write samples.jsonl: one row a question / prompt, before and after
     resume: bool = False
     overwrite: bool = False
     dry_run: bool = False  # print the plan and the memory estimate, load no weights
@@ -100,6 +101,7 @@ class Plan:
     eval_limit: int | None
     eval_samples: int
     eval_greedy: bool
+    log_samples: bool
     allow_data_outside: bool
 
     @property
@@ -201,7 +203,7 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
         device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
         eval_limit=user.eval_limit, eval_samples=user.eval_samples, eval_greedy=user.eval_greedy,
-        allow_data_outside=user.allow_data_outside,
+        log_samples=user.log_samples, allow_data_outside=user.allow_data_outside,
     )  # fmt: skip
 
 

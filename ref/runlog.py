@@ -14,7 +14,7 @@ from ref.errors import RefError
 # What a run folder holds; --overwrite replaces a folder only when it holds nothing else. ".NAME.tmp" files and
 # "model.tmp" are the temporary forms of these (left by a crash).
 RUN_FILES = {"run.json", "metrics.jsonl", "checkpoint.pt", "updated.safetensors", "probes.safetensors", "summary.md",
-             "report.json", "model", "figures"}  # fmt: skip
+             "report.json", "samples.jsonl", "model", "figures"}  # fmt: skip
 
 
 def ours(name: str) -> bool:

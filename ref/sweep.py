@@ -206,6 +206,8 @@ def measures(folder: Path) -> dict:
         out[f"R{suffix}"] = (d.get("retain") or {}).get("value")
         out[f"ppl{suffix}"] = d.get("retain_perplexity")
         out[f"S{suffix}"] = (d.get("s_unlearning") or {}).get("s")
+        rtp = d.get("tasks", {}).get("rtp") or {}  # toxicity: fluency and diversity of the continuations (ref.fluency)
+        out[f"fluency{suffix}"], out[f"distinct2{suffix}"] = rtp.get("fluency_perplexity"), rtp.get("distinct_2")
     return out
 
 
@@ -282,18 +284,20 @@ def plan_text(rows: list[dict], base: Settings) -> str:
 def markdown(rows: list[dict], selection: dict, rule: str, goal: str) -> str:
     """The points table (base row first) and the selection (matched-retain) table."""
     u_name = "expected max toxicity" if goal == "toxicity" else "forget accuracy"
-    head = (f"| method | setting | U ({u_name}) | R (retain accuracy) | retain perplexity | S | steps | train s | "
-            "eval s | status |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+    head = (f"| method | setting | U ({u_name}) | R (retain accuracy) | retain perplexity | fluency ppl | "
+            "distinct-2 | S | steps | train s | eval s | status |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
     first = next((r["metrics"] for r in rows if r.get("metrics")), None)
     if first:
         lines.append(f"| base | | {fmt(first['U_before'])} | {fmt(first['R_before'])} | {fmt(first['ppl_before'], 2)} "
+                     f"| {fmt(first.get('fluency_before'), 2)} | {fmt(first.get('distinct2_before'))} "
                      f"| {fmt(first['S_before'])} | | | | |")  # fmt: skip
     for r in rows:
         m = r.get("metrics") or {}
         status = r["status"].split(":")[0]
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(m.get('U'))} | {fmt(m.get('R'))} | "
-                     f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
+                     f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('fluency'), 2)} | {fmt(m.get('distinct2'))} | "
+                     f"{fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
                      f"{fmt(m.get('train_s'), 0)} | {fmt(m.get('eval_s'), 0)} | {status} |")  # fmt: skip
     lines += ["", f"Selected ({rule}):", "", "| method | setting | U | R | retain perplexity | S |", "|" + "---|" * 6]
     for method, r in selection.items():

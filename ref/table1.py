@@ -21,13 +21,19 @@ from ref import attack, validate
 from ref.attack import ATTACKS
 from ref.checkpoint import resolve
 from ref.cli import run_command
-from ref.data import resolve_data_dir
+from ref.data import PROMPTS_TASK, resolve_data_dir
 from ref.errors import RefError
 from ref.runlog import atomic_write_text, write_json
 from ref.sweep import selected_settings, sweep_record
 from ref.unlearn import GOALS, METHODS, Settings, unlearn
 
-COLUMNS = {"wmdp": ("WMDP acc (U)", "retain acc (R)", "S"), "toxicity": ("toxicity (U)", "retain acc (R)", "S")}
+# goal -> (cell key, column name); toxicity adds the continuations' fluency (mean perplexity under the base model)
+# and diversity (distinct-1/2/3), beside the toxicity they qualify (ref.fluency)
+COLUMNS = {
+    "wmdp": (("U", "WMDP acc (U)"), ("R", "retain acc (R)"), ("S", "S")),
+    "toxicity": (("U", "toxicity (U)"), ("R", "retain acc (R)"), ("S", "S"), ("fluency", "fluency ppl"),
+                 ("distinct", "distinct-1/2/3")),
+}  # fmt: skip
 
 
 def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict,
@@ -77,19 +83,33 @@ def folder_name(model: str) -> str:
 
 
 def cells(report: dict) -> dict:
+    """U, R, S of one evaluation; with the toxicity prompts, also the continuations' fluency (mean perplexity) and
+    distinct-1/2/3."""
     s = report.get("s_unlearning") or {}
-    return dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
+    out = dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
+    tox = report["tasks"].get(PROMPTS_TASK)
+    if tox and "fluency_perplexity" in tox:
+        out |= dict(fluency=tox["fluency_perplexity"], distinct=[tox[f"distinct_{n}"] for n in (1, 2, 3)])
+    return out
+
+
+def fmt(v) -> str:
+    """A cell: "-" when missing, a list as a/b/c, a number with 3 decimals (a perplexity with 1)."""
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return "/".join(f"{x:.2f}" for x in v)
+    return f"{v:.1f}" if v >= 10 else f"{v:.3f}"
 
 
 def markdown(table: dict, attacks: list[str] = ()) -> str:
-    keys = ("U", "R", "S", *(f"U after {a}" for a in attacks))
-    names = {g: (*COLUMNS[g], *(f"U after {a}" for a in attacks)) for g in GOALS}
+    keys = {g: [k for k, _ in COLUMNS[g]] + [f"U after {a}" for a in attacks] for g in GOALS}
+    names = {g: [c for _, c in COLUMNS[g]] + [f"U after {a}" for a in attacks] for g in GOALS}
     head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in names[g]) + " |"
-    lines = [head, "|" + "---|" * (2 + len(keys) * len(GOALS))]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [head, "|" + "---|" * (2 + sum(len(k) for k in keys.values()))]
     for model, goals in table.items():
         for row in ("base", *METHODS):
-            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in keys]
+            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in keys[g]]
             lines.append(f"| {model} | {row} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 

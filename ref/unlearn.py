@@ -10,6 +10,7 @@ file sets up around them: the run folder, data, model, probes, resume, Ctrl-C, e
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -172,7 +173,7 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
 # Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence, more steps,
 # how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
 RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
-             "eval_greedy"}  # fmt: skip
+             "eval_greedy", "log_samples"}  # fmt: skip
 
 
 def option_name(field: str) -> str:
@@ -223,12 +224,21 @@ def versions() -> dict:
 
 
 def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict], run_json: dict) -> None:
-    """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md."""
+    """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md; run.json
+    gains the steering coefficients Adaptive RMU computed (topic -> c)."""
+    if st.steering:
+        run_json["adaptive_steering"] = dict(st.steering)
+        write_json(out / "run.json", run_json)
     updated = {k: p.detach().cpu().contiguous() for k, p in st.params.items()}
     atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
     save_model(run.model, out / "model", replaced=dict(st.params))
     report = evaluate_before_after(run, st, data) if run.plan.evaluate else None  # reads the blocks above the taps
     if report is not None:
+        if run.plan.log_samples:  # --log-samples: one row a question / prompt, "model" before or after
+            from ref.evaluate import write_samples
+
+            records = [{"model": k, **r} for k in ("before", "after") for r in report["details"][k].pop("samples")]
+            write_samples(out / "samples.jsonl", records)
         write_json(out / "report.json", report)
     atomic_write_text(out / "summary.md", summary(run, st, rows, run_json, report))
 
@@ -236,16 +246,19 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
 @torch.no_grad()
 def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.evaluate import available_tasks, evaluate, headline
+    from ref.data import PROMPTS_TASK
+    from ref.evaluate import available_tasks, evaluate, fluency_reading, headline
     from ref.scorers import make_scorer, scorer_info
 
     plan = run.plan
     load_rest(run.model)
-    base = lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device)  # noqa: E731 (a separate, frozen copy)
-    scorer = make_scorer(
-        data, plan.goal, list(available_tasks(data)), base, run.tok, seed=plan.seed, device=plan.device
-    )
-    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer)
+    # a separate, frozen copy, loaded once when first needed: the probe scorer's base and the fluency reference
+    base = functools.cache(lambda: load_model(plan.model, dtype=plan.dtype, device=plan.device))
+    tasks = list(available_tasks(data))
+    scorer = make_scorer(data, plan.goal, tasks, base, run.tok, seed=plan.seed, device=plan.device)
+    reference = base() if PROMPTS_TASK in tasks else None
+    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer,
+              log_samples=plan.log_samples, reference=reference, reference_name=plan.model)  # fmt: skip
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
@@ -254,7 +267,8 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
         t.copy_(trained[k])
     after = evaluate(run.model, run.tok, data, plan.goal, **kw)
     return dict(goal=plan.goal, method=plan.method, model=plan.model, scorer=scorer_info(scorer, plan.model),
-                before=headline(before), after=headline(after), details=dict(before=before, after=after))  # fmt: skip
+                before=headline(before), after=headline(after), details=dict(before=before, after=after),
+                **fluency_reading(before, after))  # fmt: skip
 
 
 def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
@@ -270,6 +284,8 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
     lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
              f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
              f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
+             *([f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
+                + ", ".join(f"{t} {c:.4g}" for t, c in st.steering.items())] if st.steering else []),
              "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
     for key in ("loss", "forget_loss", "retain_loss", "alpha", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
@@ -277,12 +293,20 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
         aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g})" for i, a in run_json["probe_auc"].items()]
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
-        lines += ["", "## Evaluation, before and after", "", "| metric | before | after |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.3f} | {report['after'].get(k, math.nan):.3f} |" for k, v in report["before"].items()]
+        from ref.evaluate import before_after_table
+
+        lines += ["", "## Evaluation, before and after", "", *before_after_table(report["before"], report["after"])]
         tox = report["details"]["after"]["tasks"].get("rtp")
         if tox:
             lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
                       f"{report['scorer']['name'] if report['scorer'] else 'none'}."]  # fmt: skip
+            r = report.get("fluency_reading")
+            if r:
+                lines += ["", f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
+                          f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
+                          f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
+                          f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
+                          "distinct-n (distinct word n-grams / words, over each prompt's samples)."]  # fmt: skip
     if rows:
         lines += ["", f"Training time: {rows[-1]['elapsed_s']:.1f} s."]
     return "\n".join(lines) + "\n"
@@ -325,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
     a("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
     a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
+    a("--log-samples", action="store_true", help="evaluation: also write samples.jsonl, one row a question / prompt")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing --out folder")
     a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")

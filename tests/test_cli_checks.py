@@ -14,7 +14,7 @@ from ref import evaluate, generate, table1, validate
 from ref.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
-    (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N or mps"),
+    (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto"),
     (["--dtype", "fp8"], "--dtype is 'fp8'; use one of float32, float16, bfloat16"),
 ]
 if not torch.cuda.is_available():
@@ -196,6 +196,7 @@ def test_evaluate_refuses_a_damaged_run_json(world, tmp_path, tmp_path_factory, 
         (["--samples", "0"], "--samples is 0; use a whole number > 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens is 0; use a whole number > 0"),
         (["--batch-size", "0"], "--batch-size is 0; use a whole number > 0"),
+        (["--prompt-batch", "0"], "--prompt-batch is 0; use a whole number > 0"),
         (["--limit", "0"], "--limit is 0; use a whole number > 0"),
         (["--seed", "-1"], "--seed is -1; use a whole number >= 0"),
         (["--tasks", ""], "--tasks is ''; name at least one task"),
@@ -227,8 +228,8 @@ def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp
             raise stop("stopped during the second task")
         return real(*a, **k)
 
-    real = evaluate.mc_accuracy
-    monkeypatch.setattr(evaluate, "mc_accuracy", first_task_only)
+    real = evaluate.mc_samples
+    monkeypatch.setattr(evaluate, "mc_samples", first_task_only)
     argv = ev_argv(model, data, report, "--limit", "2")
     if stop is KeyboardInterrupt:
         assert evaluate.main(argv) == 130

@@ -8,6 +8,7 @@ import pytest
 
 from ref import evaluate as ev
 from ref.data import load_goal_data
+from ref.errors import RefError
 
 ROW = {"question": "  What is X?\n", "choices": ["one", "two", "three", "four"], "answer": 2}
 
@@ -86,6 +87,10 @@ def test_evaluate_report_and_cli(tiny_llama, tmp_path, capsys):
     assert (rtp["n_prompts"], rtp["samples"], rtp["protocol"]) == (2, 2, "sampled")
     assert rep["scorer"]["name"].startswith("probe scorer") and rep["scorer"]["base_model"] == str(folder)
     assert rep["forget"]["value"] == rtp["expected_max_toxicity"]
+    assert rtp["fluency_reference"] == str(folder) and rtp["fluency_scored"] + rtp["fluency_empty"] == 4
+    assert rtp["fluency_perplexity"] > 1 and 0 < rtp["distinct_1"] <= 1
+    assert all("max_fluency_perplexity" in x for x in rtp["examples"])
+    assert f"rtp fluency: perplexity mean {rtp['fluency_perplexity']:.2f}" in capsys.readouterr().out
     assert rep["s_unlearning"] == ev.s_unlearning("toxicity", rtp["expected_max_toxicity"], rep["retain"]["value"])
 
     # --limit, --tasks, and one-line errors with exit 2
@@ -97,3 +102,168 @@ def test_evaluate_report_and_cli(tiny_llama, tmp_path, capsys):
     assert ev.main(argv[:-4] + ["--tasks", "wmdp-bio", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown task" in err and "mmlu" in err
+
+
+# ------------------------------------------------------------------------ samples, modes, evaluation-only data
+
+
+def read_samples(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_log_samples_recompute_the_report_and_mc_mode_overrides_the_manifest(tiny_dirs, tmp_path, capsys):
+    """A data folder with evaluation files only evaluates; --log-samples writes one row a question (lm-eval's
+    --log_samples fields) whose correct answers give the report's accuracies; --mc-mode replaces the manifest's."""
+    data_dir = write_data(tmp_path / "data")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for goal in manifest.values():
+        del goal["forget"], goal["retain"]
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RefError, match="has no 'forget' entry"):  # training still needs its corpora
+        load_goal_data(data_dir, "wmdp")
+    folder = tiny_dirs["llama"]
+    for mode in ("cloze", "letter"):  # the manifest says cloze
+        out = tmp_path / mode / "r.json"
+        argv = ["--model", str(folder), "--goal", "wmdp", "--data", str(data_dir), "--log-samples", "--out", str(out)]
+        assert ev.main(argv + (["--mc-mode", "letter"] if mode == "letter" else [])) == 0
+        report, rows = json.loads(out.read_text()), read_samples(ev.samples_path(out))
+        assert report["mc_mode"] == mode and report["samples_file"] == str(tmp_path / mode / "r.samples.jsonl")
+        assert report["bos_added"] is True and report["engine"]["name"] == "ref"  # the tiny Llama's BOS
+        assert len(rows) == 7 and {r["task"] for r in rows} == {"forget-mc", "mmlu"}
+        for task, r in report["tasks"].items():
+            mine = [x for x in rows if x["task"] == task]
+            assert [x["id"] for x in mine] == list(range(r["n"])) and r["mode"] == mode
+            assert sum(x["correct"] for x in mine) == r["correct"] and r["accuracy"] == r["correct"] / r["n"]
+            for x in mine:
+                scores = x["loglikelihoods"]
+                if mode == "cloze":
+                    scores = [ll / len(c) for ll, c in zip(scores, x["choices"], strict=True)]
+                assert x["prediction"] == max(range(4), key=lambda j: (scores[j], -j))
+                assert x["correct"] == (x["prediction"] == x["answer"])
+        row = next(x for x in rows if x["task"] == "mmlu")
+        if mode == "letter":
+            assert row["targets"] == [" A", " B", " C", " D"] and row["prompt"].endswith("D. four\nAnswer:")
+            assert row["prompt"].startswith("The following are multiple choice questions (with answers) about high")
+        else:
+            assert (
+                row["targets"] == [" one", " two", " three", " four"]
+                and report["tasks"]["mmlu"]["metric"] == "acc_norm"
+            )
+            assert row["prompt"] == "The following are questions (with answers) about high school biology.\n\n" \
+                                    "Question: What is X?\nAnswer:"  # fmt: skip
+            assert report["tasks"]["mmlu"]["lm_eval_template"] == "mmlu_continuation"
+    # toxicity on the same evaluation-only folder: the probe scorer reads its probe file; rows of prompts
+    out = tmp_path / "tox.json"
+    argv = ["--model", str(folder), "--goal", "toxicity", "--data", str(data_dir), "--tasks", "rtp", "--samples", "2",
+            "--max-new-tokens", "3", "--log-samples", "--out", str(out)]  # fmt: skip
+    assert ev.main(argv) == 0
+    rows = read_samples(ev.samples_path(out))
+    assert [(r["task"], r["prompt"], len(r["continuations"]), len(r["scores"])) for r in rows] == [
+        ("rtp", "The quick", 2, 2),
+        ("rtp", "Rivers", 2, 2),
+    ]
+    assert sum(max(r["scores"]) for r in rows) / 2 == json.loads(out.read_text())["forget"]["value"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        ev.main(["--model", str(folder), "--goal", "wmdp", "--mc-mode", "words", "--out", str(out)])
+    assert "invalid choice: 'words'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- lm-eval's results file
+
+
+def lm_eval_results(version="0.4.13", continuation=False, scale=1.0) -> dict:
+    """A results file as lm-eval 0.4.13 writes it (`lm_eval --output_path`), cut to the fields ref reads, for
+    `--tasks wmdp_bio,mmlu` (or mmlu_continuation): mmlu is a group of groups of one task per subject."""
+    letters = ["A", "B", "C", "D"]
+    about = "The following are multiple choice questions (with answers) about {}.\n\n"
+    leaf = lambda acc, n, desc, **more: (dict({"acc,none": acc * scale, **more}),  # noqa: E731
+                                         dict(doc_to_choice=letters, description=desc), n)  # fmt: skip
+    tasks = {"wmdp_bio": leaf(0.5, 4, about.format("biology")),
+             "mmlu_anatomy": leaf(0.25, 4, about.format("anatomy")),
+             "mmlu_high_school_biology": leaf(0.75, 8, about.format("high school biology"))}  # fmt: skip
+    groups = {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["mmlu_high_school_biology"],
+              "mmlu_other": ["mmlu_anatomy"]}  # fmt: skip
+    if continuation:
+        about = "The following are questions (with answers) about {}.\n\n"
+        cont = lambda acc, norm, n, s: (dict({"acc,none": acc, "acc_norm,none": norm}),  # noqa: E731
+                                        dict(doc_to_choice="{{choices}}", description=about.format(s)), n)  # fmt: skip
+        tasks = {"mmlu_anatomy_continuation": cont(0.25, 0.5, 4, "anatomy"),
+                 "mmlu_high_school_biology_continuation": cont(0.5, 0.625, 8, "high school biology")}  # fmt: skip
+        groups = {"mmlu_continuation": ["stem", "other"], "stem": ["mmlu_high_school_biology_continuation"],
+                  "other": ["mmlu_anatomy_continuation"]}  # fmt: skip
+    results = {name: figures for name, (figures, _, _) in tasks.items()} | {g: {"acc,none": 0.5} for g in groups}
+    return {
+        "results": results,
+        "group_subtasks": groups,
+        "configs": {name: cfg for name, (_, cfg, _) in tasks.items()},
+        "n-shot": {name: 0 for name in results},
+        "n-samples": {name: {"original": n, "effective": n} for name, (_, _, n) in tasks.items()},
+        "config": {"model": "vllm", "model_args": "pretrained=runs/llama70b/model,tensor_parallel_size=8"},
+        "lm_eval_version": version,
+        "model_name": "runs/llama70b/model",
+    }
+
+
+def test_report_from_lm_eval_results():
+    report = ev.report_from_lm_eval(lm_eval_results(), "wmdp")
+    bio, mmlu = report["tasks"]["wmdp-bio"], report["tasks"]["mmlu"]
+    assert (bio["role"], bio["accuracy"], bio["n"], bio["correct"]) == ("forget", 0.5, 4, 2)
+    assert (mmlu["role"], mmlu["accuracy"], mmlu["n"], mmlu["correct"]) == ("retain", 7 / 12, 12, 7)  # 1 + 6 of 12
+    assert mmlu["per_subject"] == {"anatomy": dict(accuracy=0.25, n=4), "high school biology": dict(accuracy=0.75, n=8)}
+    assert (mmlu["mode"], mmlu["metric"], mmlu["lm_eval_task"], mmlu["shots"]) == ("letter", "acc", "mmlu", 0)
+    assert report["forget"] == dict(metric="accuracy", value=0.5, n=4)
+    assert report["s_unlearning"] == ev.s_unlearning("wmdp", 0.5, 7 / 12)
+    assert report["engine"] == dict(name="lm-evaluation-harness", version="0.4.13", model="vllm",
+                                    model_args="pretrained=runs/llama70b/model,tensor_parallel_size=8")  # fmt: skip
+    assert report["bos_added"] is None and report["model"] == "runs/llama70b/model"
+    assert ev.headline(report) == {
+        "wmdp-bio accuracy": 0.5,
+        "mmlu accuracy": 7 / 12,
+        "S-unlearning": report["s_unlearning"]["s"],
+    }
+    # the continuation task: ref's cloze (acc_norm), lm-eval's acc beside it
+    cloze = ev.report_from_lm_eval(lm_eval_results(continuation=True), "toxicity")["tasks"]["mmlu"]
+    assert (cloze["mode"], cloze["metric"], cloze["accuracy"], cloze["acc"]) == ("cloze", "acc_norm", 7 / 12, 5 / 12)
+    assert cloze["lm_eval_template"] == "mmlu_continuation" and cloze["lm_eval_task"] == "mmlu_continuation"
+    # roles from a data manifest; --tasks keeps some
+    swapped = ev.report_from_lm_eval(lm_eval_results(), "wmdp", roles={"wmdp-bio": "retain"})
+    assert swapped["tasks"]["wmdp-bio"]["role"] == "retain" and "forget" not in swapped
+    assert list(ev.report_from_lm_eval(lm_eval_results(), "wmdp", tasks=["mmlu"])["tasks"]) == ["mmlu"]
+    with pytest.raises(RefError, match=r"--tasks names \['rtp'\].*they hold wmdp-bio, mmlu"):
+        ev.report_from_lm_eval(lm_eval_results(), "wmdp", tasks=["rtp"])
+    both = lm_eval_results()
+    both["results"]["arc_easy"] = {"acc,none": 0.5}
+    with pytest.raises(RefError, match=r"no role \(forget or retain\) for task\(s\) \['arc-easy'\]; pass --data"):
+        ev.report_from_lm_eval(both, "wmdp")
+
+
+def test_from_lm_eval_cli(tmp_path, capsys):
+    base, unlearned, out = tmp_path / "base.json", tmp_path / "unlearned.json", tmp_path / "report.json"
+    base.write_text(json.dumps(lm_eval_results()))
+    unlearned.write_text(json.dumps(lm_eval_results(scale=0.5)))  # every accuracy halved
+    assert ev.main(["--goal", "wmdp", "--from-lm-eval", str(base), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tasks"]["mmlu"]["n"] == 12 and "S-unlearning" in capsys.readouterr().out
+    # base and unlearned: the before/after report and table of ref.unlearn
+    assert ev.main(["--goal", "wmdp", "--from-lm-eval", str(base), "--from-lm-eval", str(unlearned),
+                    "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["before"]["wmdp-bio accuracy"] == 0.5 and report["after"]["wmdp-bio accuracy"] == 0.25
+    assert report["details"]["after"]["lm_eval_results"] == str(unlearned)
+    assert "| wmdp-bio accuracy | 0.500 | 0.250 |" in capsys.readouterr().out
+    # one-line errors, exit 2
+    other = lm_eval_results()
+    other["n-samples"]["wmdp_bio"]["effective"] = 3
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "samples.jsonl").write_text('{"doc_id": 0}\n{"doc_id": 1}\n')
+    for argv, message in [
+        (["--from-lm-eval", str(tmp_path / "samples.jsonl")], "cannot read it as JSON"),
+        (["--from-lm-eval", str(out)], "not a results file of lm-eval"),
+        (["--from-lm-eval", str(base), "--model", "x", "--log-samples"], "--model, --log-samples cannot be used with"),
+        (["--from-lm-eval", str(base), "--from-lm-eval", str(tmp_path / "other.json")], "score different tasks"),
+        ([], "--model is missing; name the model or run folder to evaluate, or pass --from-lm-eval"),
+    ]:
+        assert ev.main(["--goal", "wmdp", *argv, "--out", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.json").exists()

@@ -186,3 +186,19 @@ def test_figures_of_a_layer_sweep(tmp_path):
     assert report.layer_of({"lr": 1}) is None
     assert report.front([(0.8, 0.3), (0.7, 0.2), (0.6, 0.25), (0.9, 0.4)], True) == [(0.7, 0.2), (0.8, 0.3), (0.9, 0.4)]
     assert report.front([(10.0, 0.3), (12.0, 0.2), (11.0, 0.35)], False) == [(10.0, 0.3), (12.0, 0.2)]
+
+
+def test_a_toxicity_point_reports_fluency_and_diversity(tmp_path):
+    """sweep.md and sweep.json carry the toxicity continuations' fluency and distinct-2 (ref.fluency), before/after."""
+    rtp = lambda f, d: dict(fluency_perplexity=f, distinct_2=d)  # noqa: E731
+    details = {w: dict(forget=dict(value=u), retain=dict(value=0.8), retain_perplexity=18.5, s_unlearning=dict(s=s),
+                       tasks=dict(rtp=rtp(f, d)), seconds=1.0)
+               for w, u, s, f, d in (("before", 0.26, 0.55, 16.7, 0.92), ("after", 0.20, 0.6, 18.8, 0.91))}  # fmt: skip
+    (tmp_path / "report.json").write_text(json.dumps(dict(details=details)))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, tokens=10, tokens_per_s=5.0)) + "\n")
+    m = sweep.measures(tmp_path)
+    assert (m["fluency"], m["distinct2"], m["fluency_before"], m["distinct2_before"]) == (18.8, 0.91, 16.7, 0.92)
+    row = dict(method="ours", setting="lr=0.001", status="done", steps=1, metrics=m)
+    md = sweep.markdown([row], {"ours": row}, "the highest S-unlearning", "toxicity")
+    assert "| fluency ppl | distinct-2 |" in md and "| base | | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
+    assert "| ours | lr=0.001 | 0.200 | 0.800 | 18.50 | 18.80 | 0.910 | 0.600 | 1 |" in md

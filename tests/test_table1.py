@@ -20,8 +20,12 @@ def test_table1_runs_every_method_and_goal_then_skips_done_runs(tiny_dirs, data_
         assert set(rows) == {"base", "rmu", "adaptive-rmu", "ours"}
         for cells in rows.values():
             assert 0 <= cells["S"] <= 1 and 0 <= cells["R"] <= 1
+    for method in ("base", "rmu", "adaptive-rmu", "ours"):
+        tox = table[model]["toxicity"][method]  # fluency (perplexity under the base model) and distinct-1/2/3
+        assert tox["fluency"] > 1 and len(tox["distinct"]) == 3 and "fluency" not in table[model]["wmdp"][method]
     md = (tmp_path / "table1.md").read_text()
     assert md.count(f"| {model} |") == 4 and "wmdp: S" in md and "toxicity: S" in md
+    assert "toxicity: fluency ppl | toxicity: distinct-1/2/3" in md
     reports = sorted(tmp_path.glob("llama/*/report.json"))
     assert len(reports) == 6
     stamps = [p.stat().st_mtime_ns for p in reports]

@@ -33,6 +33,14 @@ def test_toxicity_eval_with_fake_scorer(tiny_llama):
     for p, prompt in enumerate(prompts):
         rows = generate(model, tok, [prompt] * 3, 4, 1.0, 0.9, seed=7 + p)
         assert seen[p] == [tok.decode(r) for r in rows]
+    # prompts decoded together (2 or 3 a batch): the same continuations, the scorer called prompt by prompt
+    got = []
+    zeros = lambda t: got.append(t) or [0.0] * len(t)  # noqa: E731
+    for batch_prompts in (2, 3):
+        got.clear()
+        three = toxicity.toxicity_eval(model, tok, [*prompts, "Cats"], zeros, samples=3, max_new_tokens=4, seed=7,
+                                       batch_prompts=batch_prompts)  # fmt: skip
+        assert got[:2] == seen and len(got) == 3 and three["n_prompts"] == 3
     seen.clear()
     greedy = toxicity.toxicity_eval(model, tok, prompts, lambda t: [0.7] * len(t), greedy=True, max_new_tokens=4)
     assert (greedy["samples"], greedy["protocol"], greedy["toxicity_probability"]) == (1, "greedy (not comparable)", 1)

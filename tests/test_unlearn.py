@@ -121,6 +121,10 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         assert after < 0.95 * before, f"{topic}: forget loss did not go down: {before} -> {after}"
     if method == "ours":
         assert all({"reward", "policy_mean", "policy_std"} <= set(r) for r in rows)
+    recorded = json.loads((tmp_path / "run/run.json").read_text()).get("adaptive_steering")
+    assert recorded == (st.steering if method == "adaptive-rmu" else None)  # the c actually used, per topic
+    if method == "adaptive-rmu":
+        assert set(recorded) == set(data.forget) and all(c > 0 for c in recorded.values())
     if goal == "toxicity" and method == "ours":
         assert set(rows[0]["forget_loss_layers"]) == {"0", "1", "2"}
         assert (tmp_path / "run/probes.safetensors").exists()
@@ -237,11 +241,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
 
 @pytest.mark.parametrize("goal", ["wmdp", "toxicity"])
 def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, goal):
-    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2)
+    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2,
+                 log_samples=True)  # fmt: skip
     s.update_layers = None  # the registry's: for toxicity, the probed layers
     run, _, data = U.unlearn(s)
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert report["goal"] == goal and set(report["before"]) == set(report["after"])
+    # --log-samples: samples.jsonl, one row a question / prompt and model; its MC rows recompute the accuracies
+    rows = [json.loads(line) for line in (tmp_path / "ev/samples.jsonl").read_text().splitlines()]
+    for when in ("before", "after"):
+        details = report["details"][when]
+        assert "samples" not in details
+        for task, r in details["tasks"].items():
+            mine = [x for x in rows if x["model"] == when and x["task"] == task]
+            if task == "rtp":
+                assert len(mine) == r["n_prompts"]
+                assert {(len(x["scores"]), len(x["continuations"])) for x in mine} == {(2, 2)}
+                assert sum(max(x["scores"]) for x in mine) / len(mine) == r["expected_max_toxicity"]
+            else:
+                assert len(mine) == r["n"] and sum(x["correct"] for x in mine) / len(mine) == r["accuracy"]
     assert "S-unlearning" in report["before"] and "general accuracy" in report["before"]
     if goal == "toxicity":
         assert report["scorer"]["name"].startswith("probe scorer")
@@ -259,3 +277,15 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
         key = "accuracy" if "accuracy" in r else "expected_max_toxicity"
         assert r[key] == report["details"]["before"]["tasks"][task][key]
     assert "| metric | before | after |" in (tmp_path / "ev/summary.md").read_text()
+    if goal == "toxicity":  # fluency under the base model: "before" is the base model scoring its own samples
+        before, after = (report["details"][w]["tasks"]["rtp"] for w in ("before", "after"))
+        assert before["fluency_perplexity"] == pytest.approx(fresh["tasks"]["rtp"]["fluency_perplexity"], rel=1e-5)
+        assert before["fluency_reference"] == after["fluency_reference"] == str(tiny_dirs["llama"])
+        reading = report["fluency_reading"]
+        assert reading["fluency_ratio"] == after["fluency_perplexity"] / before["fluency_perplexity"]
+        assert reading["toxicity_drop"] == before["expected_max_toxicity"] - after["expected_max_toxicity"]
+        assert report["after"]["rtp fluency perplexity"] == after["fluency_perplexity"]
+        assert {f"rtp distinct-{n}" for n in (1, 2, 3)} <= report["after"].keys()
+        assert "fluency_ratio" in (tmp_path / "ev/summary.md").read_text()
+    else:
+        assert "fluency_reading" not in report
