@@ -1,4 +1,5 @@
-"""Unlearning losses: RMU (eq. 2-3), Adaptive RMU's coefficient, cosine (eq. 4-5), probe projection (eq. 6).
+"""Unlearning losses: RMU (eq. 2-3), Adaptive RMU's coefficient, cosine (eq. 4-5), probe projection (eq. 6, and
+its per-layer normalised form).
 
 Shapes: h, h0 [B, T, D] residual streams at a tapped layer (h: model being updated, h0: frozen original);
 mask [B, T] (1 / True = real token, 0 / False = padding); u [D] a fixed random unit vector.
@@ -127,6 +128,20 @@ def probe_projection_loss(h_last: Sequence[Tensor], directions: Tensor) -> tuple
     proj = torch.einsum("lbd,ld->lb", hs, directions.detach().to(device=hs.device, dtype=torch.float32))
     per_layer = proj.pow(2).mean(dim=1)
     return per_layer.sum(), per_layer
+
+
+def normalized_probe_projection_loss(
+    h_last: Sequence[Tensor], directions: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Eq. 6 normalised per layer (ours, not the paper's): mean over layers i of (mean over the batch of
+    (h_i . w_i)^2) / s_i, with s_i > 0 that layer's term on the frozen model (`ref.train` measures it on the first
+    forget batch). It starts near 1, the scale of the cosine losses (eq. 4-5), and weighs every probed layer equally;
+    the paper's sum is dominated by the late layers, whose terms are 10^2-10^3 times the early ones'.
+    Returns (total, per_layer [L] of eq. 6 itself, unnormalised, for the logs)."""
+    _, per_layer = probe_projection_loss(h_last, directions)
+    if scale.shape != per_layer.shape:
+        raise ValueError(f"scale must be [L] = [{per_layer.shape[0]}], got shape {tuple(scale.shape)}")
+    return (per_layer / scale.detach().to(per_layer)).mean(), per_layer
 
 
 def toxicity_retain_loss(

@@ -7,7 +7,8 @@ Every method minimises eq. 1, L = L_F + alpha * L_R (`ref.losses.unlearning_loss
 | rmu          | any      | eq. 2 at the tap layer, fixed c              | eq. 3 at the tap layer               |
 | adaptive-rmu | any      | eq. 2, c = beta * mean forget norm per topic | eq. 3                                |
 | ours         | wmdp     | eq. 4 at the tap layer                       | eq. 5 at the tap layer               |
-| ours         | toxicity | eq. 6 over the probed layers                 | eq. 5 averaged over the same layers  |
+| ours         | toxicity | eq. 6 over the probed layers (the paper's    | eq. 5 averaged over the same layers  |
+|              |          | sum, or normalised per layer: --tox-balance) |                                      |
 
 `fuse` is `ref.fused.fused` (torch.compile) or `ref.fused.eager` (--no-compile).
 """
@@ -25,6 +26,7 @@ from ref.losses import (
     cosine_forget_loss,
     cosine_retain_loss,
     last_token,
+    normalized_probe_projection_loss,
     probe_projection_loss,
     rmu_forget_loss,
     rmu_retain_loss,
@@ -51,6 +53,7 @@ class Targets:
     u: Tensor  # [D] the topic's fixed random unit vector (eq. 2, 4)
     steering: float | None  # RMU's c (eq. 2); None for ours
     directions: Tensor | None  # [L, D] probe directions w_i (eq. 6); None unless ours on toxicity
+    forget_scale: Tensor | None = None  # [L] eq. 6's terms on the frozen model: normalise eq. 6 per layer; None: sum
 
 
 class Losses(NamedTuple):
@@ -84,9 +87,13 @@ def ours_wmdp(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
 
 def ours_toxicity(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """The paper's method on toxicity: eq. 6 (the last-token state of each probed layer made orthogonal to that
-    layer's probe direction; run eager, see ref.fused) and eq. 5 averaged over the same layers."""
+    layer's probe direction; run eager, see ref.fused), summed over the layers as in the paper or, with
+    `targets.forget_scale`, normalised per layer (ours), and eq. 5 averaged over the same layers."""
     h_last = [last_token(acts.forget[i], acts.forget_mask) for i in targets.layers]
-    forget, per_layer = probe_projection_loss(h_last, targets.directions)
+    if targets.forget_scale is None:
+        forget, per_layer = probe_projection_loss(h_last, targets.directions)
+    else:
+        forget, per_layer = normalized_probe_projection_loss(h_last, targets.directions, targets.forget_scale)
     h, h0 = [acts.retain[i] for i in targets.layers], [acts.frozen[i] for i in targets.layers]
     retain = toxicity_retain_loss(h, h0, acts.retain_mask, fuse(cosine_retain_loss))
     return Losses(forget, retain, per_layer)

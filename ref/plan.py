@@ -22,6 +22,7 @@ from ref.reinforce import ALPHA_RANGE
 
 METHODS = ("ours", "rmu", "adaptive-rmu")
 GOALS = ("wmdp", "toxicity")
+TOX_BALANCES = ("scaled", "paper")  # the first is the default
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Settings:
     steering: float | None = None  # RMU's c
     beta: float | None = None  # Adaptive RMU
     raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
+    tox_balance: str | None = None  # ours on toxicity: "scaled" (default, ours) or "paper" (eq. 6 summed, as published)
     probe_l2: float | None = None  # L2 of the eq. 6 probes; None: chosen per layer by K-fold AUC (--probe-l2 auto)
     lr: float | None = None
     policy_lr: float | None = None
@@ -86,6 +88,7 @@ class Plan:
     steering: float | None  # RMU's fixed c
     beta: float | None  # Adaptive RMU: c = beta * mean forget norm on each topic's first batch
     raw_probe_weights: bool
+    tox_balance: str | None  # ours on toxicity: "scaled" (eq. 6 normalised per layer, lambda = alpha0) or "paper"
     probe_l2: float | None  # the probes' fixed L2 (ours on toxicity); None: chosen per layer by K-fold (or no probes)
     lr: float
     max_len: int
@@ -118,6 +121,12 @@ class Plan:
     def reinforce(self) -> bool:
         return self.alpha is None
 
+    @property
+    def meta_retain_weight(self) -> float:
+        """lambda of REINFORCE's meta-objective L_F + lambda L_R (ref.reinforce): alpha0 under the scaled toxicity
+        balance, else 1."""
+        return self.alpha0 if self.tox_balance == "scaled" and self.reinforce else 1.0
+
 
 def given(value, default):
     """The user's value when given, else the default: None means "not given", and 0 or [] are values."""
@@ -146,6 +155,8 @@ def check_settings(user: Settings) -> None:
             raise RefError(f"{option} is empty; name at least one, or leave it out for the default")
         if values is not None and len(set(values)) != len(values):
             raise RefError(f"{option} names {values}, with repeats; name each once")
+    if user.tox_balance not in (None, *TOX_BALANCES):
+        raise RefError(f"--tox-balance is {user.tox_balance!r}; use one of {', '.join(TOX_BALANCES)}")
     validate.device("--device", user.device)
     validate.dtype("--dtype", user.dtype)
     ours_toxicity = (user.method, user.goal) == ("ours", "toxicity")
@@ -156,6 +167,7 @@ def check_settings(user: Settings) -> None:
             ("--policy-lr", user.policy_lr, reinforce, "REINFORCE (--method ours without --alpha)"),
             ("--tox-layers", user.tox_layers, ours_toxicity, "--method ours --goal toxicity"),
             ("--raw-probe-weights", user.raw_probe_weights or None, ours_toxicity, "--method ours --goal toxicity"),
+            ("--tox-balance", user.tox_balance, ours_toxicity, "--method ours --goal toxicity"),
             ("--probe-l2", user.probe_l2, ours_toxicity, "--method ours --goal toxicity"),
             ("--tap-layer", user.tap_layer, not ours_toxicity, "the single-tap objectives (ours on toxicity reads "
              "the --tox-layers)")]  # fmt: skip
@@ -198,7 +210,8 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         policy_lr=given(user.policy_lr, defaults.policy_lr) if reinforce else None,
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
         beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
-        raw_probe_weights=user.raw_probe_weights, probe_l2=user.probe_l2 if tox else None,
+        raw_probe_weights=user.raw_probe_weights, tox_balance=given(user.tox_balance, TOX_BALANCES[0]) if tox else None,
+        probe_l2=user.probe_l2 if tox else None,
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
         device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
@@ -250,7 +263,11 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         else "- no shared prefix (the first block is updated)",
         f"- blocks {plan.start}..{max(plan.taps)} run with gradients; none above {max(plan.taps)}; no LM head",
         f"- taps: {list(plan.taps)}",
-        *([f"- probes of eq. 6: L2 {probe_l2}"] if plan.tox_layers else []),
+        *(
+            [f"- probes of eq. 6: L2 {probe_l2}", f"- balance: {BALANCE_WORDS[plan.tox_balance]}"]
+            if plan.tox_layers
+            else []
+        ),
         f"- updated tensors ({len(plan.tensors)}, {gib(est['updated_tensors'])}): {', '.join(plan.tensors)}",
         f"- alpha: {alpha}; lr {plan.lr:g}"
         + (f"; steering c = {plan.steering:g}" if plan.steering is not None else "")
@@ -268,6 +285,12 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         lines.append(f"- placement: {split_blocks(cfg, devices).describe()}")
     return "\n".join(lines)
 
+
+BALANCE_WORDS = {
+    "scaled": "scaled (ours): eq. 6 normalised per layer by its value on the first forget batch, REINFORCE's "
+    "meta-objective L_F + alpha0 L_R",
+    "paper": "paper: eq. 6 summed over the layers, REINFORCE's meta-objective L_F + L_R",
+}
 
 # One 80 GiB accelerator (A100 / H100 80GB); the evaluation's activations, KV cache and logits on top of the weights.
 GPU_BYTES, EVAL_OVERHEAD = 80 * 2**30, 1.1

@@ -3,10 +3,14 @@
 The paper says only that alpha is meta-learned with REINFORCE (Adam, lr 1e-2). Our reading, one step k:
     1. draw z_k ~ Normal(mu, sigma), alpha_k = exp(z_k) clamped to [alpha_min, alpha_max]    (`AlphaPolicy.sample`)
     2. the model takes one optimizer step on L_F + alpha_k * L_R
-    3. reward r_k = M_before - M_after: the decrease, on the same batch, of the unweighted meta-objective
-       M = L_F + L_R caused by that step                                                      (`reward`)
+    3. reward r_k = M_before - M_after: the decrease, on the same batch, of the meta-objective M = L_F + lambda L_R
+       caused by that step                                                                    (`reward`)
     4. advantage A_k = r_k - b_k, loss -A_k * log pi(z_k), one Adam step on (mu, log sigma), then mu is clamped
        to [log alpha_min, log alpha_max] and sigma to [sigma_min, sigma_max]                  (`AlphaPolicy.update`)
+lambda, the exchange rate between the two losses in the meta-objective, is 1 (the unweighted sum) except for the
+toxicity objective's scaled balance (`--tox-balance scaled`, ours), where it is alpha0: with L_F in units of its
+start and L_R a cosine distance of ~1e-3, an unweighted M is all L_F, and a policy rewarded by it only learns to
+shrink alpha (measured: README, "Balancing the toxicity objective").
 b_k is an exponential moving average of the past rewards, initialised to the first reward: the first advantage
 is 0 and the first update moves nothing (no reward history says whether r_1 is good). log pi is the density of the
 raw draw z_k: clamping alpha is part of the environment, so the estimator stays the plain score-function gradient.
@@ -29,9 +33,10 @@ class Draw(NamedTuple):
     alpha: float  # exp(z) clamped: the alpha the step is taken with
 
 
-def reward(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor]) -> float:
-    """r_k = M_before - M_after with M = L_F + L_R: (L_F, L_R) before and after the step, on the same batch."""
-    return (before[0] + before[1]).item() - (after[0] + after[1]).item()
+def reward(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], retain_weight: float = 1.0) -> float:
+    """r_k = M_before - M_after with M = L_F + lambda L_R (lambda = `retain_weight`): (L_F, L_R) before and after the
+    step, on the same batch."""
+    return (before[0] + retain_weight * before[1]).item() - (after[0] + retain_weight * after[1]).item()
 
 
 class AlphaPolicy(nn.Module):

@@ -317,6 +317,12 @@ def _sweep_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
     return record, rows
 
 
+def series_of(row: dict) -> str:
+    """A front per method, and per toxicity balance when the grid varies it (the paper's form against ours)."""
+    balance = row.get("grid", {}).get("tox_balance")
+    return row["method"] if balance is None else f"{row['method']}, tox-balance={balance}"
+
+
 def plot_front(record: dict, rows: list[dict], path: Path) -> Path:
     """Forget U against retain accuracy (left) and retain perplexity (right), a marker per point."""
     u_name = "expected max toxicity (U)" if record["goal"] == "toxicity" else "forget accuracy (U)"
@@ -326,13 +332,13 @@ def plot_front(record: dict, rows: list[dict], path: Path) -> Path:
         base = rows[0]["metrics"] if rows else {}
         if base.get(f"{key}_before") is not None:
             ax.plot(base[f"{key}_before"], base["U_before"], "k*", ms=12, label="base")
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = [r for r in rows if r["method"] == method and r["metrics"].get(key) is not None]
+        for i, series in enumerate(dict.fromkeys(map(series_of, rows))):
+            mine = [r for r in rows if series_of(r) == series and r["metrics"].get(key) is not None]
             xy = [(r["metrics"][key], r["metrics"]["U"]) for r in mine]
             if not xy:
                 continue
-            color = METHOD_COLORS.get(method)
-            ax.scatter(*zip(*xy, strict=True), color=color, label=method, s=25)
+            color = METHOD_COLORS.get(series) or f"C{i + 3}"
+            ax.scatter(*zip(*xy, strict=True), color=color, label=series, s=25)
             ax.plot(*zip(*front(xy, higher), strict=True), color=color, lw=1)
             for r, (x, y) in zip(mine, xy, strict=True):
                 ax.annotate(r["setting"], (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points", color=color)

@@ -34,7 +34,7 @@ from ref.cli import run_command
 from ref.config import read_config
 from ref.data import load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
-from ref.plan import GOALS, METHODS, Settings
+from ref.plan import GOALS, METHODS, TOX_BALANCES, Settings
 from ref.plan import resolve as resolve_plan
 from ref.runlog import atomic_write_text, read_metrics, write_json
 from ref.train import Diverged, schedule
@@ -43,8 +43,8 @@ from ref.unlearn import architecture, unlearn
 # The settings a grid may vary (the ones that shape a run), each with its value parser; `layer` is the depth shorthand.
 LIST_KEYS = ("update_layers", "tox_layers", "update_params")
 GRID_KEYS = ("layer", "tap_layer", "update_layers", "update_params", "tox_layers", "alpha", "alpha0", "steering",
-             "beta", "raw_probe_weights", "probe_l2", "lr", "policy_lr", "epochs", "max_steps", "batch_size",
-             "max_len", "seed")  # fmt: skip
+             "beta", "raw_probe_weights", "tox_balance", "probe_l2", "lr", "policy_lr", "epochs", "max_steps",
+             "batch_size", "max_len", "seed")  # fmt: skip
 INTS = {"layer", "tap_layer", "epochs", "max_steps", "batch_size", "max_len", "seed"}
 RETAIN_METRICS = ("accuracy", "perplexity")
 NOT_COMPARED = {"out", "resume", "overwrite", "dry_run"}  # settings of a run folder that may differ from the point's
@@ -82,9 +82,12 @@ def parse_value(key: str, text: str):
             return {"true": True, "false": False}[text.lower()]
         if key == "probe_l2" and text == "auto":
             return None
+        if key == "tox_balance":
+            return {b: b for b in TOX_BALANCES}[text]
         return int(text) if key in INTS else float(text)
     except (ValueError, KeyError):
-        what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number"}.get(key, "")
+        what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number",
+                "tox_balance": " or ".join(TOX_BALANCES)}.get(key, "")  # fmt: skip
         what = what or ("whole numbers joined by / (a-b a range)" if key in LIST_KEYS else "a whole number" if key in
                         INTS else "a number")  # fmt: skip
         raise RefError(f"--grid {key.replace('_', '-')}={text}: {text!r} is not {what}") from None

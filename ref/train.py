@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ref.data import GoalData, batches
 from ref.errors import RefError, Stopped
 from ref.fused import eager, fused
-from ref.losses import adaptive_steering_coefficient, unlearning_loss
+from ref.losses import adaptive_steering_coefficient, last_token, probe_projection_loss, unlearning_loss
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations, Losses, Targets
 from ref.plan import Plan
@@ -60,6 +60,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     policy: AlphaPolicy | None  # REINFORCE on alpha, when alpha is not fixed
     steering: dict[str, float]  # Adaptive RMU's c per topic, set on the topic's first batch
+    forget_scale: dict[str, list[float]] = field(default_factory=dict)  # eq. 6 per layer on the frozen model, per
+    # topic's first batch (the scaled toxicity balance)
     step: int = 0  # steps done
 
     def __post_init__(self):
@@ -68,6 +70,7 @@ class TrainState:
     def state_dict(self) -> dict:
         return dict(step=self.step, updated={k: p.detach().cpu() for k, p in self.params.items()},
                     optimizer=self.optimizer.state_dict(), steering=dict(self.steering),
+                    forget_scale=dict(self.forget_scale),
                     policy=self.policy.state_dict() if self.policy else None)  # fmt: skip
 
     def load_state_dict(self, state: dict, lr: float) -> None:
@@ -81,6 +84,7 @@ class TrainState:
         if self.policy:
             self.policy.load_state_dict(state["policy"])
         self.steering, self.step = dict(state["steering"]), state["step"]
+        self.forget_scale = dict(state.get("forget_scale", {}))  # absent in checkpoints from before the scaled balance
 
 
 def start_state(plan: Plan, model: Transformer) -> TrainState:
@@ -146,6 +150,18 @@ def taps(run: Run, x: Tensor, mask: Tensor, params: dict[str, Tensor] | None = N
     return (run.model(**kw) if params is None else functional_call(run.model, params, args=(), kwargs=kw)).taps
 
 
+def forget_scale(run: Run, frozen: dict[int, Tensor], mask: Tensor) -> list[float]:
+    """s_i of the per-layer normalised eq. 6 (`ref.losses.normalized_probe_projection_loss`): each probed layer's
+    eq. 6 term on the frozen model's taps of a forget batch."""
+    h_last = [last_token(frozen[i], mask) for i in run.plan.tox_layers]
+    _, per_layer = probe_projection_loss(h_last, run.directions)
+    bad = [i for i, s in zip(run.plan.tox_layers, per_layer.tolist(), strict=True) if not s > 0 or s == float("inf")]
+    if bad:
+        raise RefError(f"eq. 6 is 0 or not finite at layer(s) {bad} on the first forget batch, so it cannot be "
+                       "normalised: check the probes (probe_auc in run.json), or use --tox-balance paper")  # fmt: skip
+    return per_layer.tolist()
+
+
 def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retain_texts: list[str]) -> dict:
     """One unlearning step on a forget batch of `topic` and a retain batch; returns its metrics row."""
     plan = run.plan
@@ -157,7 +173,12 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
         if plan.beta is not None and topic not in state.steering:  # Adaptive RMU: c from the topic's first batch
             h = taps(run, forget_in, forget_mask, state.originals)[plan.taps[0]]
             state.steering[topic] = float(adaptive_steering_coefficient(h, forget_mask, plan.beta))
-    targets = Targets(plan.taps, run.u[topic], state.steering.get(topic, plan.steering), run.directions)
+        if plan.tox_balance == "scaled" and topic not in state.forget_scale:  # eq. 6's scale, from the same batch
+            h0 = taps(run, forget_in, forget_mask, state.originals)
+            state.forget_scale[topic] = forget_scale(run, h0, forget_mask)
+    scale = state.forget_scale.get(topic)
+    targets = Targets(plan.taps, run.u[topic], state.steering.get(topic, plan.steering), run.directions,
+                      None if scale is None else torch.tensor(scale, device=forget_mask.device))  # fmt: skip
     draw = state.policy.sample() if state.policy else None
     alpha = draw.alpha if draw else plan.alpha
 
@@ -187,7 +208,7 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
         if not torch.isfinite(after.forget + after.retain):
             raise Diverged(f"the loss after the step is not finite (forget {after.forget.item()}, retain "
                            f"{after.retain.item()})")  # fmt: skip
-        info = state.policy.update(draw, reward(before, after))
+        info = state.policy.update(draw, reward(before, after, plan.meta_retain_weight))
         row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"])
     row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
     return row

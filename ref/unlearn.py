@@ -33,7 +33,7 @@ from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_di
 from ref.errors import RefError
 from ref.model import Transformer
 from ref.objectives import random_directions
-from ref.plan import GOALS, METHODS, Plan, Settings, as_dict, describe
+from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe
 from ref.plan import resolve as resolve_plan
 from ref.probe import Probe, fit_layer_probes
 from ref.registry import REGISTRY
@@ -151,6 +151,8 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     now = as_dict(plan)
     if not before.get("tox_layers"):  # runs without probes recorded a probe_l2 they never used (before ref 14)
         before["probe_l2"] = None
+    if "tox_balance" not in before:  # runs from before the scaled balance summed eq. 6 (the paper's form)
+        before["tox_balance"] = "paper" if before.get("tox_layers") else None
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
@@ -228,6 +230,10 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
     gains the steering coefficients Adaptive RMU computed (topic -> c)."""
     if st.steering:
         run_json["adaptive_steering"] = dict(st.steering)
+    if st.forget_scale:  # the scaled toxicity balance: eq. 6's per-layer terms on the frozen model, topic -> [L]
+        run_json["forget_scale"] = {t: dict(zip(map(str, run.plan.tox_layers), s, strict=True))
+                                    for t, s in st.forget_scale.items()}  # fmt: skip
+    if st.steering or st.forget_scale:
         write_json(out / "run.json", run_json)
     updated = {k: p.detach().cpu().contiguous() for k, p in st.params.items()}
     atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
@@ -284,11 +290,15 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
     lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
              f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
              f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
+             *([f"- toxicity balance: {BALANCE_WORDS[plan.tox_balance]}"] if plan.tox_balance else []),
              *([f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
                 + ", ".join(f"{t} {c:.4g}" for t, c in st.steering.items())] if st.steering else []),
              "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
-    for key in ("loss", "forget_loss", "retain_loss", "alpha", "tokens_per_s"):
+    share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan  # noqa: E731
+    head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
+    for key in ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
+    lines += ["", "retain_share: alpha * L_R / (L_F + alpha * L_R), the weighted retain term's share of eq. 1's loss."]
     if "probe_auc" in run_json:
         aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g})" for i, a in run_json["probe_auc"].items()]
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
@@ -332,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--steering", type=float, default=None, help="RMU steering coefficient c")
     a("--beta", type=float, default=None, help="Adaptive RMU: c = beta * mean forget activation norm (default 5)")
     a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
+    a("--tox-balance", choices=TOX_BALANCES, default=None, help="ours on toxicity: scaled (default, ours: eq. 6 "
+      "normalised per layer, REINFORCE's meta-objective L_F + alpha0 L_R) or paper (eq. 6 summed)")  # fmt: skip
     a("--probe-l2", type=probe_l2, default=None, help="L2 of the eq. 6 probes: auto (default; per layer by 5-fold "
       "held-out AUC) or a number (0.01: the fixed value of earlier versions)")  # fmt: skip
     a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")

@@ -155,6 +155,24 @@ def test_probe_projection_loss_by_hand():
     assert total.item() == 9.0
 
 
+def test_normalized_probe_projection_loss_divides_each_layer_by_its_scale_and_averages():
+    h_last = [
+        torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]),
+        torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 1.0]]),
+    ]
+    directions = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    total, per_layer = losses.normalized_probe_projection_loss(h_last, directions, torch.tensor([5.0, 13.0]))
+    torch.testing.assert_close(per_layer, torch.tensor([2.5, 6.5]), rtol=0, atol=0)  # eq. 6's own terms, for logs
+    assert total.item() == (2.5 / 5.0 + 6.5 / 13.0) / 2  # 0.5: each layer at half its scale
+    # at the scale's own batch it is exactly 1, whatever the layers' magnitudes (here 2.5 and 6.5)
+    assert losses.normalized_probe_projection_loss(h_last, directions, per_layer)[0].item() == 1.0
+    h = torch.tensor([[1.0, 2.0, 0.0]], requires_grad=True)  # d/dh of (h . w)^2 / s = 2 (h . w) w / s
+    losses.normalized_probe_projection_loss([h], directions[:1], torch.tensor([4.0]))[0].backward()
+    torch.testing.assert_close(h.grad, torch.tensor([[0.0, 1.0, 0.0]]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scale must be"):
+        losses.normalized_probe_projection_loss(h_last, directions, torch.ones(3))
+
+
 def test_shape_errors():
     h = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match="mask"):
