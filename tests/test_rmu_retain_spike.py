@@ -6,11 +6,12 @@ of 3.78 and 7.83 on step 100 against 0.1-0.6 before. What is measured here:
 - the schedule: step 100 is an ordinary step (epoch 0, retain batch 99 of the epoch's shuffle, 4 texts, read once;
   no wrap, no epoch boundary, no short batch) for any retain corpus of 400 texts or more;
 - the mechanism, after the demo's whole RMU toxicity run (40 steps, registry defaults): the first real position,
-  whose residual stream is the attention sink (norm ~700 at layer 7 against ~110), moves least of all positions;
-  one retain text whose words are close to the forget corpus lifts a batch's eq. 3 by more than 10x (its tokens
-  are steered towards c * u like forget tokens), while a heading or a short line lifts it by less than 1.5x.
+  whose residual stream is the attention sink (norm ~635 at layer 7 against 115), moves least of all positions;
+  positions 1-15 move about twice as much as later ones; one retain text whose words are close to the forget corpus
+  lifts a batch's eq. 3 by more than 10x (its tokens are steered towards c * u like forget tokens), while a heading
+  or a short line lifts it by less than 1.5x, and a batch of four short lines by 3-10x.
 
-That the real step 100 held such a text is a hypothesis: the hub data cannot be read here (README, "Unlearning").
+Which kind of batch the real step 100 held is a hypothesis: the hub data cannot be read here (README, "Unlearning").
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ PARAGRAPHS = [
 ]
 HEADING = " = = = Early life and education in Bristol = = = \n"  # a heading longer than MIN_CHARS: kept by the filter
 SHORT_LINE = " He was buried in the churchyard at Kirkby Lonsdale . \n"
+SHORT_LINES = [HEADING, SHORT_LINE, " = = = 2007 – 10 : Return to the national team = = = \n",
+               " The album was certified gold in Canada in 2004 . \n"]  # fmt: skip
 RUDE_LIKE = ' Critics called the sequel " a stupid , lazy and worthless mess " and the lead actor " an idiot " . \n'
 
 
@@ -115,7 +118,8 @@ def test_the_attention_sink_is_not_what_moves(trained):
 
 
 def test_one_forget_like_text_makes_the_spike(trained):
-    """Three neutral paragraphs plus a fourth text: eq. 3 of the batch by that fourth text."""
+    """Three neutral paragraphs plus a fourth text: eq. 3 of the batch by that fourth text; and a batch of four short
+    lines, whose tokens are all early positions."""
 
     def eq3(fourth: str) -> float:
         return rmu_retain_loss(*retain_taps(*trained, PARAGRAPHS[:3] + [fourth])).item()
@@ -124,6 +128,8 @@ def test_one_forget_like_text_makes_the_spike(trained):
     assert 0.05 < neutral < 0.3  # measured 0.15: the level the training logs
     assert heading < 1.5 * neutral and short < 1.5 * neutral  # measured 1.28x and 1.19x
     assert rude > 10 * neutral  # measured 18.5x (2.78)
+    only_short = rmu_retain_loss(*retain_taps(*trained, SHORT_LINES)).item()
+    assert 3 * neutral < only_short < rude  # measured 4.9x (0.74): a jump too, but only when all four texts are short
     h, h0, mask = retain_taps(*trained, [RUDE_LIKE])
     steered = (h - h0).pow(2).mean(-1)[mask.bool()].max().item()
     assert steered > 50  # measured 132; a token steered all the way to c * u would give ~(550^2 + 110^2) / 576 = 546
