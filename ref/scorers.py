@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,7 +148,10 @@ def probe_scorer(
         x = scorer.features([t for t, _ in rows])
         scorer.probe = train_probe(x, torch.tensor([y for _, y in rows]), seed=seed, l2=ProbeScorer.l2)
         if path is not None:
-            save_cached_probe(path, scorer.probe)
+            try:
+                save_cached_probe(path, scorer.probe)
+            except OSError as e:  # a read-only or full cache costs the next run a rebuild, not this run its result
+                warnings.warn(f"probe scorer not cached ({e}); set REF_CACHE to a writable folder", stacklevel=2)
     return scorer
 
 
@@ -176,10 +180,10 @@ def load_cached_probe(path: Path) -> Probe | None:
     try:
         tensors = load_file(path)
         meta = json.loads(tensors.pop("meta").numpy().tobytes().decode())
-    except (FileNotFoundError, SafetensorError, KeyError, ValueError):
+        meta["cv_auc"] = None if meta["cv_auc"] is None else dict(meta["cv_auc"])  # json keys are strings, pairs not
+        return Probe(weight=tensors["weight"], direction=tensors["direction"], **meta)
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
         return None
-    meta["cv_auc"] = None if meta["cv_auc"] is None else dict(meta["cv_auc"])  # json keys are strings; pairs are not
-    return Probe(weight=tensors["weight"], direction=tensors["direction"], **meta)
 
 
 def save_cached_probe(path: Path, probe: Probe) -> None:

@@ -93,7 +93,7 @@ def test_probe_scorer_cache_skips_the_model_and_scores_identically(tiny_llama, t
     scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral, cache=False)  # no cache: trained
     with torch.no_grad():
         base.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # other weights: a miss
-    scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)
+    changed = scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)
     assert seen == [39, 42, 42, 42] and len(list((tmp_path / "scorers").iterdir())) == 4
     # an unreadable entry is trained again and rewritten
     for path in (tmp_path / "scorers").iterdir():
@@ -101,6 +101,11 @@ def test_probe_scorer_cache_skips_the_model_and_scores_identically(tiny_llama, t
     seen.clear()
     assert scorers.probe_scorer(base, tok, rows, layer=2, neutral_texts=neutral).probe.heldout_auc == 1.0
     assert seen == [42]
+    # a cache that cannot be written: a warning, and the scorer still built
+    monkeypatch.setattr(scorers, "cache_dir", lambda: tmp_path / "file")
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="not cached"):
+        assert scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)(texts) == changed(texts)
 
 
 def test_probe_scorer_caps_the_neutral_sentences(tiny_llama, monkeypatch):
