@@ -5,20 +5,30 @@ base model. The data manifest names which one a toxicity evaluation uses.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from ref.data import PROMPTS_TASK, GoalData, manifest_path
 from ref.errors import RefError
 from ref.model import Transformer
 from ref.placement import parse_devices
 from ref.probe import Probe, train_probe
+from ref.registry import cache_dir
 from ref.tokenizer import Tokenizer
 
 Scorer = Callable[[list[str]], list[float]]  # texts -> toxicity scores in [0, 1]
+MAX_NEUTRAL_SENTENCES = 1000  # the demo has 186; a WikiText-sized retain corpus (~4.6k) is subsampled to this
+PROBE_CACHE_VERSION = 1  # bump when the features or the probe training change: older cache entries then miss
 
 
 def trust_scorer(
@@ -109,23 +119,91 @@ def probe_scorer(
     layer: int | None = None,
     seed: int = 0,
     neutral_texts: list[str] = (),
+    cache: bool = True,
 ) -> ProbeScorer:
     """Train the probe scorer on (text, label) rows (1 = toxic) at `layer` (default: the middle layer) of the
     frozen base model; 20% of each class is held out for the AUC reported in `scorer.probe.heldout_auc`.
 
     `neutral_texts` (e.g. the retain corpus) are split into sentences and added as label 0: a probe set of insults
     and their polite paraphrases alone teaches "about a person, negative" rather than "toxic", and scores ordinary
-    continuations high (measured on the demo: 53 of 60 benign-looking continuations >= 0.5 without, 3 with)."""
+    continuations high (measured on the demo: 53 of 60 benign-looking continuations >= 0.5 without, 3 with). Over
+    MAX_NEUTRAL_SENTENCES of them, a deterministic subsample (by `seed`) is kept.
+
+    cache=True: the trained probe is kept in cache_dir()/scorers (REF_CACHE overrides the folder), keyed by
+    `probe_cache_path`; a later build with the same model weights, tokenizer, rows and settings loads it instead of
+    running the model over the training texts, and scores bit-identically."""
     n = base.config.num_layers
     layer = n // 2 if layer is None else layer
     if not 0 <= layer < n:
         raise RefError(f"probe scorer layer {layer} is out of range for a {n}-layer model (0..{n - 1})")
     scorer = ProbeScorer(base, tok, probe=None, layer=layer)
     sentences = [x.strip() for t in neutral_texts for x in re.split(r"(?<=[.!?])\s+", t) if len(x.split()) >= 4]
+    if len(sentences) > MAX_NEUTRAL_SENTENCES:  # a deterministic subsample, kept in corpus order
+        keep = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))[:MAX_NEUTRAL_SENTENCES]
+        sentences = [sentences[i] for i in sorted(keep.tolist())]
     rows = [(f, y) for t, y in [*probe_rows, *((x, 0) for x in sentences)] for f in (t, *sentence_fragments(t))]
-    x = scorer.features([t for t, _ in rows])
-    scorer.probe = train_probe(x, torch.tensor([y for _, y in rows]), seed=seed, l2=ProbeScorer.l2)
+    path = probe_cache_path(scorer, rows, seed) if cache else None
+    scorer.probe = load_cached_probe(path) if path is not None else None
+    if scorer.probe is None:
+        x = scorer.features([t for t, _ in rows])
+        scorer.probe = train_probe(x, torch.tensor([y for _, y in rows]), seed=seed, l2=ProbeScorer.l2)
+        if path is not None:
+            try:
+                save_cached_probe(path, scorer.probe)
+            except OSError as e:  # a read-only or full cache costs the next run a rebuild, not this run its result
+                warnings.warn(f"probe scorer not cached ({e}); set REF_CACHE to a writable folder", stacklevel=2)
     return scorer
+
+
+def probe_cache_path(scorer: ProbeScorer, rows: list[tuple[str, int]], seed: int) -> Path:
+    """cache_dir()/scorers/probe-<sha256>.safetensors, the digest over everything the trained probe depends on: the
+    code version, the weights the features read (embedding and blocks 0..layer: names, dtypes, shapes, bytes), the
+    model config, the tokenizer, the layer, the device type, the batch size (padding moves fp32 sums), the training
+    rows (texts and labels, fragments included), the seed and the L2."""
+    h = hashlib.sha256()
+    meta = dict(version=PROBE_CACHE_VERSION, layer=scorer.layer, batch_size=scorer.batch_size, seed=seed,
+                l2=ProbeScorer.l2, config=repr(scorer.base.config), rows=rows,
+                device=next(scorer.base.parameters()).device.type, special=[scorer.tok.bos_id, scorer.tok.eos_id,
+                scorer.tok.pad_id])  # fmt: skip
+    h.update(json.dumps(meta, ensure_ascii=False).encode() + b"\0" + scorer.tok.tk.to_str().encode() + b"\0")
+    read = [("model.embed_tokens.weight", scorer.base.model.embed_tokens.weight)]
+    read += [(f"model.layers.{n}", p) for n, p in scorer.base.model.layers[: scorer.layer + 1].named_parameters()]
+    for name, p in read:
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return cache_dir() / "scorers" / f"probe-{h.hexdigest()}.safetensors"
+
+
+def load_cached_probe(path: Path) -> Probe | None:
+    """The probe saved at `path`, or None when there is none (or it is unreadable: it is then trained again)."""
+    try:
+        tensors = load_file(path)
+        meta = json.loads(tensors.pop("meta").numpy().tobytes().decode())
+        meta["cv_auc"] = None if meta["cv_auc"] is None else dict(meta["cv_auc"])  # json keys are strings, pairs not
+        return Probe(weight=tensors["weight"], direction=tensors["direction"], **meta)
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+        return None
+
+
+def save_cached_probe(path: Path, probe: Probe) -> None:
+    """Write the probe (weight, direction and the scalar fields, exactly) to `path` atomically: a unique temporary
+    file beside it, renamed into place, so concurrent builds of the same key cannot mix."""
+    meta = dict(bias=probe.bias, train_auc=probe.train_auc, heldout_auc=probe.heldout_auc, n_iter=probe.n_iter,
+                l2=probe.l2, cv_auc=None if probe.cv_auc is None else list(probe.cv_auc.items()))  # fmt: skip
+    blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    data = save(dict(weight=probe.weight.contiguous(), direction=probe.direction.contiguous(), meta=blob))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sentence_fragments(text: str) -> list[str]:

@@ -64,3 +64,68 @@ def test_trust_scorer_reads_the_manifest_files(tmp_path):
         scorers.trust_scorer({"weights": tmp_path / "nope.pth"})
     with pytest.raises(RefError, match="scorers.probe"):
         scorers.manifest_scorer_files(data, "probe")
+
+
+def test_probe_scorer_cache_skips_the_model_and_scores_identically(tiny_llama, tmp_path, monkeypatch):
+    folder, _, tok = tiny_llama
+    base = load_model(folder, dtype=torch.float32, device="cpu")
+    monkeypatch.setattr(scorers, "cache_dir", lambda: tmp_path)
+    seen = []  # texts the base model was run over to build features
+    features = scorers.ProbeScorer.features
+    monkeypatch.setattr(
+        scorers.ProbeScorer, "features", lambda self, texts: seen.append(len(texts)) or features(self, texts)
+    )
+    starts = ["The quick brown", "Unlearning removes", "Rivers flow to", "Cats and birds", "A lazy", "The sea"]
+    rows = [(f"dogs dogs dogs dogs {s}", 1) for s in starts] + [(f"sea sea sea sea {s}", 0) for s in starts]
+    neutral = ["The river runs to the sea. Birds sing in the morning light!"]
+    texts = ["dogs dogs Birds live", "sea sea jumps over", "A quiet afternoon in the garden"]
+    first = scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)
+    assert seen == [3 * 14] and len(list((tmp_path / "scorers").iterdir())) == 1  # 14 texts, 2 fragments each
+    want = first(texts)
+    seen.clear()
+    second = scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)
+    assert seen == [] and second(texts) == want  # no forward over the training texts; bit-identical scores
+    assert torch.equal(second.probe.weight, first.probe.weight) and second.probe.bias == first.probe.bias
+    assert second.probe.heldout_auc == first.probe.heldout_auc == 1.0
+    seen.clear()
+    scorers.probe_scorer(base, tok, rows[:-1], layer=1, neutral_texts=neutral)  # other data: a miss
+    scorers.probe_scorer(base, tok, rows, layer=2, neutral_texts=neutral)  # another layer: a miss
+    scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral, cache=False)  # no cache: trained
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # other weights: a miss
+    changed = scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)
+    assert seen == [39, 42, 42, 42] and len(list((tmp_path / "scorers").iterdir())) == 4
+    # an unreadable entry is trained again and rewritten
+    for path in (tmp_path / "scorers").iterdir():
+        path.write_bytes(b"garbage")
+    seen.clear()
+    assert scorers.probe_scorer(base, tok, rows, layer=2, neutral_texts=neutral).probe.heldout_auc == 1.0
+    assert seen == [42]
+    # a cache that cannot be written: a warning, and the scorer still built
+    monkeypatch.setattr(scorers, "cache_dir", lambda: tmp_path / "file")
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="not cached"):
+        assert scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral)(texts) == changed(texts)
+
+
+def test_probe_scorer_caps_the_neutral_sentences(tiny_llama, monkeypatch):
+    folder, _, tok = tiny_llama
+    base = load_model(folder, dtype=torch.float32, device="cpu")
+    seen = []
+    features = scorers.ProbeScorer.features
+    monkeypatch.setattr(
+        scorers.ProbeScorer, "features", lambda self, texts: seen.append(texts) or features(self, texts)
+    )
+    monkeypatch.setattr(scorers, "MAX_NEUTRAL_SENTENCES", 5)
+    rows = [(f"dogs dogs dogs dogs {s} runs", 1) for s in ("cat", "fox", "owl")]
+    rows += [(f"sea sea sea sea {s} flies", 0) for s in ("bird", "gull", "tern")]
+    neutral = [" ".join(f"Sentence number {i} is plain." for i in range(k, k + 4)) for k in range(0, 12, 4)]
+    scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral, cache=False)
+    kept = [int(t.split()[2]) for t in seen[0] if t.startswith("Sentence number") and t.endswith(".")]
+    # 6 probe rows and 5 of the 12 sentences (5 words: one fragment each), each with its fragments
+    assert len(kept) == 5 and len(seen[0]) == 6 * 3 + 5 * 2
+    assert kept == sorted(kept) and len(set(kept)) == 5  # corpus order, no repeats
+    scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral, cache=False)
+    assert seen[1] == seen[0]  # deterministic: the same subsample for the same seed
+    scorers.probe_scorer(base, tok, rows, layer=1, neutral_texts=neutral, seed=1, cache=False)
+    assert seen[2] != seen[0]  # another seed draws another subsample
