@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(PY) -m ruff check ref data_prep tests
-	$(PY) -m ruff format --check ref data_prep tests
+	$(PY) -m ruff check ref data_prep tests bench
+	$(PY) -m ruff format --check ref data_prep tests bench
 
 prepare: setup
 	$(PY) -m data_prep.smollm2
@@ -32,7 +32,7 @@ DEMO := runs/demo
 demo: prepare
 	$(PY) -m ref.generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 20
 	$(PY) -m ref.unlearn --model smollm2-135m --goal wmdp --data demo --out $(DEMO)/wmdp --overwrite
-	$(PY) -m ref.unlearn --model smollm2-135m --goal toxicity --data demo --out $(DEMO)/toxicity --overwrite \
+	$(PY) -m ref.unlearn --model smollm2-135m --goal toxicity --data demo --out $(DEMO)/toxicity --overwrite --log-samples \
 		--eval-samples 5
 	$(PY) -m ref.report $(DEMO)/wmdp
 	$(PY) -m ref.report $(DEMO)/toxicity

@@ -2,6 +2,8 @@
 
     python -m bench.scorer_agreement            # sample, score, print, write scorer-agreement.json (~2 min, 1 core)
     python -m bench.scorer_agreement --score    # score the committed continuations only (what the test checks)
+    python -m bench.scorer_agreement --rescore RUN_DIR   # a toxicity run's samples.jsonl (--log-samples), before and
+                                                         # after, under its own scorer and under the reference
 
 The texts: the demo's 30 toxicity prompts, 5 continuations each by the demo protocol (top-p 0.9, temperature 1,
 20 new tokens, seed 0: ref.toxicity.sampled_continuations) from two models: SmolLM2-135M itself (the demo's
@@ -143,9 +145,38 @@ def table(res: dict) -> list[str]:
 
 def summary(res: dict) -> str:
     """The one-line agreement figure README.md puts beside every offline toxicity figure."""
-    a = res["all"]
+    a, (name, b) = res["all"], next(iter(res["models"].items()))  # the base model's own continuations come first
+    assert name == MODEL
     return (f"Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f} / ROC AUC {a['roc_auc']:.2f} against "
-            f"{res['reference']} on {a['n']} demo continuations")  # fmt: skip
+            f"{res['reference']} on {a['n']} demo continuations of the base model and a rude fine-tune; within the "
+            f"base model's {b['n']}: Spearman {b['spearman']:.2f} / Pearson {b['pearson']:.2f}")  # fmt: skip
+
+
+def rescore(run_dir: Path) -> list[str]:
+    """A toxicity run's sampled continuations (samples.jsonl of --log-samples), before and after unlearning, under the
+    run's own scores and under the reference: expected max toxicity, toxicity probability, mean toxicity, and the
+    agreement of the two on the run's texts; a markdown table."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run ref.unlearn (toxicity) with --log-samples")
+    rows = [r for r in read_texts(path) if "continuations" in r]
+    lines = ["| model | scorer | expected max toxicity | toxicity probability | mean toxicity |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    own, ref_all = [], []
+    for model in ("before", "after"):
+        mine = [r for r in rows if r["model"] == model]
+        ours = [r["scores"] for r in mine]
+        theirs = [reference_scores(r["continuations"]) for r in mine]
+        own += [x for row in ours for x in row]
+        ref_all += [x for row in theirs for x in row]
+        for name, scores in (("the run's", ours), ("alt-profanity-check 1.9.1", theirs)):
+            m = toxicity_metrics(scores)
+            lines.append(f"| {model} | {name} | {m['expected_max_toxicity']:.3f} | {m['toxicity_probability']:.3f} | "
+                         f"{m['mean_toxicity']:.3f} |")  # fmt: skip
+    a = agreement(own, ref_all)
+    lines.append(f"\nOn these {a['n']} texts: Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f}, "
+                 f"{a['reference_toxic']} toxic by the reference.")  # fmt: skip
+    return lines
 
 
 def read_texts(path: Path = TEXTS) -> list[dict]:
@@ -156,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--score", action="store_true", help="score the committed continuations; do not sample")
     p.add_argument("--out", default="scorer-agreement.json", help="the results (scores of every text included)")
+    p.add_argument("--rescore", metavar="RUN_DIR", help="rescore a toxicity run's samples.jsonl; nothing else")
     args = p.parse_args(argv)
+    if args.rescore:
+        print("\n".join(rescore(Path(args.rescore))))
+        return 0
     t0 = time.time()
     if args.score:
         rows = read_texts()
