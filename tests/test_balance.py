@@ -74,3 +74,15 @@ def test_tox_balance_is_checked():
     with pytest.raises(RefError, match="--tox-balance is 'sum'; use one of scaled, paper"):
         check_settings(Settings(goal="toxicity", tox_balance="sum"))
     assert U.parse_args(["--goal", "toxicity", "--tox-balance", "paper"]).tox_balance == "paper"
+
+
+def test_sweep_grid_takes_the_balance_and_the_front_splits_by_it():
+    from ref.report import series_of
+    from ref.sweep import parse_grid
+
+    grid = parse_grid("tox_balance=paper,scaled lr=1e-3", ["ours"])
+    assert grid == {"ours": {"tox_balance": ["paper", "scaled"], "lr": [1e-3]}}
+    with pytest.raises(RefError, match="'sum' is not scaled or paper"):
+        parse_grid("tox-balance=sum", ["ours"])
+    assert series_of(dict(method="ours", grid=dict(tox_balance="paper", lr=1e-3))) == "ours, tox-balance=paper"
+    assert series_of(dict(method="rmu", grid=dict(lr=1e-3))) == "rmu"
