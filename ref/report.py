@@ -14,8 +14,9 @@
 
     python -m ref.report SWEEP_DIR [--out DIR]      # a ref.sweep folder (sweep.json): into SWEEP_DIR/figures/
 
-- front.png: the forget-retain front of each method, one marker per setting (forget U against retain accuracy, and
-  against retain perplexity), the base model as a star, each method's non-dominated points joined.
+- front.png: the forget-retain front of each method, one marker per setting (forget U against retain accuracy,
+  against retain perplexity and, for toxicity, against the continuations' fluency perplexity), the base model as a
+  star, each method's non-dominated points joined (a front per balance when the grid varies tox-balance).
 - layers.png: when the grid moved the depth (layer, tap-layer or update-layers), forget U and retain against the
   layer, one line per method and setting of the other keys (the paper's figures 6-7).
 
@@ -130,8 +131,8 @@ def report_bars(report: dict) -> dict[str, tuple[float, float]]:
 
 
 def plot_losses(rows: list[dict], path: Path) -> Path:
-    """Total, forget and retain loss over steps; a second panel with the per-layer forget losses (eq. 6) when
-    the rows carry forget_loss_layers (toxicity)."""
+    """Total, forget, retain and weighted retain (alpha x retain) loss over steps; a second panel with the per-layer
+    forget losses (eq. 6) when the rows carry forget_loss_layers (toxicity)."""
     steps = [r["step"] for r in rows]
     layers = sorted({int(k) for r in rows for k in r.get("forget_loss_layers", {})})
     fig, axes = _figure(11 if layers else 6, 4, ncols=2 if layers else 1)
@@ -145,7 +146,9 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
         ys = [r.get(key, math.nan) for r in rows]
         ax.plot(steps, ys, style, label=label, marker="." if len(rows) < 50 else None)
         values += ys
-    _log_if_wide(ax, values)
+    weighted = [r.get("alpha", math.nan) * r.get("retain_loss", math.nan) for r in rows]  # eq. 1's alpha * L_R
+    ax.plot(steps, weighted, "C2:", label="alpha x retain")
+    _log_if_wide(ax, values + weighted)
     ax.set(title="Unlearning losses", xlabel="step", ylabel="loss")
     ax.legend()
     if layers:
@@ -324,11 +327,16 @@ def series_of(row: dict) -> str:
 
 
 def plot_front(record: dict, rows: list[dict], path: Path) -> Path:
-    """Forget U against retain accuracy (left) and retain perplexity (right), a marker per point."""
-    u_name = "expected max toxicity (U)" if record["goal"] == "toxicity" else "forget accuracy (U)"
-    fig, axes = _figure(11, 4.5, ncols=2)
-    for ax, key, label, higher in ((axes[0], "R", "retain accuracy (R), higher is better", True),
-                                   (axes[1], "ppl", "retain perplexity, lower is better", False)):  # fmt: skip
+    """Forget U against retain accuracy (left) and retain perplexity (middle), a marker per point; for toxicity also
+    against the continuations' fluency perplexity (right): a toxicity drop bought with broken text shows there."""
+    toxicity = record["goal"] == "toxicity"
+    u_name = "expected max toxicity (U)" if toxicity else "forget accuracy (U)"
+    panels = [("R", "retain accuracy (R), higher is better", True),
+              ("ppl", "retain perplexity, lower is better", False)]  # fmt: skip
+    if toxicity and any(r["metrics"].get("fluency") is not None for r in rows):
+        panels.append(("fluency", "fluency perplexity of the continuations, lower is better", False))
+    fig, axes = _figure(5.5 * len(panels), 4.5, ncols=len(panels))
+    for ax, (key, label, higher) in zip(axes, panels, strict=True):
         base = rows[0]["metrics"] if rows else {}
         if base.get(f"{key}_before") is not None:
             ax.plot(base[f"{key}_before"], base["U_before"], "k*", ms=12, label="base")
