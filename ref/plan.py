@@ -133,6 +133,17 @@ def given(value, default):
     return default if value is None else value
 
 
+def tox_balance(user: Settings) -> str | None:
+    """The toxicity balance a run of these settings uses: the user's, else the default; None outside ours on
+    toxicity."""
+    return given(user.tox_balance, TOX_BALANCES[0]) if (user.method, user.goal) == ("ours", "toxicity") else None
+
+
+def ran_tox_balance(plan: dict) -> str | None:
+    """The toxicity balance of a recorded plan (run.json); plans from before the option had the paper's form."""
+    return plan.get("tox_balance", "paper" if plan.get("tox_layers") else None)
+
+
 def check_settings(user: Settings) -> None:
     """Every value the user gave, alone (range, sign, finiteness) and in combination, before anything is read,
     created or deleted. Layer indices are checked against the model in `resolve`."""
@@ -210,7 +221,7 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         policy_lr=given(user.policy_lr, defaults.policy_lr) if reinforce else None,
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
         beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
-        raw_probe_weights=user.raw_probe_weights, tox_balance=given(user.tox_balance, TOX_BALANCES[0]) if tox else None,
+        raw_probe_weights=user.raw_probe_weights, tox_balance=tox_balance(user),
         probe_l2=user.probe_l2 if tox else None,
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,

@@ -34,7 +34,7 @@ from ref.cli import run_command
 from ref.config import read_config
 from ref.data import load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
-from ref.plan import GOALS, METHODS, TOX_BALANCES, Settings
+from ref.plan import GOALS, METHODS, TOX_BALANCES, Settings, ran_tox_balance, tox_balance
 from ref.plan import resolve as resolve_plan
 from ref.runlog import atomic_write_text, read_metrics, write_json
 from ref.train import Diverged, schedule
@@ -167,8 +167,9 @@ def state(p: Point) -> str:
     if not run_json.is_file():
         return "new"
     try:
-        had = json.loads(run_json.read_text())["settings"]
-    except (ValueError, KeyError, TypeError):
+        recorded = json.loads(run_json.read_text())
+        had, ran = recorded["settings"], ran_tox_balance(recorded.get("plan") or {})
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise RefError(f"{run_json} is damaged: the sweep cannot tell what ran there; move it or use another "
                        "--out") from None  # fmt: skip
     now = compared(asdict(p.settings))
@@ -177,6 +178,10 @@ def state(p: Point) -> str:
         listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise RefError(f"{folder} holds a run with other settings ({listed}); rerun the sweep with the settings it "
                        "had, or use another --out")  # fmt: skip
+    wanted = tox_balance(p.settings)
+    if ran != wanted:  # a run from before --tox-balance existed had the paper's form
+        raise RefError(f"{folder} holds a run of the {ran} toxicity balance (a sweep from before --tox-balance), "
+                       f"the point's is {wanted}: use another --out")  # fmt: skip
     if (folder / "report.json").is_file():
         return "finished"
     return "started" if (folder / "checkpoint.pt").is_file() else "new"
@@ -435,7 +440,17 @@ def selected_settings(path: Path, model: str, goal: str) -> dict[str, dict]:
     if (record["model"], record["goal"]) != (model, goal):
         raise RefError(f"--from-sweep {path} is a sweep of {record['goal']} on {record['model']}, not {goal} on "
                        f"{model}")  # fmt: skip
-    return {m: f for m, f in record["selection"]["settings"].items() if f is not None}
+    folders = {r["name"]: Path(r["folder"]) for r in record["points"]}
+    chosen = {m: f for m, f in record["selection"]["settings"].items() if f is not None}
+    if goal == "toxicity" and "ours" in chosen and "tox_balance" not in chosen["ours"]:  # pin the balance it ran
+        run_json = folders[record["selection"]["selected"]["ours"]] / "run.json"
+        try:
+            plan = json.loads(run_json.read_text())["plan"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RefError(f"--from-sweep {path}: {run_json} is missing or damaged, so the toxicity balance of ours' "
+                           "selected point is unknown; restore the sweep folder") from None  # fmt: skip
+        chosen["ours"] = chosen["ours"] | {"tox_balance": ran_tox_balance(plan)}
+    return chosen
 
 
 def command(argv: list[str] | None) -> int:

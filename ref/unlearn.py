@@ -33,7 +33,7 @@ from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_di
 from ref.errors import RefError
 from ref.model import Transformer
 from ref.objectives import random_directions
-from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe
+from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe, ran_tox_balance
 from ref.plan import resolve as resolve_plan
 from ref.probe import Probe, fit_layer_probes
 from ref.registry import REGISTRY
@@ -151,8 +151,7 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     now = as_dict(plan)
     if not before.get("tox_layers"):  # runs without probes recorded a probe_l2 they never used (before ref 14)
         before["probe_l2"] = None
-    if "tox_balance" not in before:  # runs from before the scaled balance summed eq. 6 (the paper's form)
-        before["tox_balance"] = "paper" if before.get("tox_layers") else None
+    before["tox_balance"] = ran_tox_balance(before)
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:

@@ -120,3 +120,25 @@ def test_on_the_demo_the_scaled_balance_lets_the_retain_term_constrain(demo_runs
     # normalised, every probed layer moves; summed, the early layers' terms hardly do
     early = lambda rs: sum(rs[-1]["forget_loss_layers"][i] / rs[0]["forget_loss_layers"][i] for i in "345") / 3  # noqa: E731
     assert early(scaled) < 0.6 * early(paper)  # measured 0.40 against 0.89
+
+
+def test_a_sweep_from_before_the_balance_option_is_refused_and_pinned(tiny_dirs, data_dir, tmp_path):  # noqa: F811
+    from ref import sweep
+
+    s = Settings(model=str(tiny_dirs["llama"]), goal="toxicity", data=str(data_dir), max_len=24, epochs=1,
+                 compile=False, eval_limit=1, eval_samples=1, tox_layers=[0, 1, 2])  # fmt: skip
+    grid = sweep.parse_grid("lr=1e-2", ["ours"])
+    out = tmp_path / "sweep"
+    sweep.sweep(s, grid, out)
+    assert sweep.selected_settings(out / "sweep.json", s.model, "toxicity")["ours"]["tox_balance"] == "scaled"
+    run_json = out / "ours" / "lr=0.01" / "run.json"
+    old = json.loads(run_json.read_text())
+    del old["plan"]["tox_balance"], old["settings"]["tox_balance"]  # as a ref without the option wrote it
+    run_json.write_text(json.dumps(old))
+    # table1 --from-sweep runs ours' selected point with the form it ran: the paper's
+    assert sweep.selected_settings(out / "sweep.json", s.model, "toxicity")["ours"] == {
+        "lr": 0.01,
+        "tox_balance": "paper",
+    }
+    with pytest.raises(RefError, match="holds a run of the paper toxicity balance .* the point's is scaled"):
+        sweep.sweep(s, grid, out)  # a finished paper-form point is not mixed into a scaled sweep
