@@ -75,6 +75,15 @@ def rmu_retain_loss(h: Tensor, h0: Tensor, mask: Tensor) -> Tensor:
     return _token_mean(sq, mask)
 
 
+def rmu_retain_loss_per_text(h: Tensor, h0: Tensor, mask: Tensor) -> Tensor:
+    """Eq. 3 of each row on its own, [B] fp32 (0 for a row without real tokens): which text of a retain batch carries
+    its loss (a diagnostic, logged, not trained on; their token-weighted mean is eq. 3 of the batch)."""
+    _check(h, mask)
+    sq = (_real(h, mask) - _real(h0.detach(), mask)).pow(2).mean(-1)
+    m = mask.bool()
+    return torch.where(m, sq, 0.0).sum(1) / m.sum(1).clamp_min(1)
+
+
 def adaptive_steering_coefficient(h: Tensor, mask: Tensor, beta: float = 5.0) -> Tensor:
     """Adaptive RMU's steering coefficient: c = beta * (mean over real tokens of ||h_t||), fp32, 0-dim.
 

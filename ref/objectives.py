@@ -30,6 +30,7 @@ from ref.losses import (
     probe_projection_loss,
     rmu_forget_loss,
     rmu_retain_loss,
+    rmu_retain_loss_per_text,
     toxicity_retain_loss,
 )
 
@@ -60,6 +61,7 @@ class Losses(NamedTuple):
     forget: Tensor  # L_F, fp32 scalar
     retain: Tensor  # L_R, fp32 scalar
     forget_per_layer: Tensor | None = None  # [L] eq. 6's terms, one per probed layer
+    retain_per_text: Tensor | None = None  # [B] eq. 3 of each retain text (RMU; logged, not trained on)
 
 
 Objective = Callable[[Activations, Targets, Callable], Losses]
@@ -69,9 +71,12 @@ def rmu(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """RMU and Adaptive RMU: eq. 2 (steer the forget activations to c * u) and eq. 3 (keep the retain activations
     where they were) at the tap layer. Adaptive RMU differs only in its c (set per topic, see `Targets`)."""
     (i,) = targets.layers
+    with torch.no_grad():
+        per_text = rmu_retain_loss_per_text(acts.retain[i], acts.frozen[i], acts.retain_mask)
     return Losses(
         fuse(rmu_forget_loss)(acts.forget[i], targets.u, targets.steering, acts.forget_mask),
         fuse(rmu_retain_loss)(acts.retain[i], acts.frozen[i], acts.retain_mask),
+        retain_per_text=per_text,
     )
 
 

@@ -202,6 +202,9 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     if before.forget_per_layer is not None:
         per_layer = before.forget_per_layer.tolist()
         row["forget_loss_layers"] = dict(zip(map(str, plan.tox_layers), per_layer, strict=True))
+    if before.retain_per_text is not None:  # RMU: the retain text that carries eq. 3 (a jump names its text)
+        worst = int(before.retain_per_text.argmax())
+        row.update(retain_worst_text=worst, retain_loss_worst_text=before.retain_per_text[worst].item())
     if state.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
         with torch.no_grad():
             after = objective()

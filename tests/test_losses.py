@@ -120,6 +120,19 @@ def test_rmu_retain_by_hand():
     assert losses.rmu_retain_loss(h, h0, mask).item() == pytest.approx(2 / 6, rel=1e-6)
 
 
+def test_rmu_retain_per_text_by_hand():
+    h, _, mask = padded_batch()
+    h0 = torch.where(mask.bool()[..., None], h, 0.0)
+    h0[0, 1, 1] = 0.0  # row 0: one token at 1, two at 0 over its 3 real tokens -> 1/3
+    h0[1, 3] = e(0, scale=-6.0)  # row 1: token (1, 3) diff 2 in one dim -> 4/4 = 1; -> 1/3 (padding's 1e30 ignored)
+    h0[1, 2, 3] = 3.0  # and token (1, 2): diff -3 in one dim -> 9/4; row 1: (1 + 9/4) / 3
+    per_text = losses.rmu_retain_loss_per_text(h, h0, mask)
+    torch.testing.assert_close(per_text, torch.tensor([1 / 3, 13 / 12]), rtol=1e-6, atol=0)
+    # the token-weighted mean of the rows is eq. 3 of the batch (3 real tokens each: the plain mean)
+    assert per_text.mean().item() == pytest.approx(losses.rmu_retain_loss(h, h0, mask).item(), rel=1e-6)
+    assert losses.rmu_retain_loss_per_text(h, h0, torch.zeros_like(mask)).tolist() == [0.0, 0.0]
+
+
 def test_adaptive_steering_coefficient_by_hand():
     h = torch.tensor([[[3.0, 4.0], [6.0, 8.0], [1e6, 1e6]]])  # norms 5, 10, padding
     c = losses.adaptive_steering_coefficient(h, torch.tensor([[1, 1, 0]]), beta=5.0)

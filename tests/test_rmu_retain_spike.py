@@ -25,8 +25,9 @@ from data_prep.smollm2 import prepare_smollm2
 from ref.checkpoint import load_model
 from ref.config import read_config
 from ref.data import GoalData, batches, load_goal_data, resolve_data_dir
+from ref.fused import eager
 from ref.losses import rmu_retain_loss
-from ref.objectives import random_directions
+from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
 from ref.plan import Settings, resolve
 from ref.tokenizer import load_tokenizer
 from ref.train import Run, encode, schedule, shared_prefix, start_state, step, taps
@@ -133,3 +134,18 @@ def test_one_forget_like_text_makes_the_spike(trained):
     h, h0, mask = retain_taps(*trained, [RUDE_LIKE])
     steered = (h - h0).pow(2).mean(-1)[mask.bool()].max().item()
     assert steered > 50  # measured 132; a token steered all the way to c * u would give ~(550^2 + 110^2) / 576 = 546
+
+
+def test_the_logged_worst_text_names_the_text_that_carries_the_jump(trained):
+    """RMU's metrics rows log the retain text with the largest eq. 3 (retain_worst_text, its index in the step's retain
+    batch): with the insult line third in a batch of neutral paragraphs, the objective names it."""
+    run, originals = trained
+    texts = PARAGRAPHS[:2] + [RUDE_LIKE] + PARAGRAPHS[3:4]
+    h, h0, mask = retain_taps(run, originals, texts)
+    (tap,) = run.plan.taps
+    acts = Activations({tap: h}, mask, {tap: h}, {tap: h0}, mask)
+    losses = OBJECTIVES["rmu", "toxicity"](acts, Targets((tap,), torch.zeros(h.shape[-1]), 550.0, None), eager)
+    per_text = losses.retain_per_text
+    assert int(per_text.argmax()) == 2 and per_text[2] > 10 * per_text[[0, 1, 3]].max()
+    real = mask.sum(1).float()
+    assert (per_text * real).sum() / real.sum() == pytest.approx(losses.retain.item(), rel=1e-5)  # eq. 3 of the batch

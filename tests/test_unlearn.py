@@ -121,6 +121,10 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         assert after < 0.95 * before, f"{topic}: forget loss did not go down: {before} -> {after}"
     if method == "ours":
         assert all({"reward", "policy_mean", "policy_std"} <= set(r) for r in rows)
+    else:  # RMU logs the retain text that carries eq. 3: its index in the step's batch of 4, and its own eq. 3
+        for r in rows:
+            assert 0 <= r["retain_worst_text"] < 4 and r["retain_loss_worst_text"] >= r["retain_loss"] * (1 - 1e-6)
+    assert all(("retain_worst_text" in r) == (method != "ours") for r in rows)
     recorded = json.loads((tmp_path / "run/run.json").read_text()).get("adaptive_steering")
     assert recorded == (st.steering if method == "adaptive-rmu" else None)  # the c actually used, per topic
     if method == "adaptive-rmu":
