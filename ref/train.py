@@ -4,7 +4,8 @@ One step (`step`): encode a forget batch and a retain batch; run the blocks belo
 no_grad, shared by every pass; take the frozen original model's taps on the retain batch (h0); draw alpha from the
 REINFORCE policy (or take the fixed one); compute the objective of the method and goal on the updated model's taps
 (`ref.objectives`) and eq. 1; one AdamW step; with REINFORCE, recompute the objective after the step and feed the
-policy the decrease of L_F + L_R as its reward (`ref.reinforce`).
+policy the decrease of L_F + lambda L_R as its reward (`ref.reinforce`). Set once from a topic's first batch, on the
+frozen model: Adaptive RMU's c, and the divisors of eq. 6 under the scaled toxicity balance.
 
 Memory: one copy of the weights. The frozen model is the same modules called with the original values of the few
 updated tensors (torch.func.functional_call); every forward stops after the deepest tap and never runs the LM head.
@@ -12,6 +13,7 @@ updated tensors (torch.func.functional_call); every forward stops after the deep
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,7 +157,7 @@ def forget_scale(run: Run, frozen: dict[int, Tensor], mask: Tensor) -> list[floa
     eq. 6 term on the frozen model's taps of a forget batch."""
     h_last = [last_token(frozen[i], mask) for i in run.plan.tox_layers]
     _, per_layer = probe_projection_loss(h_last, run.directions)
-    bad = [i for i, s in zip(run.plan.tox_layers, per_layer.tolist(), strict=True) if not s > 0 or s == float("inf")]
+    bad = [i for i, s in zip(run.plan.tox_layers, per_layer.tolist(), strict=True) if not (s > 0 and math.isfinite(s))]
     if bad:
         raise RefError(f"eq. 6 is 0 or not finite at layer(s) {bad} on the first forget batch, so it cannot be "
                        "normalised: check the probes (probe_auc in run.json), or use --tox-balance paper")  # fmt: skip
@@ -205,7 +207,7 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     if before.retain_per_text is not None:  # RMU: the retain text that carries eq. 3 (a jump names its text)
         worst = int(before.retain_per_text.argmax())
         row.update(retain_worst_text=worst, retain_loss_worst_text=before.retain_per_text[worst].item())
-    if state.policy:  # REINFORCE: the reward is what this step did to L_F + L_R on the same batch
+    if state.policy:  # REINFORCE: the reward is what this step did to L_F + lambda L_R on the same batch
         with torch.no_grad():
             after = objective()
         if not torch.isfinite(after.forget + after.retain):
