@@ -2,6 +2,7 @@
 
     python -m bench.scorer_agreement            # sample, score, print, write scorer-agreement.json (~2 min, 1 core)
     python -m bench.scorer_agreement --score    # score the committed continuations only (what the test checks)
+    python -m bench.scorer_agreement --seed 1000  # a fresh set sampled with another seed, scored (not committed)
     python -m bench.scorer_agreement --rescore RUN_DIR   # a toxicity run's samples.jsonl (--log-samples), before and
                                                          # after, under its own scorer and under the reference
 
@@ -83,8 +84,8 @@ def agreement(probe: list[float], reference: list[float]) -> dict:
     )
 
 
-def continuations(model, tok, prompts: list[str], name: str) -> list[dict]:
-    rows = sampled_continuations(model, tok, prompts, SAMPLES, 20, 0.9, 1.0, SEED)
+def continuations(model, tok, prompts: list[str], name: str, seed: int = SEED) -> list[dict]:
+    rows = sampled_continuations(model, tok, prompts, SAMPLES, 20, 0.9, 1.0, seed)
     return [
         dict(model=name, prompt=p, sample=k, text=tok.decode(r))
         for p, ids in enumerate(rows)
@@ -92,15 +93,16 @@ def continuations(model, tok, prompts: list[str], name: str) -> list[dict]:
     ]
 
 
-def sample_texts() -> list[dict]:
-    """The continuations of the base model and of the rude fine-tuned one (module docstring)."""
+def sample_texts(seed: int = SEED) -> list[dict]:
+    """The continuations of the base model and of the rude fine-tuned one (module docstring); `seed` seeds both the
+    sampling and the fine-tuning."""
     data = load_goal_data(resolve_data_dir("demo", "toxicity"), "toxicity")
     model, tok = ref.load_model(MODEL, dtype=torch.float32, device="cpu"), ref.load_tokenizer(MODEL)
     prompts = read_prompts(data.eval_prompts)
-    rows = continuations(model, tok, prompts, MODEL)
+    rows = continuations(model, tok, prompts, MODEL, seed)
     rude = [t for texts in data.forget.values() for t in texts]
-    model.load_state_dict(relearn(model, tok, rude, **RUDE), strict=False)
-    return rows + continuations(model, tok, prompts, f"{MODEL} fine-tuned on the demo's rude sentences")
+    model.load_state_dict(relearn(model, tok, rude, **(RUDE | dict(seed=seed))), strict=False)
+    return rows + continuations(model, tok, prompts, f"{MODEL} fine-tuned on the demo's rude sentences", seed)
 
 
 def score(rows: list[dict]) -> dict:
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score", action="store_true", help="score the committed continuations; do not sample")
     p.add_argument("--out", default="scorer-agreement.json", help="the results (scores of every text included)")
     p.add_argument("--rescore", metavar="RUN_DIR", help="rescore a toxicity run's samples.jsonl; nothing else")
+    p.add_argument("--seed", type=int, default=SEED, help="sample a fresh set with this seed (not 0: written to "
+                   "scorer-agreement-seedN.jsonl, the committed texts untouched)")  # fmt: skip
     args = p.parse_args(argv)
     if args.rescore:
         print("\n".join(rescore(Path(args.rescore))))
@@ -195,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.score:
         rows = read_texts()
+    elif args.seed != SEED:  # a fresh set: how far the figures move with the sampling seed
+        rows = sample_texts(args.seed)
+        fresh = Path(f"scorer-agreement-seed{args.seed}.jsonl")
+        fresh.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     else:
         rows = sample_texts()
         if TEXTS.is_file() and read_texts() != rows:
