@@ -83,7 +83,9 @@ def parse_value(key: str, text: str):
         if key == "probe_l2" and text == "auto":
             return None
         if key == "tox_balance":
-            return {b: b for b in TOX_BALANCES}[text]
+            if text not in TOX_BALANCES:
+                raise ValueError(text)
+            return text
         return int(text) if key in INTS else float(text)
     except (ValueError, KeyError):
         what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number",
