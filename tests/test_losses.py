@@ -35,13 +35,30 @@ def padded_batch():
 # ---- eq. 4 and 5: cosine losses ----
 
 
+def test_reduce_tokens_sum_is_each_texts_token_sum_averaged_over_texts():
+    x = torch.tensor([[1.0, 2.0, 3.0, NAN], [1e30, 4.0, 5.0, 6.0], [7.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
+    # per-text sums over real tokens: 6, 15, 7 -> averaged over the 3 texts; padding (NaN, 1e30) excluded
+    assert losses.reduce_tokens(x, mask, "sum").item() == pytest.approx((6 + 15 + 7) / 3, rel=1e-7)
+    # mean over the 7 real tokens
+    assert losses.reduce_tokens(x, mask, "mean").item() == pytest.approx(28 / 7, rel=1e-7)
+    # a row without real tokens is not a text: it adds nothing and is not counted
+    empty = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    assert losses.reduce_tokens(x, empty, "sum").item() == pytest.approx((6 + 7) / 2, rel=1e-7)
+    assert losses.reduce_tokens(x, torch.zeros_like(mask), "sum").item() == 0.0
+    with pytest.raises(ValueError, match="reduction"):
+        losses.reduce_tokens(x, mask, "max")
+
+
 def test_cosine_forget_aligned_orthogonal_opposite_with_garbage_padding():
     h, u, mask = padded_batch()
     h.requires_grad_(True)
     loss = losses.cosine_forget_loss(h, u, mask)
-    # real tokens: cos = 1, 0, -1 (row 0) and 1, 0, -1 (row 1) -> 1 - cos = 0, 1, 2, 0, 1, 2 -> mean 1
+    # real tokens: cos = 1, 0, -1 (row 0) and 1, 0, -1 (row 1) -> 1 - cos = 0, 1, 2 | 0, 1, 2: each text sums to 3,
+    # and the paper's E_x sum_t (the default) is their mean over the two texts, 3; the token mean is 1
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(1.0, abs=1e-7)
+    assert loss.item() == pytest.approx(3.0, abs=1e-6)
+    assert losses.cosine_forget_loss(h, u, mask, "mean").item() == pytest.approx(1.0, abs=1e-7)
     loss.backward()
     assert torch.isfinite(h.grad).all()
     assert (h.grad[0, 3] == 0).all() and (h.grad[1, 0] == 0).all()
@@ -50,7 +67,7 @@ def test_cosine_forget_aligned_orthogonal_opposite_with_garbage_padding():
 def test_cosine_forget_bool_mask_and_bf16_input():
     h, u, mask = padded_batch()
     h = torch.nan_to_num(h, nan=5.0, posinf=5.0).bfloat16()  # bf16 has no room for 1e30
-    loss = losses.cosine_forget_loss(h, u, mask.bool())
+    loss = losses.cosine_forget_loss(h, u, mask.bool(), "mean")
     assert loss.dtype == torch.float32
     # every real-token vector above is exactly representable in bf16, so the value is still exactly 1
     assert loss.item() == pytest.approx(1.0, abs=1e-7)
@@ -73,9 +90,19 @@ def test_cosine_retain_values():
             torch.stack([e(3), e(0, scale=0.5), e(2, scale=-1.0), e(3)]),  # cos 1, -1, 0
         ]
     )
-    # 1 - cos: 0, 1, 2 | 0, 2, 1 -> mean 1
-    assert losses.cosine_retain_loss(h, h0, mask).item() == pytest.approx(1.0, abs=1e-7)
+    # 1 - cos: 0, 1, 2 | 0, 2, 1 -> token mean 1; each text sums to 3 -> the paper's E_x sum_t 3
+    assert losses.cosine_retain_loss(h, h0, mask, "mean").item() == pytest.approx(1.0, abs=1e-7)
+    assert losses.cosine_retain_loss(h, h0, mask).item() == pytest.approx(3.0, abs=1e-6)
     assert losses.cosine_retain_loss(h, h, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_sum_weighs_each_text_by_its_length_and_mean_by_tokens():
+    # text 0 has 1 real token at 1 - cos = 2, text 1 has 3 real tokens at 0: sum -> (2 + 0) / 2 = 1; mean -> 2 / 4
+    u = e(0)
+    h = torch.stack([torch.stack([e(1), e(1), e(0, scale=-1.0)]), torch.stack([e(0), e(0), e(0)])])
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    assert losses.cosine_forget_loss(h, u, mask, "sum").item() == pytest.approx(1.0, abs=1e-7)
+    assert losses.cosine_forget_loss(h, u, mask, "mean").item() == pytest.approx(0.5, abs=1e-7)
 
 
 def test_cosine_of_zero_vector_is_zero_not_nan():
@@ -99,6 +126,9 @@ def test_rmu_forget_by_hand():
     assert losses.rmu_forget_loss(h, u, c, mask).item() == pytest.approx(expected, rel=1e-6)
     # a 0-dim tensor coefficient (what adaptive_steering_coefficient returns) gives the same
     assert losses.rmu_forget_loss(h, u, torch.tensor(c), mask).item() == pytest.approx(expected, rel=1e-6)
+    # the paper's E_x sum_t ||h_t - c u||^2: sums over D and over each text's tokens, averaged over the 2 texts
+    summed = ((0.25 + 2 + 2.25) * 4 + (0.5625 + 13.25 + 9) * 4) / 2
+    assert losses.rmu_forget_loss(h, u, c, mask, "sum").item() == pytest.approx(summed, rel=1e-6)
 
 
 def test_rmu_losses_equal_reference_mse_without_padding():
@@ -118,6 +148,8 @@ def test_rmu_retain_by_hand():
     h0[0, 1, 1] = 0.0  # token (0, 1): diff 2 in one dim -> 4/4 = 1
     h0[1, 3] = e(0, scale=-2.0)  # token (1, 3): diff -2 -> 1
     assert losses.rmu_retain_loss(h, h0, mask).item() == pytest.approx(2 / 6, rel=1e-6)
+    # sum: ||diff||^2 = 4 on one token of each text -> (4 + 4) / 2
+    assert losses.rmu_retain_loss(h, h0, mask, "sum").item() == pytest.approx(4.0, rel=1e-6)
 
 
 def test_rmu_retain_per_text_by_hand():
@@ -131,6 +163,10 @@ def test_rmu_retain_per_text_by_hand():
     # the token-weighted mean of the rows is eq. 3 of the batch (3 real tokens each: the plain mean)
     assert per_text.mean().item() == pytest.approx(losses.rmu_retain_loss(h, h0, mask).item(), rel=1e-6)
     assert losses.rmu_retain_loss_per_text(h, h0, torch.zeros_like(mask)).tolist() == [0.0, 0.0]
+    # sum: each text's sum of ||diff||^2 (4 | 4 + 9); their mean is eq. 3 of the batch under "sum"
+    summed = losses.rmu_retain_loss_per_text(h, h0, mask, "sum")
+    torch.testing.assert_close(summed, torch.tensor([4.0, 13.0]), rtol=1e-6, atol=0)
+    assert summed.mean().item() == pytest.approx(losses.rmu_retain_loss(h, h0, mask, "sum").item(), rel=1e-6)
 
 
 def test_adaptive_steering_coefficient_by_hand():
@@ -206,15 +242,23 @@ def test_unlearning_loss_is_eq_1():
     assert losses.unlearning_loss(lf, lr, 3.0).item() == 0.75 + 3.0 * 0.5
 
 
-def test_toxicity_retain_loss_averages_eq_5_over_the_layers():
+def test_toxicity_retain_loss_sums_or_averages_eq_5_over_the_layers():
     h, _, mask = padded_batch()
-    same, opposite = losses.cosine_retain_loss(h, h, mask), losses.cosine_retain_loss(h, -h, mask)
+    same, opposite = losses.cosine_retain_loss(h, h, mask, "mean"), losses.cosine_retain_loss(h, -h, mask, "mean")
     assert (same.item(), opposite.item()) == (pytest.approx(0.0, abs=1e-7), pytest.approx(2.0, abs=1e-6))
-    mean = losses.toxicity_retain_loss([h, h, h], [h, -h, -h], mask)
+    # eq. 5 per layer with the token sum: 0, 6, 6 (each text's 3 real tokens at 2, averaged over the 2 texts)
+    assert losses.toxicity_retain_loss([h, h, h], [h, -h, -h], mask).item() == pytest.approx(12.0, abs=1e-5)
+    mean = losses.toxicity_retain_loss([h, h, h], [h, -h, -h], mask, reduction="mean", layers="mean")
     assert mean.item() == pytest.approx(4.0 / 3.0, abs=1e-6)
     calls = []
-    layer_loss = lambda a, b, m: calls.append(1) or losses.cosine_retain_loss(a, b, m)  # noqa: E731
-    losses.toxicity_retain_loss([h, h], [h, -h], mask, layer_loss=layer_loss)
-    assert len(calls) == 2  # one eq. 5 per layer (the loop passes the fused eq. 5 here)
+
+    def layer_loss(a, b, m, reduction):
+        calls.append(reduction)
+        return losses.cosine_retain_loss(a, b, m, reduction)
+
+    losses.toxicity_retain_loss([h, h], [h, -h], mask, layer_loss=layer_loss, reduction="mean")
+    assert calls == ["mean", "mean"]  # one eq. 5 per layer (the loop passes the fused eq. 5 here)
+    with pytest.raises(ValueError, match="layers"):
+        losses.toxicity_retain_loss([h], [h], mask, layers="max")
     with pytest.raises(ValueError, match="one h0 per h"):
         losses.toxicity_retain_loss([h], [h, h], mask)
