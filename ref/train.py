@@ -4,19 +4,21 @@ One step (`step`): encode a forget batch and a retain batch; run the blocks belo
 no_grad, shared by every pass; take the frozen original model's taps on the retain batch (h0); draw alpha from the
 REINFORCE policy (or take the fixed one); compute the objective of the method and goal on the updated model's taps
 (`ref.objectives`) and eq. 1; one AdamW step; with REINFORCE, recompute the objective after the step and feed the
-policy the decrease of L_F + lambda L_R as its reward (`ref.reinforce`). Set once from a topic's first batch, on the
-frozen model: Adaptive RMU's c, and the divisors of eq. 6 under the scaled toxicity balance.
+policy the decrease of L_F + lambda L_R as its reward (`ref.reinforce`). On a topic's first batch the objective may
+calibrate constants on the frozen model (`Objective.calibrate`: Adaptive RMU's c, the scaled eq. 6's divisors).
 
 Memory: one copy of the weights. The frozen model is the same modules called with the original values of the few
 updated tensors (torch.func.functional_call); every forward stops after the deepest tap and never runs the LM head.
+With fp32 master weights (`--master-weights fp32`, for a bf16 model) AdamW updates an fp32 copy of the trained
+tensors and the model's tensors take its rounded values after each step: an update smaller than half a bf16 step of
+the weight accumulates in the copy instead of rounding away.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from ref.data import GoalData, batches
 from ref.errors import RefError, Stopped
 from ref.fused import eager, fused
-from ref.losses import adaptive_steering_coefficient, last_token, probe_projection_loss, unlearning_loss
+from ref.losses import unlearning_loss
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations, Losses, Targets
 from ref.plan import Plan
@@ -59,44 +61,69 @@ class TrainState:
 
     params: dict[str, nn.Parameter]  # the trained tensors, by name
     originals: dict[str, Tensor]  # their values before training: with them, the modules are the frozen model
+    masters: dict[str, Tensor] | None  # fp32 master copies that AdamW updates (--master-weights fp32), else None
     optimizer: torch.optim.Optimizer
     policy: AlphaPolicy | None  # REINFORCE on alpha, when alpha is not fixed
-    steering: dict[str, float]  # Adaptive RMU's c per topic, set on the topic's first batch
-    forget_scale: dict[str, list[float]] = field(default_factory=dict)  # eq. 6 per layer on the frozen model, per
-    # topic's first batch (the scaled toxicity balance)
+    calibration: dict[str, dict] = field(default_factory=dict)  # topic -> the Targets fields its objective
+    # calibrated on the topic's first batch (Adaptive RMU's c, the scaled eq. 6's divisors)
     step: int = 0  # steps done
 
     def __post_init__(self):
         self.original_norms = {k: norm(t) for k, t in self.originals.items()}  # for `divergence`, once
 
     def state_dict(self) -> dict:
-        return dict(step=self.step, updated={k: p.detach().cpu() for k, p in self.params.items()},
-                    optimizer=self.optimizer.state_dict(), steering=dict(self.steering),
-                    forget_scale=dict(self.forget_scale),
-                    policy=self.policy.state_dict() if self.policy else None)  # fmt: skip
+        trained = self.masters or self.params
+        return dict(
+            step=self.step,
+            updated={k: p.detach().cpu() for k, p in trained.items()},
+            optimizer=self.optimizer.state_dict(),
+            calibration=dict(self.calibration),
+            policy=self.policy.state_dict() if self.policy else None,
+        )
 
     def load_state_dict(self, state: dict, lr: float) -> None:
         """Continue from a checkpoint, at learning rate `lr` (a resumed run may lower it after a divergence)."""
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state["updated"][k])
+                if self.masters is not None:
+                    self.masters[k].copy_(state["updated"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.policy:
             self.policy.load_state_dict(state["policy"])
-        self.steering, self.step = dict(state["steering"]), state["step"]
-        self.forget_scale = dict(state.get("forget_scale", {}))  # absent in checkpoints from before the scaled balance
+        self.calibration, self.step = dict(state["calibration"]), state["step"]
 
 
 def start_state(plan: Plan, model: Transformer) -> TrainState:
-    """The trained tensors selected by name (the rest stay frozen), their originals, AdamW and the policy."""
+    """The trained tensors selected by name (the rest stay frozen), their originals, their fp32 masters when asked
+    for and the model's dtype is narrower, AdamW (on the masters when there are) and the policy."""
     named = dict(model.named_parameters())
     params = {k: named[k].requires_grad_(True) for k in plan.tensors}
     originals = {k: p.detach().clone() for k, p in params.items()}
-    optimizer = torch.optim.AdamW(params.values(), lr=plan.lr, eps=1e-6, weight_decay=0.0)
+    narrow = plan.master_weights == "fp32" and any(p.dtype != torch.float32 for p in params.values())
+    masters = {k: p.detach().float().clone() for k, p in params.items()} if narrow else None
+    optimizer = torch.optim.AdamW((masters or params).values(), lr=plan.lr, eps=1e-6, weight_decay=0.0)
     policy = AlphaPolicy(plan.alpha0, lr=plan.policy_lr, seed=plan.seed) if plan.reinforce else None
-    return TrainState(params, originals, optimizer, policy, steering={})
+    return TrainState(params, originals, masters, optimizer, policy)
+
+
+def optimizer_step(state: TrainState) -> float:
+    """One AdamW step on the trained tensors from their gradients; returns the share of their elements whose value in
+    the model changed (in bf16 without master weights, updates below half a bf16 step round away)."""
+    before = {k: p.detach().clone() for k, p in state.params.items()}
+    if state.masters is None:
+        state.optimizer.step()
+    else:
+        for k, p in state.params.items():
+            state.masters[k].grad, p.grad = p.grad.float(), None
+        state.optimizer.step()
+        with torch.no_grad():
+            for k, p in state.params.items():
+                p.copy_(state.masters[k])
+    moved = sum(int((p.detach() != before[k]).sum()) for k, p in state.params.items())
+    return moved / sum(p.numel() for p in state.params.values())
 
 
 def norm(t: Tensor) -> float:
@@ -152,16 +179,19 @@ def taps(run: Run, x: Tensor, mask: Tensor, params: dict[str, Tensor] | None = N
     return (run.model(**kw) if params is None else functional_call(run.model, params, args=(), kwargs=kw)).taps
 
 
-def forget_scale(run: Run, frozen: dict[int, Tensor], mask: Tensor) -> list[float]:
-    """s_i of the per-layer normalised eq. 6 (`ref.losses.normalized_probe_projection_loss`): each probed layer's
-    eq. 6 term on the frozen model's taps of a forget batch."""
-    h_last = [last_token(frozen[i], mask) for i in run.plan.tox_layers]
-    _, per_layer = probe_projection_loss(h_last, run.directions)
-    bad = [i for i, s in zip(run.plan.tox_layers, per_layer.tolist(), strict=True) if not (s > 0 and math.isfinite(s))]
-    if bad:
-        raise RefError(f"eq. 6 is 0 or not finite at layer(s) {bad} on the first forget batch, so it cannot be "
-                       "normalised: check the probes (probe_auc in run.json), or use --tox-balance paper")  # fmt: skip
-    return per_layer.tolist()
+def topic_targets(run: Run, topic: str) -> Targets:
+    """The constants of a topic's objective from the plan (before calibration)."""
+    plan = run.plan
+    return Targets(
+        plan.taps,
+        run.u[topic],
+        plan.token_reduction,
+        steering=plan.steering,
+        beta=plan.beta,
+        directions=run.directions,
+        tox_balance=plan.tox_balance,
+        retain_layers=plan.tox_retain_reduction or "sum",
+    )
 
 
 def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retain_texts: list[str]) -> dict:
@@ -170,37 +200,33 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     forget_ids, forget_mask = encode(run, forget_texts)
     retain_ids, retain_mask = encode(run, retain_texts)
     forget_in, retain_in = shared_prefix(run, forget_ids, forget_mask), shared_prefix(run, retain_ids, retain_mask)
+    objective = OBJECTIVES[plan.method, plan.goal]
     with torch.no_grad():
         frozen = taps(run, retain_in, retain_mask, state.originals)  # h0: the original model on the retain batch
-        if plan.beta is not None and topic not in state.steering:  # Adaptive RMU: c from the topic's first batch
-            h = taps(run, forget_in, forget_mask, state.originals)[plan.taps[0]]
-            state.steering[topic] = float(adaptive_steering_coefficient(h, forget_mask, plan.beta))
-        if plan.tox_balance == "scaled" and topic not in state.forget_scale:  # eq. 6's scale, from the same batch
+        if objective.calibrate and topic not in state.calibration:  # once per topic, on its first forget batch
             h0 = taps(run, forget_in, forget_mask, state.originals)
-            state.forget_scale[topic] = forget_scale(run, h0, forget_mask)
-    scale = state.forget_scale.get(topic)
-    targets = Targets(plan.taps, run.u[topic], state.steering.get(topic, plan.steering), run.directions,
-                      None if scale is None else torch.tensor(scale, device=forget_mask.device))  # fmt: skip
+            state.calibration[topic] = objective.calibrate(h0, forget_mask, topic_targets(run, topic))
+    targets = replace(topic_targets(run, topic), **state.calibration.get(topic, {}))
     draw = state.policy.sample() if state.policy else None
     alpha = draw.alpha if draw else plan.alpha
 
-    def objective() -> Losses:
+    def losses() -> Losses:
         acts = Activations(taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen,
                            retain_mask)  # fmt: skip
-        return OBJECTIVES[plan.method, plan.goal](acts, targets, fused if plan.compile else eager)
+        return objective.losses(acts, targets, fused if plan.compile else eager)
 
-    before = objective()
+    before = losses()
     loss = unlearning_loss(before.forget, before.retain, alpha)  # eq. 1
     if not torch.isfinite(loss):
         raise Diverged(f"loss is not finite (forget {before.forget.item()}, retain {before.retain.item()})")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    state.optimizer.step()
+    moved = optimizer_step(state)
     why = divergence(state)
     if why:
         raise Diverged(why)
     row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
-               alpha=alpha)  # fmt: skip
+               alpha=alpha, moved_share=moved)  # fmt: skip
     if before.forget_per_layer is not None:
         per_layer = before.forget_per_layer.tolist()
         row["forget_loss_layers"] = dict(zip(map(str, plan.tox_layers), per_layer, strict=True))
@@ -209,12 +235,14 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
         row.update(retain_worst_text=worst, retain_loss_worst_text=before.retain_per_text[worst].item())
     if state.policy:  # REINFORCE: the reward is what this step did to L_F + lambda L_R on the same batch
         with torch.no_grad():
-            after = objective()
+            after = losses()
         if not torch.isfinite(after.forget + after.retain):
             raise Diverged(f"the loss after the step is not finite (forget {after.forget.item()}, retain "
                            f"{after.retain.item()})")  # fmt: skip
         info = state.policy.update(draw, reward(before, after, plan.meta_retain_weight))
-        row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"])
+        row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"],
+                   reward_forget=(before.forget - after.forget).item(),
+                   reward_retain=plan.meta_retain_weight * (before.retain - after.retain).item())  # fmt: skip
     row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
     return row
 

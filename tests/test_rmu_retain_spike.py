@@ -144,7 +144,8 @@ def test_the_logged_worst_text_names_the_text_that_carries_the_jump(trained):
     h, h0, mask = retain_taps(run, originals, texts)
     (tap,) = run.plan.taps
     acts = Activations({tap: h}, mask, {tap: h}, {tap: h0}, mask)
-    losses = OBJECTIVES["rmu", "toxicity"](acts, Targets((tap,), torch.zeros(h.shape[-1]), 550.0, None), eager)
+    targets = Targets((tap,), torch.zeros(h.shape[-1]), "mean", steering=550.0)
+    losses = OBJECTIVES["rmu", "toxicity"].losses(acts, targets, eager)
     per_text = losses.retain_per_text
     assert int(per_text.argmax()) == 2 and per_text[2] > 10 * per_text[[0, 1, 3]].max()
     real = mask.sum(1).float()
