@@ -324,6 +324,11 @@ def _prepare_wmdp(prep: _Prep, allow_missing_bio: bool) -> dict:
     }
 
 
+PARADETOX_PROBE_SOURCE = (
+    "ParaDetox toxic/neutral pairs (s-nlp/paradetox train.tsv), not the paper's TRuST human-annotated training split"
+)
+
+
 def _prepare_toxicity(prep: _Prep, probe_file: Path | None) -> dict:
     prep.file("forget/paradetox-toxic.jsonl", "s-nlp/paradetox", ["train.tsv"], _paradetox_toxic)
     if probe_file is not None:
@@ -332,9 +337,11 @@ def _prepare_toxicity(prep: _Prep, probe_file: Path | None) -> dict:
         _write_jsonl(prep.out / probe, rows)
         prep.sources[probe] = {"file": str(Path(probe_file).resolve())}
         _log(f"{probe}: {len(rows)} rows from {probe_file}")
+        source = f"the file {Path(probe_file).name} given to data_prep.hub --probe-file"
     else:
         probe = "probe/paradetox.jsonl"
         prep.file(probe, "s-nlp/paradetox", ["train.tsv"], _paradetox_probe)
+        source = PARADETOX_PROBE_SOURCE
     prep.file("prompts/rtp-challenging.jsonl", "allenai/real-toxicity-prompts", ["prompts.jsonl"], _rtp_challenging)
     for repo, filename in TRUST_FILES.values():
         prep.copy(f"scorer/trust/{filename}", repo, filename)
@@ -343,6 +350,7 @@ def _prepare_toxicity(prep: _Prep, probe_file: Path | None) -> dict:
         "forget": ["forget/paradetox-toxic.jsonl"],
         "retain": WIKITEXT,
         "probe": probe,
+        "probe_source": source,
         "eval_prompts": "prompts/rtp-challenging.jsonl",
         "eval_retain": [MMLU],
         "eval_perplexity": [WIKITEXT_HELDOUT],

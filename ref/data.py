@@ -35,7 +35,7 @@ GOALS = ("wmdp", "toxicity")
 MC_MODES = ("letter", "cloze")
 LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain", "eval_perplexity")  # a single path or a list of paths
 PATH_KEYS = ("probe", "eval_prompts")  # a single path
-STR_KEYS = ("mc_mode", "scorer")
+STR_KEYS = ("mc_mode", "scorer", "probe_source")  # probe_source: where the probe texts come from, in words
 PROMPTS_TASK = "rtp"  # the task name of eval_prompts (an MC task is named by its file stem)
 LAYOUT_HINT = "see docs/DESIGN.md section 3 for the layout"
 
@@ -55,6 +55,8 @@ class GoalData:
     manifest: dict  # the raw manifest, all goals
     allow_outside: bool = False  # manifest paths may leave the data folder (also for the scorers' files)
     heldout: list[str] = field(default_factory=list)  # eval_perplexity: texts no training step reads
+    probe_path: Path | None = None  # the file the probe texts were read from
+    probe_source: str | None = None  # where they come from, in words (the manifest's probe_source)
 
 
 def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
@@ -104,6 +106,17 @@ def read_probe(path: Path) -> list[tuple[str, int]]:
         if text.strip():
             out.append((text, label))
     return out
+
+
+def load_probe(path: Path, min_texts: int = 4) -> list[tuple[str, int]]:
+    """The probe rows of `path`, with at least `min_texts` of each label."""
+    probe = read_probe(path)
+    counts = [sum(label == c for _, label in probe) for c in (0, 1)]
+    if min(counts) < min_texts:
+        raise RefError(
+            f"probe {path} has {counts[1]} toxic and {counts[0]} non-toxic texts; need at least {min_texts} each"
+        )
+    return probe
 
 
 def read_mc(path: Path) -> list[dict]:
@@ -242,15 +255,10 @@ def load_goal_data(
                        f"(e.g. {next(iter(seen))[:40]!r}); held-out texts must not be in the forget or retain "
                        "corpora")  # fmt: skip
 
-    probe = None
+    probe, ppath = None, None
     if read("probe"):
         (ppath,) = files("probe")
-        probe = read_probe(ppath)
-        counts = [sum(label == c for _, label in probe) for c in (0, 1)]
-        if min(counts) < min_texts:
-            raise RefError(
-                f"probe {ppath} has {counts[1]} toxic and {counts[0]} non-toxic texts; need at least {min_texts} each"
-            )
+        probe = load_probe(ppath, min_texts)
 
     evals = {}
     for key in ("eval_forget", "eval_retain"):
@@ -271,6 +279,8 @@ def load_goal_data(
         forget=forget,
         retain=retain,
         probe=probe,
+        probe_path=ppath,
+        probe_source=entry.get("probe_source"),
         eval_forget=evals["eval_forget"],
         eval_retain=evals["eval_retain"],
         eval_prompts=prompts,

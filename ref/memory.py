@@ -51,7 +51,8 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     AdamW; optimizer states in the parameter dtype).
 
     ours: one copy of the weights it loads (the embedding and blocks 0..deepest tap) + the original values of the
-    updated tensors, gradients and two AdamW states; the
+    updated tensors, their values before the step (the share of elements a step moves), gradients and two AdamW
+    states (fp32, with fp32 masters and their gradients, under --master-weights fp32 for a narrower dtype); the
     graphs of the forget and the retain pass over blocks start..deepest tap are alive together at the backward.
     reference: two full copies (updated and frozen); each updated forward runs every block and the LM head with
     autograd recording from the first updated block, so the largest moment is the retain pass's full graph and
@@ -61,11 +62,14 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     updated = sum(per[p] for p in plan.update_params) * len(plan.update_layers)
     weights, full = loaded_params(cfg, max(plan.taps) + 1) * bytes_per, total_params(cfg) * bytes_per
     optim = 3 * updated * bytes_per  # gradient + exp_avg + exp_avg_sq
+    masters = 4 * updated * 4 if plan.master_weights == "fp32" and bytes_per < 4 else 0  # copy, grad, 2 states
+    ours_optim = updated * bytes_per + (masters or 2 * updated * bytes_per)
     grad_layers = max(plan.taps) - plan.start + 1
-    ours = weights + updated * bytes_per + optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
+    ours = weights + 2 * updated * bytes_per + ours_optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
     ref_graph = (cfg.num_layers - plan.start) * activation_elements(cfg, N) + N * cfg.vocab_size
     reference = 2 * full + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
-    return dict(ours=ours, reference=reference, weights=weights, full_weights=full, updated_tensors=updated * bytes_per)
+    return dict(ours=ours, reference=reference, weights=weights, full_weights=full, updated_tensors=updated * bytes_per,
+                master_weights=masters)  # fmt: skip
 
 
 def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[str, int]:

@@ -14,15 +14,18 @@ import torch
 from ref import validate
 from ref.config import ModelConfig
 from ref.errors import RefError
+from ref.losses import REDUCTIONS
 from ref.memory import estimate_peak_bytes, total_params
 from ref.model import Transformer
+from ref.objectives import U_DISTRIBUTIONS
 from ref.placement import parse_devices, split_blocks
-from ref.registry import UNLEARN_DEFAULTS, generic_defaults
-from ref.reinforce import ALPHA_RANGE
+from ref.registry import UNLEARN_DEFAULTS, generic_defaults, paper_final_alpha
+from ref.reinforce import ALPHA0, ALPHA_RANGE
 
 METHODS = ("ours", "rmu", "adaptive-rmu")
 GOALS = ("wmdp", "toxicity")
-TOX_BALANCES = ("scaled", "paper")  # the first is the default
+TOX_BALANCES = ("paper", "scaled")  # the first is the default
+MASTER_WEIGHTS = ("fp32", "model")  # the first is the default
 
 
 @dataclass
@@ -40,11 +43,16 @@ class Settings:
     update_params: list[str] | None = None  # names inside a layer, e.g. mlp.down_proj.weight
     tox_layers: list[int] | None = None  # default: 3 early, 3 middle, 3 late
     alpha: float | None = None  # a fixed alpha (turns REINFORCE off); rmu default: the registry's
-    alpha0: float | None = None  # initial alpha of REINFORCE
+    alpha0: float | None = None  # initial alpha of REINFORCE; None: 1 (ALPHA0)
     steering: float | None = None  # RMU's c
     beta: float | None = None  # Adaptive RMU
     raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
-    tox_balance: str | None = None  # ours on toxicity: "scaled" (default, ours) or "paper" (eq. 6 summed, as published)
+    tox_balance: str | None = None  # ours on toxicity: "paper" (default: eq. 6 summed) or "scaled" (ours)
+    token_reduction: str | None = None  # eq. 2-5: "sum" (the paper's; default of ours) or "mean" (default of RMU)
+    u_distribution: str | None = None  # eq. 2, 4: u "orthant" (default, the RMU reference's) or "sphere"
+    tox_retain_reduction: str | None = None  # ours on toxicity: eq. 5 "sum"med (default) or "mean"ed over layers
+    master_weights: str | None = None  # "fp32" (default: AdamW updates fp32 copies of the trained tensors) or "model"
+    probe_file: str | None = None  # ours on toxicity: the probes' (text, label) jsonl instead of the manifest's
     probe_l2: float | None = None  # L2 of the eq. 6 probes; None: chosen per layer by K-fold AUC (--probe-l2 auto)
     lr: float | None = None
     policy_lr: float | None = None
@@ -88,7 +96,12 @@ class Plan:
     steering: float | None  # RMU's fixed c
     beta: float | None  # Adaptive RMU: c = beta * mean forget norm on each topic's first batch
     raw_probe_weights: bool
-    tox_balance: str | None  # ours on toxicity: "scaled" (eq. 6 normalised per layer, lambda = alpha0) or "paper"
+    tox_balance: str | None  # ours on toxicity: "paper" (eq. 6 summed) or "scaled" (normalised per layer)
+    token_reduction: str  # eq. 2-5: "sum" over each text's real tokens (the paper's), or "mean" over real tokens
+    u_distribution: str  # eq. 2, 4: u uniform in the positive "orthant" (the RMU reference) or on the "sphere"
+    tox_retain_reduction: str | None  # ours on toxicity: eq. 5 "sum" or "mean" over the probed layers; else None
+    master_weights: str  # "fp32": AdamW updates fp32 copies of the trained tensors (a bf16 model); "model": in place
+    probe_file: str | None  # ours on toxicity: the probes' data file instead of the manifest's probe
     probe_l2: float | None  # the probes' fixed L2 (ours on toxicity); None: chosen per layer by K-fold (or no probes)
     lr: float
     max_len: int
@@ -144,6 +157,12 @@ def ran_tox_balance(plan: dict) -> str | None:
     return plan.get("tox_balance", "paper" if plan.get("tox_layers") else None)
 
 
+def token_reduction(user: Settings) -> str:
+    """How eq. 2-5 reduce a text's tokens: the user's, else the paper's sum for ours (eq. 4-5) and the RMU reference's
+    mean for rmu and adaptive-rmu (eq. 2-3, where alpha 1200 is tuned to F.mse_loss's scale)."""
+    return given(user.token_reduction, "sum" if user.method == "ours" else "mean")
+
+
 def check_settings(user: Settings) -> None:
     """Every value the user gave, alone (range, sign, finiteness) and in combination, before anything is read,
     created or deleted. Layer indices are checked against the model in `resolve`."""
@@ -166,8 +185,13 @@ def check_settings(user: Settings) -> None:
             raise RefError(f"{option} is empty; name at least one, or leave it out for the default")
         if values is not None and len(set(values)) != len(values):
             raise RefError(f"{option} names {values}, with repeats; name each once")
-    if user.tox_balance not in (None, *TOX_BALANCES):
-        raise RefError(f"--tox-balance is {user.tox_balance!r}; use one of {', '.join(TOX_BALANCES)}")
+    for option, value, choices in (("--tox-balance", user.tox_balance, TOX_BALANCES),
+                                   ("--token-reduction", user.token_reduction, REDUCTIONS),
+                                   ("--u-distribution", user.u_distribution, U_DISTRIBUTIONS),
+                                   ("--tox-retain-reduction", user.tox_retain_reduction, REDUCTIONS),
+                                   ("--master-weights", user.master_weights, MASTER_WEIGHTS)):  # fmt: skip
+        if value not in (None, *choices):
+            raise RefError(f"{option} is {value!r}; use one of {', '.join(choices)}")
     validate.device("--device", user.device)
     validate.dtype("--dtype", user.dtype)
     ours_toxicity = (user.method, user.goal) == ("ours", "toxicity")
@@ -179,13 +203,20 @@ def check_settings(user: Settings) -> None:
             ("--tox-layers", user.tox_layers, ours_toxicity, "--method ours --goal toxicity"),
             ("--raw-probe-weights", user.raw_probe_weights or None, ours_toxicity, "--method ours --goal toxicity"),
             ("--tox-balance", user.tox_balance, ours_toxicity, "--method ours --goal toxicity"),
+            ("--tox-retain-reduction", user.tox_retain_reduction, ours_toxicity, "--method ours --goal toxicity"),
             ("--probe-l2", user.probe_l2, ours_toxicity, "--method ours --goal toxicity"),
+            ("--probe-file", user.probe_file, ours_toxicity, "--method ours --goal toxicity"),
             ("--tap-layer", user.tap_layer, not ours_toxicity, "the single-tap objectives (ours on toxicity reads "
              "the --tox-layers)")]  # fmt: skip
     for option, value, applies, where in only:
         if value is not None and not applies:
             raise RefError(f"{option} applies to {where} only; leave it out for --method {user.method} "
                            f"--goal {user.goal}")  # fmt: skip
+    if user.raw_probe_weights and tox_balance(user) == "scaled":
+        raise RefError(
+            "--raw-probe-weights has no effect under --tox-balance scaled (each layer's eq. 6 term is divided by its "
+            "own start, so the probe's norm cancels); leave one of them out"
+        )
     if user.resume and user.overwrite:
         raise RefError("--resume and --overwrite contradict each other: pick one")
 
@@ -210,7 +241,7 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
                        "its loss could not change; update a layer at or below every tap")  # fmt: skip
     params = tuple(given(user.update_params, defaults.update_params))
     reinforce = ours and user.alpha is None
-    alpha0 = given(user.alpha0, defaults.alpha0_toxicity if toxicity else defaults.alpha0)
+    alpha0 = given(user.alpha0, ALPHA0)
     return Plan(
         model=user.model, goal=user.goal, method=user.method, data=given(user.data, defaults.data),
         topics=tuple(user.topics) if user.topics is not None else None,
@@ -222,6 +253,9 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
         beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
         raw_probe_weights=user.raw_probe_weights, tox_balance=tox_balance(user),
+        token_reduction=token_reduction(user), u_distribution=given(user.u_distribution, U_DISTRIBUTIONS[0]),
+        tox_retain_reduction=given(user.tox_retain_reduction, "sum") if tox else None,
+        master_weights=given(user.master_weights, MASTER_WEIGHTS[0]), probe_file=user.probe_file,
         probe_l2=user.probe_l2 if tox else None,
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
@@ -259,7 +293,11 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     gpus = lambda b: math.ceil(b / GPU_BYTES)  # noqa: E731
     alpha = f"REINFORCE from alpha0 = {plan.alpha0:g}" if plan.reinforce else f"fixed {plan.alpha:g}"
+    paper_alpha = paper_final_alpha(plan.model, plan.goal)
+    if plan.reinforce and paper_alpha is not None:
+        alpha += f" (the paper's final alpha for this model: {paper_alpha:g}, a reference)"
     probe_l2 = "chosen per layer by 5-fold AUC" if plan.probe_l2 is None else f"fixed {plan.probe_l2:g}"
+    probe_data = f"--probe-file {plan.probe_file}" if plan.probe_file else f"the 'probe' file of the {plan.data} data"
     k, n = plan.loaded_blocks, cfg.num_layers
     rest = "the final norm and the LM head"
     if k < n:
@@ -275,14 +313,23 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         f"- blocks {plan.start}..{max(plan.taps)} run with gradients; none above {max(plan.taps)}; no LM head",
         f"- taps: {list(plan.taps)}",
         *(
-            [f"- probes of eq. 6: L2 {probe_l2}", f"- balance: {BALANCE_WORDS[plan.tox_balance]}"]
+            [
+                f"- probes of eq. 6: {'raw weights' if plan.raw_probe_weights else 'unit directions'}, L2 {probe_l2}, "
+                f"trained on {probe_data}",
+                f"- balance: {BALANCE_WORDS[plan.tox_balance]}; eq. 5 {plan.tox_retain_reduction}med over the "
+                "probed layers",
+            ]
             if plan.tox_layers
             else []
         ),
+        f"- token reduction of eq. {'4-5' if plan.method == 'ours' else '2-3'}: "
+        f"{REDUCTION_WORDS[plan.token_reduction]}",
         f"- updated tensors ({len(plan.tensors)}, {gib(est['updated_tensors'])}): {', '.join(plan.tensors)}",
         f"- alpha: {alpha}; lr {plan.lr:g}"
         + (f"; steering c = {plan.steering:g}" if plan.steering is not None else "")
         + (f"; adaptive c, beta = {plan.beta:g}" if plan.beta is not None else ""),
+        f"- master weights: {MASTER_WORDS[plan.master_weights]}"
+        + (f"; fp32 copies, gradients and AdamW states {gib(est['master_weights'])}" if est["master_weights"] else ""),
         f"- steps: {'unknown' if steps is None else steps} (data {plan.data}"
         f"{' not prepared' if steps is None else ''}), batch {plan.batch_size} x {plan.max_len} tokens",
         f"- estimated peak memory of a step ({bytes_per * 8}-bit weights): ours {gib(est['ours'])}, "
@@ -298,9 +345,18 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
 
 
 BALANCE_WORDS = {
+    "paper": "paper: eq. 6 summed over the layers, REINFORCE's meta-objective L_F + L_R",
     "scaled": "scaled (ours): eq. 6 normalised per layer by its value on the first forget batch, REINFORCE's "
     "meta-objective L_F + alpha0 L_R",
-    "paper": "paper: eq. 6 summed over the layers, REINFORCE's meta-objective L_F + L_R",
+}
+REDUCTION_WORDS = {
+    "sum": "sum over each text's real tokens, averaged over texts (the paper's E_x sum_t)",
+    "mean": "mean over the batch's real tokens (eq. 2-3: and hidden units, the RMU reference's F.mse_loss)",
+}
+MASTER_WORDS = {
+    "fp32": "fp32 (AdamW updates fp32 copies of the trained tensors, rounded into the model after each step; "
+    "no copies for an fp32 model)",
+    "model": "model (AdamW updates the trained tensors in the model's dtype)",
 }
 
 # One 80 GiB accelerator (A100 / H100 80GB); the evaluation's activations, KV cache and logits on top of the weights.

@@ -81,9 +81,8 @@ class UnlearnDefaults:
     update_params: tuple[str, ...] = ("mlp.down_proj.weight",)  # selected by name inside each updated layer
     steering: float = 6.5  # RMU steering coefficient c
     rmu_alpha: float = 1200.0  # RMU retain weight
-    alpha0: float = 1.0  # initial alpha of REINFORCE (ours), WMDP goal
-    alpha0_toxicity: float = 1.0  # initial alpha of REINFORCE (ours), toxicity goal; with the default scaled balance
-    # L_F starts at 1 (eq. 6 normalised per layer), the cosine losses' scale, and alpha0 is also REINFORCE's lambda
+    paper_alpha: float | None = None  # the final alpha the paper reports for this model on toxicity (a reference
+    # for the run's learned alpha; REINFORCE starts from --alpha0, 1 for every model)
     max_len: int = 512  # forget/retain truncation in tokens (RMU reference: 512)
     lr: float = 5e-5  # AdamW learning rate (the paper's and the RMU reference's)
     policy_lr: float = 1e-2  # REINFORCE's Adam learning rate (the paper's)
@@ -106,22 +105,20 @@ def generic_defaults(num_layers: int) -> UnlearnDefaults:
 
 
 # Sources: WMDP RMU reference (layer 7, down_proj of layers 5-7, steering 6.5 and alpha 1200 for Zephyr-7B, a
-# Mistral-7B fine-tune; no published values for Llama-3.1 / Qwen2.5 / Olmo-3, so we use Zephyr's). alpha0: the
-# paper's reported final alphas (Llama 43, Mistral 78, Qwen 5.7, Olmo 0.41), so a short run starts near the
-# published balance and REINFORCE adapts it from there; for toxicity they weigh the cosine retain loss against eq. 6
-# normalised per layer (the scaled balance), which starts at 1 as the cosine forget loss does.
+# Mistral-7B fine-tune; no published values for Llama-3.1 / Qwen2.5 / Olmo-3, so we use Zephyr's). paper_alpha: the
+# final toxicity alphas of the paper's section 5 (Llama 43, Mistral 78, Qwen 5.7, Olmo 0.41), reported beside the
+# run's own; none is published at 70B.
 UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
-    "mistral-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=78.0, alpha0_toxicity=78.0),
-    "llama3.1-8b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=43.0, alpha0_toxicity=43.0),
-    "qwen2.5-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(28), alpha0=5.7, alpha0_toxicity=5.7),
+    "mistral-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), paper_alpha=78.0),
+    "llama3.1-8b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), paper_alpha=43.0),
+    "qwen2.5-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(28), paper_alpha=5.7),
     # 70B: the reference's indices (tap 7, down_proj of 5-7), not its relative depth (7 of 32 would be 17-18 of 80).
     # The reference kept layer 7 unchanged from Zephyr-7B to Mixtral-8x7B, and no RMU setting for an 80-layer model
     # is published; at layer 7 the training reads blocks 0..7 only (about 8 B parameters, one 80 GB GPU). The
     # relative depth is one option away: --tap-layer 17 --update-layers 15,16,17 (its --dry-run prints its cost).
-    # alpha0: the paper's final alpha of the same family at 7-8B (none is published at 70B).
-    "llama3.1-70b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80), alpha0=43.0, alpha0_toxicity=43.0),
-    "qwen2.5-72b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80), alpha0=5.7, alpha0_toxicity=5.7),
-    "olmo3-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), alpha0=0.41, alpha0_toxicity=0.41),
+    "llama3.1-70b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80)),
+    "qwen2.5-72b": UnlearnDefaults(7, (5, 6, 7), spread_layers(80)),
+    "olmo3-7b": UnlearnDefaults(7, (5, 6, 7), spread_layers(32), paper_alpha=0.41),
     # SmolLM2-135M (30 layers, hidden 576): the reference's layer 7 (a quarter of the depth, as 7 of 32);
     # lr 1e-3: at 5e-5 the cosine forget loss moves by 2% in the 30 demo steps (0.99 -> 0.97), at 1e-3 to 0.33.
     # steering 550: about 5x the median layer-7 token norm (111) on the demo forget corpus (Adaptive RMU's rule).
@@ -129,18 +126,14 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
     # (ours 3e-3; rmu and adaptive-rmu 3e-4, which did not hold up on a larger evaluation), this table holds one lr
     # for every method and goal, and WMDP was not swept; so the values stay, and a comparison of methods takes each
     # one's sweep-selected, confirmed setting (ref.table1 --from-sweep) instead.
-    # alpha0_toxicity 100, from the measured scales of the demo run (README, "Balancing the toxicity objective"):
-    # the normalised eq. 6 falls from 1 to about 0.1 in 40 steps while the unweighted cosine retain loss grows to
-    # about 1e-3, so alpha = 100 makes the weighted retain term as large as the forget term where the run ends.
     "smollm2-135m": UnlearnDefaults(
-        7,
-        (5, 6, 7),
-        spread_layers(30),
-        steering=550.0,
-        rmu_alpha=100.0,
-        alpha0_toxicity=100.0,
-        max_len=128,
-        lr=1e-3,
-        data="demo",
+        7, (5, 6, 7), spread_layers(30), steering=550.0, rmu_alpha=100.0, max_len=128, lr=1e-3, data="demo"
     ),
 }
+
+
+def paper_final_alpha(model: str, goal: str) -> float | None:
+    """The final alpha the paper reports for a registry model on toxicity (its section 5), else None: a reference
+    for the learned alpha, never a starting point."""
+    defaults = UNLEARN_DEFAULTS.get(model)
+    return defaults.paper_alpha if defaults is not None and goal == "toxicity" else None

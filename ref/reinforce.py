@@ -9,8 +9,8 @@ The paper says only that alpha is meta-learned with REINFORCE (Adam, lr 1e-2). O
        to [log alpha_min, log alpha_max] and sigma to [sigma_min, sigma_max]                  (`AlphaPolicy.update`)
 lambda, the exchange rate between the two losses in the meta-objective, is 1 (the unweighted sum) except for the
 toxicity objective's scaled balance (`--tox-balance scaled`, ours), where it is alpha0: with L_F in units of its
-start and L_R a cosine distance of ~1e-3, an unweighted M is all L_F, and a policy rewarded by it only learns to
-shrink alpha (measured: README, "Balancing the toxicity objective").
+start, an unweighted M is all L_F, and a policy rewarded by it only learns to shrink alpha
+(docs/investigations/toxicity-balance.md; why alpha falls: docs/investigations/alpha.md).
 b_k is an exponential moving average of the past rewards, initialised to the first reward: the first advantage
 is 0 and the first update moves nothing (no reward history says whether r_1 is good). log pi is the density of the
 raw draw z_k: clamping alpha is part of the environment, so the estimator stays the plain score-function gradient.
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 ALPHA_RANGE = (1e-3, 1e4)  # alpha_min, alpha_max: where the policy's alpha is clamped by default
+ALPHA0 = 1.0  # the policy's initial alpha for every model and goal: eq. 1's unweighted sum, no balance assumed
 
 
 class Draw(NamedTuple):
@@ -42,7 +43,7 @@ def reward(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], retain_w
 class AlphaPolicy(nn.Module):
     """Gaussian policy on log(alpha), trained with REINFORCE and an EMA reward baseline."""
 
-    def __init__(self, alpha0: float = 1.0, *, lr: float = 1e-2, sigma0: float = 0.5, learn_sigma: bool = True,
+    def __init__(self, alpha0: float = ALPHA0, *, lr: float = 1e-2, sigma0: float = 0.5, learn_sigma: bool = True,
                  alpha_min: float = ALPHA_RANGE[0], alpha_max: float = ALPHA_RANGE[1], sigma_min: float = 0.01,
                  sigma_max: float = 2.0, baseline_decay: float = 0.9, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
@@ -111,3 +112,10 @@ class AlphaPolicy(nn.Module):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.baseline, self.steps = state["baseline"], state["steps"]
+
+
+def alpha_trajectory(alpha0: float, rows: list[dict]) -> dict[str, float]:
+    """The policy's mean alpha exp(mu) over a run, from alpha0 through each step's logged `policy_mean`: start, end,
+    min and max."""
+    path = [alpha0, *(r["policy_mean"] for r in rows if "policy_mean" in r)]
+    return dict(start=path[0], end=path[-1], min=min(path), max=max(path))

@@ -164,8 +164,10 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_alpha(rows: list[dict], path: Path) -> Path:
-    """The alpha each step used and, with REINFORCE, the policy's exp(mu) with the band exp(mu +- sigma)."""
+def plot_alpha(rows: list[dict], path: Path, trajectory: dict | None = None) -> Path:
+    """The alpha each step used and, with REINFORCE, the policy's exp(mu) with the band exp(mu +- sigma); with the
+    run's `trajectory` (run.json alpha_trajectory), its start, end, min and max in the title and the paper's final
+    alpha for the model, where it has one, as a dashed line."""
     steps = [r["step"] for r in rows]
     fig, (ax,) = _figure(6, 4)
     ax.plot(
@@ -183,7 +185,14 @@ def plot_alpha(rows: list[dict], path: Path) -> Path:
         hi = [r["policy_mean"] * math.exp(r["policy_std"]) for r in policy]
         ax.fill_between(xs, lo, hi, color="C1", alpha=0.2, label="exp(μ ± σ)")
         ax.set_yscale("log")  # alpha is log-normal under the policy
-    ax.set(title="Retain weight alpha" + (" (REINFORCE)" if policy else ""), xlabel="step", ylabel="alpha")
+    title = "Retain weight alpha" + (" (REINFORCE)" if policy else "")
+    if trajectory:
+        t = trajectory
+        title += f"\nexp(μ): start {t['start']:.3g}, end {t['end']:.3g}, min {t['min']:.3g}, max {t['max']:.3g}"
+        paper = t.get("paper_final_alpha")
+        if paper is not None:
+            ax.axhline(paper, color="C3", ls="--", label=f"the paper's final alpha ({paper:g})")
+    ax.set(title=title, xlabel="step", ylabel="alpha")
     ax.legend()
     return _save(fig, path)
 
@@ -273,6 +282,10 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
     if any(not isinstance(r, dict) or not {"step", "alpha"} <= r.keys() for r in rows):
         raise RefError(f"{run_dir / 'metrics.jsonl'} has rows without step and alpha: not a metrics log of ref.unlearn")
     probes = load_probes(run_dir / "probes.safetensors") if (run_dir / "probes.safetensors").is_file() else None
+    try:
+        trajectory = json.loads((run_dir / "run.json").read_text()).get("alpha_trajectory")
+    except (OSError, ValueError, AttributeError):
+        trajectory = None  # the curves need only metrics.jsonl
     report = None
     if (run_dir / "report.json").is_file():
         try:
@@ -284,7 +297,7 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
     validate.writable_folder("--out", out)
     written = []
     if rows:
-        written += [plot_losses(rows, out / "losses.png"), plot_alpha(rows, out / "alpha.png")]
+        written += [plot_losses(rows, out / "losses.png"), plot_alpha(rows, out / "alpha.png", trajectory)]
     else:
         print(f"note: {run_dir / 'metrics.jsonl'} has no steps yet: no loss or alpha curves", file=sys.stderr)
     if probes is not None:

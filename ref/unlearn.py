@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -29,14 +30,27 @@ from ref import validate
 from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
 from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
-from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_dir
+from ref.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
+from ref.losses import REDUCTIONS
 from ref.model import Transformer
-from ref.objectives import random_directions
-from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe, ran_tox_balance
+from ref.objectives import U_DISTRIBUTIONS, random_directions
+from ref.plan import (
+    BALANCE_WORDS,
+    GOALS,
+    MASTER_WEIGHTS,
+    METHODS,
+    REDUCTION_WORDS,
+    TOX_BALANCES,
+    Plan,
+    Settings,
+    as_dict,
+    describe,
+)
 from ref.plan import resolve as resolve_plan
 from ref.probe import Probe, fit_layer_probes
-from ref.registry import REGISTRY
+from ref.registry import REGISTRY, paper_final_alpha
+from ref.reinforce import alpha_trajectory
 from ref.runlog import (
     MetricsLog,
     atomic_torch_save,
@@ -64,8 +78,12 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     torch.manual_seed(plan.seed)
     data = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal, topics=plan.topics,
                           allow_outside=plan.allow_data_outside)  # fmt: skip
+    if plan.probe_file:
+        path = Path(plan.probe_file)
+        data.probe, data.probe_path, data.probe_source = load_probe(path), path, f"{path} (--probe-file)"
     if plan.tox_layers and not data.probe:
-        raise RefError(f"the toxicity manifest of {plan.data} names no probe data: add a 'probe' file")
+        raise RefError(f"the toxicity manifest of {plan.data} names no probe data: add a 'probe' file, or pass "
+                       "--probe-file")  # fmt: skip
     steps = schedule(data, plan)
     out, ckpt = Path(settings.out), Path(settings.out) / "checkpoint.pt"
     check_out(out, settings, [("model", folder), ("data", data.root)], disk_needed(folder, cfg, plan, out))
@@ -78,7 +96,8 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
                     model_type=model.config.model_type, resumes=resumes)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(plan, model, tok, random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model)),
+    u = random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model), plan.u_distribution)
+    run = Run(plan, model, tok, u,
               probe_directions(run_json, plan, model, tok, data, out))  # fmt: skip
     state = start_state(plan, model)
     if checkpoint is not None:
@@ -149,9 +168,11 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
         raise RefError(f"{ckpt} is damaged ({type(e).__name__}); the run cannot be continued from it: start again with "
                        "--overwrite") from None  # fmt: skip
     now = as_dict(plan)
-    if not before.get("tox_layers"):  # runs without probes recorded a probe_l2 they never used (before ref 14)
-        before["probe_l2"] = None
-    before["tox_balance"] = ran_tox_balance(before)
+    unknown = [k for k in now if k not in before]
+    if unknown:
+        raise RefError(f"{out / 'run.json'} was written by another version of ref (its plan has no "
+                       f"{', '.join(unknown)}): this version cannot continue it; start again with --overwrite or in "
+                       "another --out")  # fmt: skip
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
@@ -189,11 +210,23 @@ def probe_directions(run_json: dict, plan: Plan, model, tok, data: GoalData, out
         return None
     probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
                               batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
-    run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc)
-                             for i, p in probes.items()}  # fmt: skip
+    run_json["probe_data"] = probe_provenance(data)
+    run_json["probe_auc"] = {
+        i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc,
+                weight_norm=float(p.weight.float().norm()))
+        for i, p in probes.items()
+    }  # fmt: skip
     atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
     rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
     return torch.stack(rows).float().to(model_device(model))
+
+
+def probe_provenance(data: GoalData) -> dict:
+    """What the probes of eq. 6 were trained on: the file, its sha256 and counts, and its source in words (the paper
+    trained them on TRuST's human-annotated training split)."""
+    path, source = data.probe_path, data.probe_source or "not stated (the data manifest has no probe_source)"
+    return dict(file=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), texts=len(data.probe),
+                toxic=sum(label for _, label in data.probe), source=source)  # fmt: skip
 
 
 def probe_tensors(probes: dict[int, Probe]) -> dict[str, torch.Tensor]:
@@ -227,13 +260,12 @@ def versions() -> dict:
 def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict], run_json: dict) -> None:
     """Write updated.safetensors, the HF-format model/ folder, report.json (unless --no-eval) and summary.md; run.json
     gains the steering coefficients Adaptive RMU computed (topic -> c)."""
-    if st.steering:
-        run_json["adaptive_steering"] = dict(st.steering)
-    if st.forget_scale:  # the scaled toxicity balance: eq. 6's per-layer terms on the frozen model, topic -> [L]
-        run_json["forget_scale"] = {t: dict(zip(map(str, run.plan.tox_layers), s, strict=True))
-                                    for t, s in st.forget_scale.items()}  # fmt: skip
-    if st.steering or st.forget_scale:
-        write_json(out / "run.json", run_json)
+    if any(st.calibration.values()):  # Adaptive RMU's c, the scaled eq. 6's divisors: topic -> {field: value}
+        run_json["calibration"] = {t: dict(c) for t, c in st.calibration.items()}
+    if st.policy:
+        paper = paper_final_alpha(run.plan.model, run.plan.goal)
+        run_json["alpha_trajectory"] = alpha_trajectory(run.plan.alpha0, rows) | dict(paper_final_alpha=paper)
+    write_json(out / "run.json", run_json)
     updated = {k: p.detach().cpu().contiguous() for k, p in st.params.items()}
     atomic_write_bytes(out / "updated.safetensors", safetensors_bytes(updated))
     save_model(run.model, out / "model", replaced=dict(st.params))
@@ -285,21 +317,38 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
         return sum(vals) / len(vals) if vals else math.nan
 
     head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
-    alpha = f"REINFORCE, final mean {st.policy.mean_alpha:.4g}" if st.policy else plan.alpha
+    traj = run_json.get("alpha_trajectory")
+    alpha = f"fixed {plan.alpha:g}" if plan.alpha is not None else "REINFORCE"
+    if traj:
+        alpha = (f"REINFORCE; the policy's mean alpha: start {traj['start']:.4g}, end {traj['end']:.4g}, min "
+                 f"{traj['min']:.4g}, max {traj['max']:.4g}")  # fmt: skip
+        if traj["paper_final_alpha"] is not None:
+            alpha += f"; the paper's final alpha for this model: {traj['paper_final_alpha']:g}"
+    steering = {t: c["steering"] for t, c in st.calibration.items() if "steering" in c}
     lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
              f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
              f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
-             *([f"- toxicity balance: {BALANCE_WORDS[plan.tox_balance]}"] if plan.tox_balance else []),
+             f"- token reduction: {REDUCTION_WORDS[plan.token_reduction]}",
+             f"- master weights: {plan.master_weights}",
+             *([f"- toxicity balance: {BALANCE_WORDS[plan.tox_balance]}; eq. 5 {plan.tox_retain_reduction}med over "
+                "the probed layers"] if plan.tox_balance else []),
+             *([f"- probe data: {run_json['probe_data']['source']} ({run_json['probe_data']['texts']} texts)"]
+               if "probe_data" in run_json else []),
              *([f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
-                + ", ".join(f"{t} {c:.4g}" for t, c in st.steering.items())] if st.steering else []),
+                + ", ".join(f"{t} {c:.4g}" for t, c in steering.items())] if steering else []),
              "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
     share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan  # noqa: E731
     head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
-    for key in ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "tokens_per_s"):
+    for key in ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "moved_share", "tokens_per_s"):
         lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
-    lines += ["", "retain_share: alpha * L_R / (L_F + alpha * L_R), the weighted retain term's share of eq. 1's loss."]
+    lines += [
+        "",
+        "retain_share: alpha * L_R / (L_F + alpha * L_R), the weighted retain term's share of eq. 1's loss; "
+        "moved_share: the share of the trained tensors' elements a step changed in the model's dtype.",
+    ]
     if "probe_auc" in run_json:
-        aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g})" for i, a in run_json["probe_auc"].items()]
+        aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g}, |w| {a['weight_norm']:.3g})"
+                for i, a in run_json["probe_auc"].items()]  # fmt: skip
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
         from ref.evaluate import before_after_table
@@ -337,12 +386,22 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--update-params", type=strs, default=None, help="tensor names inside a layer (default mlp.down_proj.weight)")
     a("--tox-layers", type=ints, default=None, help="the probed layers of eq. 6 (default: 3 early, 3 mid, 3 late)")
     a("--alpha", type=float, default=None, help="fixed retain weight alpha (turns REINFORCE off)")
-    a("--alpha0", type=float, default=None, help="initial alpha of REINFORCE")
+    a("--alpha0", type=float, default=None, help="initial alpha of REINFORCE (default 1)")
     a("--steering", type=float, default=None, help="RMU steering coefficient c")
     a("--beta", type=float, default=None, help="Adaptive RMU: c = beta * mean forget activation norm (default 5)")
     a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
-    a("--tox-balance", choices=TOX_BALANCES, default=None, help="ours on toxicity: scaled (default, ours: eq. 6 "
-      "normalised per layer, REINFORCE's meta-objective L_F + alpha0 L_R) or paper (eq. 6 summed)")  # fmt: skip
+    a("--tox-balance", choices=TOX_BALANCES, default=None, help="ours on toxicity: paper (default: eq. 6 summed over "
+      "the layers) or scaled (ours: eq. 6 normalised per layer, meta-objective L_F + alpha0 L_R)")  # fmt: skip
+    a("--token-reduction", choices=REDUCTIONS, default=None, help="eq. 2-5 over a text's tokens: sum (the paper's; "
+      "default of ours) or mean (default of rmu and adaptive-rmu: the RMU reference's F.mse_loss)")  # fmt: skip
+    a("--u-distribution", choices=U_DISTRIBUTIONS, default=None, help="u of eq. 2 and 4: orthant (default: uniform in "
+      "the positive orthant, the RMU reference's) or sphere (uniform on the unit sphere)")  # fmt: skip
+    a("--tox-retain-reduction", choices=REDUCTIONS, default=None, help="ours on toxicity: eq. 5 summed (default) or "
+      "averaged over the probed layers")  # fmt: skip
+    a("--master-weights", choices=MASTER_WEIGHTS, default=None, help="fp32 (default): AdamW updates fp32 copies of "
+      "the trained tensors of a bf16 model; model: updates them in place in the model's dtype")  # fmt: skip
+    a("--probe-file", default=None, help="ours on toxicity: a jsonl of {text, label} rows (1 = toxic) for the eq. 6 "
+      "probes instead of the data manifest's probe file (e.g. TRuST's training split)")  # fmt: skip
     a("--probe-l2", type=probe_l2, default=None, help="L2 of the eq. 6 probes: auto (default; per layer by 5-fold "
       "held-out AUC) or a number (0.01: the fixed value of earlier versions)")  # fmt: skip
     a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")

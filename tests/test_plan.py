@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 
@@ -66,7 +67,13 @@ def test_memory_estimate_favours_one_copy_and_a_truncated_forward():
     est = estimate_peak_bytes(cfg, plan, bytes_per=2)
     assert est["full_weights"] == KNOWN["mistral-7b"] * 2
     assert est["weights"] == (32000 * 4096 + 8 * 218_112_000) * 2  # the embedding and blocks 0..7, read by the run
-    assert est["weights"] < est["ours"] < 2 * est["weights"]  # + 3 tensors, their AdamW state, 3 blocks' graphs
+    # fp32 masters of the 3 down_proj tensors (4096 x 14336 each): the copy, its gradient and two AdamW states
+    assert est["master_weights"] == 3 * 4096 * 14336 * 4 * 4
+    # + 3 tensors, their AdamW state, 3 blocks' graphs
+    assert est["weights"] < est["ours"] - est["master_weights"] < 2 * est["weights"]
+    model_mode = estimate_peak_bytes(cfg, replace(plan, master_weights="model"), bytes_per=2)
+    assert model_mode["master_weights"] == 0 and model_mode["ours"] < est["ours"]
+    assert estimate_peak_bytes(cfg, plan, bytes_per=4)["master_weights"] == 0  # fp32 weights need no copies
     assert est["reference"] > 2 * est["full_weights"]  # two copies, and graphs through every block and the LM head
 
 
@@ -93,12 +100,17 @@ def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
     plan = resolve(Settings(model="mistral-7b"), cfg)
     assert (plan.taps, plan.update_layers, plan.tox_layers) == ((7,), (5, 6, 7), ())
     assert plan.tensors == tuple(f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7))
-    assert (plan.alpha, plan.alpha0, plan.reinforce, plan.lr, plan.max_len) == (None, 78.0, True, 5e-5, 512)
+    assert (plan.alpha, plan.alpha0, plan.reinforce, plan.lr, plan.max_len) == (None, 1.0, True, 5e-5, 512)
+    assert (plan.token_reduction, plan.master_weights) == ("sum", "fp32")
+    assert (plan.tox_balance, plan.tox_retain_reduction) == (None, None)
     assert plan.data == "hub"
     tox = resolve(Settings(model="mistral-7b", goal="toxicity"), cfg)
     assert tox.taps == tox.tox_layers == tox.update_layers == (4, 5, 6, 15, 16, 17, 25, 26, 27)
+    assert (tox.alpha0, tox.tox_balance, tox.tox_retain_reduction, tox.token_reduction) == (1.0, "paper", "sum", "sum")
     rmu = resolve(Settings(model="mistral-7b", method="rmu", lr=1e-4, max_len=64), cfg)
     assert (rmu.alpha, rmu.alpha0, rmu.steering, rmu.beta, rmu.lr, rmu.max_len) == (1200.0, None, 6.5, None, 1e-4, 64)
+    assert rmu.token_reduction == "mean"  # the RMU reference's F.mse_loss, the scale its alpha 1200 is tuned to
+    assert resolve(Settings(model="mistral-7b", method="rmu", token_reduction="sum"), cfg).token_reduction == "sum"
     adaptive = resolve(Settings(model="mistral-7b", method="adaptive-rmu", beta=3.0), cfg)
     assert (adaptive.steering, adaptive.beta) == (None, 3.0)
     fixed = resolve(Settings(model="mistral-7b", alpha=2.0), cfg)

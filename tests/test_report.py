@@ -55,7 +55,9 @@ def run_dir(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_rows()))
-    (d / "run.json").write_text(json.dumps(dict(settings=dict(goal="toxicity"), steps=8, model_type="llama")))
+    trajectory = dict(start=1.0, end=1.08, min=1.0, max=1.08, paper_final_alpha=78.0)  # the alpha figure's title, line
+    run = dict(settings=dict(goal="toxicity"), steps=8, model_type="llama", alpha_trajectory=trajectory)
+    (d / "run.json").write_text(json.dumps(run))
     g = torch.Generator().manual_seed(0)
     save_file({f"layer{i}.weight": torch.randn(32, generator=g) for i in LAYERS}
               | {f"layer{i}.bias": torch.tensor([0.1 * i]) for i in LAYERS}, str(d / "probes.safetensors"))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from ref.checkpoint import load_rest
 from ref.errors import RefError
 from ref.fused import eager
 from ref.model import Transformer
-from ref.objectives import OBJECTIVES, Activations, Targets
-from ref.train import encode, shared_prefix, taps
+from ref.objectives import OBJECTIVES, Activations
+from ref.train import encode, shared_prefix, taps, topic_targets
 
 WORDS = "river mountain garden violin planet copper window harvest lantern meadow".split()
 RUDE = "idiot stupid worthless pathetic moron loser".split()
@@ -78,8 +79,8 @@ def forget_loss(run, st, topic, texts, retain, frozen=False):
         h0 = taps(run, rpre, rmask, st.originals)
         hf = taps(run, fpre, fmask, st.originals if frozen else None)
         a = Activations(hf, fmask, h0, h0, rmask)
-        t = Targets(p.taps, run.u[topic], st.steering.get(topic, p.steering), run.directions)
-        return OBJECTIVES[p.method, p.goal](a, t, eager).forget
+        t = replace(topic_targets(run, topic), **st.calibration.get(topic, {}))
+        return OBJECTIVES[p.method, p.goal].losses(a, t, eager).forget
 
 
 CASES = [("wmdp", "ours"), ("wmdp", "rmu"), ("wmdp", "adaptive-rmu"), ("toxicity", "ours"), ("toxicity", "rmu")]
@@ -125,10 +126,13 @@ def test_loop_trains_only_the_selected_tensors_and_writes_the_run(tiny_dirs, dat
         for r in rows:
             assert 0 <= r["retain_worst_text"] < 4 and r["retain_loss_worst_text"] >= r["retain_loss"] * (1 - 1e-6)
     assert all(("retain_worst_text" in r) == (method != "ours") for r in rows)
-    recorded = json.loads((tmp_path / "run/run.json").read_text()).get("adaptive_steering")
-    assert recorded == (st.steering if method == "adaptive-rmu" else None)  # the c actually used, per topic
-    if method == "adaptive-rmu":
-        assert set(recorded) == set(data.forget) and all(c > 0 for c in recorded.values())
+    recorded = json.loads((tmp_path / "run/run.json").read_text()).get("calibration")
+    if method == "adaptive-rmu":  # the c actually used, per topic
+        assert recorded == st.calibration and set(recorded) == set(data.forget)
+        assert all(set(c) == {"steering"} and c["steering"] > 0 for c in recorded.values())
+    else:
+        assert recorded is None  # nothing calibrated (ours on toxicity calibrates only under the scaled balance)
+    assert all(0 < r["moved_share"] <= 1 for r in rows)
     if goal == "toxicity" and method == "ours":
         assert set(rows[0]["forget_loss_layers"]) == {"0", "1", "2"}
         assert (tmp_path / "run/probes.safetensors").exists()
@@ -198,8 +202,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run_and_seed_is_dete
 def test_compiled_and_eager_runs_agree(tiny_dirs, data_dir, tmp_path):
     _, eager_state, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "e", max_steps=2))
     _, comp, _ = U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "c", max_steps=2, compile=True))
+    # fused kernels reorder fp32 sums: gradients agree to ~1e-5 relative, and AdamW's step g / (|g| + eps) turns that
+    # into up to ~1e-3 of lr (1e-2 here) for an element whose |g| is near eps (1e-6): atol 1e-5
     for k, p in eager_state.params.items():
-        torch.testing.assert_close(p, comp.params[k], rtol=1e-4, atol=1e-6)  # fused kernels reorder fp32 sums
+        torch.testing.assert_close(p, comp.params[k], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input_gives_clear_errors(tiny_dirs, data_dir, tmp_path):
@@ -232,11 +238,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
     calls = []
 
     def poisoned(*a):
-        losses = objective(*a)
+        losses = objective.losses(*a)
         calls.append(1)
         return losses._replace(forget=losses.forget * float("nan")) if len(calls) > 6 else losses  # 2 calls a step
 
-    monkeypatch.setitem(objectives.OBJECTIVES, ("ours", "wmdp"), poisoned)
+    monkeypatch.setitem(objectives.OBJECTIVES, ("ours", "wmdp"), objective._replace(losses=poisoned))
     with pytest.raises(RefError, match=r"step 4 diverged: loss is not finite.*checkpoint of step 2, from before"):
         U.unlearn(settings(tiny_dirs, data_dir, tmp_path / "nan"))
     assert torch.load(tmp_path / "nan/checkpoint.pt", weights_only=True)["step"] == 2
