@@ -142,6 +142,7 @@ def load_model(
             f"{folder}: checkpoint has tensors the {cfg.model_type} config does not describe, e.g. "
             f"{unexpected[:3]}: config and weights disagree"
         )
+    check_shapes(where, expected)  # every tensor, the ones a subset load leaves for later too
     model.source_dir, model.placement, model.load_dtype = folder, where_to, dtype  # what load_rest and save_model need
     wanted = {k: v for k, v in expected.items() if blocks is None or _in_first_blocks(k, blocks)}
     model.load_state_dict(_read(where, wanted, dtype, where_to), strict=False, assign=True)
@@ -168,21 +169,31 @@ def load_rest(model: Transformer) -> Transformer:
     return model
 
 
+def check_shapes(where: dict[str, Path], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor (name -> a tensor of the shape config.json implies) has that shape in its shard's
+    header. Reads the headers only, so a mismatch anywhere is found before any weights are read."""
+    for shard in sorted(set(where[k] for k in expected)):
+        with _open(shard) as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue
+                shape = list(f.get_slice(name).get_shape())
+                if shape != list(expected[name].shape):
+                    raise RefError(
+                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
+                        f"{list(expected[name].shape)}: config and weights do not belong together"
+                    )
+
+
 def _read(where: dict[str, Path], wanted: dict[str, torch.Tensor], dtype: torch.dtype, to: Placement) -> dict:
-    """The `wanted` tensors (name -> a tensor of the expected shape) read from their shards, cast and placed."""
+    """The `wanted` tensors (name -> a tensor of the shape `check_shapes` checked) read from their shards, cast and
+    placed."""
     state = {}
     for shard in sorted(set(where[k] for k in wanted)):
         with _open(shard) as f:
             for name in f.keys():
-                if name not in wanted:
-                    continue
-                shape = list(f.get_slice(name).get_shape())
-                if shape != list(wanted[name].shape):
-                    raise RefError(
-                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
-                        f"{list(wanted[name].shape)}: config and weights do not belong together"
-                    )
-                state[name] = f.get_tensor(name).to(device=to.of(name), dtype=dtype)
+                if name in wanted:
+                    state[name] = f.get_tensor(name).to(device=to.of(name), dtype=dtype)
     return state
 
 

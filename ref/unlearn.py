@@ -55,9 +55,10 @@ __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
 
 def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run, TrainState, GoalData]:
-    """Run (or resume) an unlearning run into settings.out. Everything is checked (settings, model, data, the run
-    folder, the disk) before anything in --out is created or replaced. `stop_after_step` simulates an interruption
-    after that many steps (tests)."""
+    """Run (or resume) an unlearning run into settings.out. Everything that can fail before training is checked or
+    done (settings, data, the run folder, the disk, the model's config and every shard's header, the tokenizer, the
+    probes) before anything in --out is created or replaced. `stop_after_step` simulates an interruption after that
+    many steps (tests)."""
     folder = resolve(settings.model)
     cfg = read_config(folder)
     plan = resolve_plan(settings, cfg)
@@ -70,20 +71,34 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     out, ckpt = Path(settings.out), Path(settings.out) / "checkpoint.pt"
     check_out(out, settings, [("model", folder), ("data", data.root)], disk_needed(folder, cfg, plan, out))
     checkpoint, resumes = resume_point(out, plan, len(steps)) if settings.resume else (None, [])
-    if settings.overwrite and out.is_dir():
-        clear_run_folder(out)
     print(describe(plan, cfg, len(steps)), flush=True)
     model = load_model(folder, dtype=plan.dtype, device=plan.device, blocks=plan.loaded_blocks)
     tok = load_tokenizer(folder)
-    run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
-                    model_type=model.config.model_type, resumes=resumes)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    run = Run(plan, model, tok, random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model)),
-              probe_directions(run_json, plan, model, tok, data, out))  # fmt: skip
+    run_json = dict(
+        settings=asdict(settings),
+        plan=as_dict(plan),
+        versions=versions(),
+        steps=len(steps),
+        model_type=model.config.model_type,
+        resumes=resumes,
+    )
+    probes = fit_probes(plan, model, tok, data)
+    if probes:
+        run_json["probe_auc"] = {
+            i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc)
+            for i, p in probes.items()
+        }
+    if settings.overwrite and out.is_dir():
+        clear_run_folder(out)  # only now: nothing before training is left to fail
+    u = random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model))
+    run = Run(plan, model, tok, u, probe_directions(probes, plan, model_device(model)))
     state = start_state(plan, model)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, lr=plan.lr)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", run_json)
+    if probes:
+        atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
     save = lambda: atomic_torch_save(ckpt, state.state_dict())  # noqa: E731
     if checkpoint is None:
@@ -182,18 +197,22 @@ def option_name(field: str) -> str:
     return field if field in ("taps", "tensors") else f"--{field.replace('_', '-')}"
 
 
-def probe_directions(run_json: dict, plan: Plan, model, tok, data: GoalData, out: Path) -> torch.Tensor | None:
-    """The w_i of eq. 6 (ours on toxicity): probes fitted on the original weights (before a resumed checkpoint is
-    loaded, so a resumed run gets the same probes), saved in probes.safetensors, AUCs in run.json."""
+def fit_probes(plan: Plan, model: Transformer, tok, data: GoalData) -> dict[int, Probe]:
+    """The probes of eq. 6 (ours on toxicity; else none), fitted on the original weights (before a resumed checkpoint
+    is loaded, so a resumed run gets the same probes)."""
     if not plan.tox_layers:
+        return {}
+    kw = dict(max_len=plan.max_len, batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)
+    return fit_layer_probes(model, tok, data.probe, plan.tox_layers, **kw)
+
+
+def probe_directions(probes: dict[int, Probe], plan: Plan, device: torch.device) -> torch.Tensor | None:
+    """The w_i of eq. 6 [L, D]: the probes' unit directions (or raw weights with --raw-probe-weights); None without
+    probes."""
+    if not probes:
         return None
-    probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
-                              batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
-    run_json["probe_auc"] = {i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc)
-                             for i, p in probes.items()}  # fmt: skip
-    atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
     rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
-    return torch.stack(rows).float().to(model_device(model))
+    return torch.stack(rows).float().to(device)
 
 
 def probe_tensors(probes: dict[int, Probe]) -> dict[str, torch.Tensor]:

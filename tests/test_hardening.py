@@ -10,10 +10,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ref
 import ref.unlearn as U
-from ref import validate
+from ref import checkpoint, validate
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 
@@ -92,6 +93,42 @@ def test_overwrite_keeps_the_old_run_when_the_new_command_is_bad(tiny, capsys, t
     refused(capsys, tiny(out, "--overwrite", model=tmp_path / "nope"), "nope", keep=[out])
     refused(capsys, tiny(out, "--overwrite", lr=-1), "--lr is -1.0; use a number > 0", keep=[out])
     refused(capsys, tiny(out, "--overwrite", tap_layer=9), "layer 9 is out of range", keep=[out])
+
+
+def damaged_model(source, root, damage: str):
+    """A copy of the tiny model that fails only when its weights or tokenizer are read."""
+    model = root / damage.replace(" ", "-")
+    shutil.copytree(source, model)
+    cfg = json.loads((model / "config.json").read_text())
+    if damage == "hidden size":
+        cfg["hidden_size"] *= 2
+    elif damage == "fewer layers":
+        cfg["num_hidden_layers"] -= 1
+    elif damage == "no tokenizer":
+        (model / "tokenizer.json").unlink()
+    elif damage == "broken tokenizer":
+        (model / "tokenizer.json").write_text('{"model": ')
+    elif damage == "final norm":  # a tensor that the run reads only to evaluate, after training
+        shard = model / json.loads((model / checkpoint.INDEX).read_text())["weight_map"]["model.norm.weight"]
+        tensors = load_file(shard)
+        tensors["model.norm.weight"] = torch.ones(cfg["hidden_size"] + 1)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def test_overwrite_keeps_the_old_run_when_the_model_fails_to_load(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run")
+    cases = {
+        "hidden size": "config and weights do not belong together",
+        "fewer layers": "checkpoint has tensors the llama config does not describe",
+        "no tokenizer": "has no tokenizer.json",
+        "broken tokenizer": "cannot be read by `tokenizers`",
+        "final norm": "tensor model.norm.weight has shape [65] but config.json implies [64]",
+    }
+    for damage, message in cases.items():
+        model = damaged_model(tiny.sources[0], tmp_path / "models", damage)
+        refused(capsys, tiny(out, "--overwrite", model=model), message, keep=[out, model])
 
 
 @pytest.mark.parametrize("where", ["model", "inside model", "around model", "data", "inside data"])
