@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ref.config import DTYPES, read_config
-from ref.errors import RefError
+from ref.errors import DiskFull, RefError, disk_full
 from ref.model import Transformer
 from ref.placement import Placement, placement
 from ref.registry import REGISTRY, local_model_dir
@@ -210,8 +210,10 @@ def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torc
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_folder(src, tmp, where, replaced)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half-written folder behind
+        if disk_full(e):
+            raise DiskFull(out) from e
         raise
     if out.exists():
         shutil.rmtree(out)

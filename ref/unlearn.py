@@ -30,7 +30,7 @@ from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_fil
 from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_dir
-from ref.errors import RefError
+from ref.errors import DiskFull, RefError
 from ref.model import Transformer
 from ref.objectives import random_directions
 from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe, ran_tox_balance
@@ -95,19 +95,39 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     state = start_state(plan, model)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, lr=plan.lr)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run.json", run_json)
-    if probes:
-        atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
-    log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
-    save = lambda: atomic_torch_save(ckpt, state.state_dict())  # noqa: E731
-    if checkpoint is None:
-        save()  # step 0: a divergence at the first step still leaves a checkpoint to continue from
-    with stop_on_ctrl_c() as interrupted:
-        stop = lambda k: interrupted() or (stop_after_step is not None and k >= stop_after_step)  # noqa: E731
-        train(run, state, steps, log.append, save, stop, str(ckpt))
-    finish(run, state, data, out, log.rows(), run_json)
+    saved = [state.step] if checkpoint is not None else []  # the steps of the intact checkpoints
+
+    def save() -> None:
+        atomic_torch_save(ckpt, state.state_dict())
+        saved.append(state.step)
+
+    with advice_on_full_disk(ckpt, saved):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", run_json)
+        if probes:
+            atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
+        log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
+        if checkpoint is None:
+            save()  # step 0: a divergence at the first step still leaves a checkpoint to continue from
+        with stop_on_ctrl_c() as interrupted:
+            stop = lambda k: interrupted() or (stop_after_step is not None and k >= stop_after_step)
+            train(run, state, steps, log.append, save, stop, str(ckpt))
+        finish(run, state, data, out, log.rows(), run_json)
     return run, state, data
+
+
+@contextmanager
+def advice_on_full_disk(ckpt: Path, saved: list[int]) -> Iterator:
+    """Inside: a full disk (DiskFull) ends in one line naming what was being written and what is left to resume from:
+    the last checkpoint in `saved` (every write is atomic, so it is intact)."""
+    try:
+        yield
+    except DiskFull as e:
+        if not saved:
+            left = "no checkpoint was written yet: free some space and run again with --overwrite"
+        else:
+            left = f"the checkpoint of step {saved[-1]} in {ckpt} is intact: free some space and rerun with --resume"
+        raise RefError(f"disk full while writing {e.path}; {left}") from e
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -3,6 +3,7 @@ message, and that the files that existed before are byte-identical after (nothin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -208,24 +209,48 @@ def test_read_only_or_full_output_disk_fails_before_training(tiny, capsys, tmp_p
     assert not (tmp_path / "ro").exists() and not (tmp_path / "full").exists()
 
 
+class FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+
 def disk_full_at(step: int):
-    """torch.save that fails with ENOSPC when it writes the checkpoint of `step`."""
+    """torch.save whose writes fail with ENOSPC when it writes the checkpoint of `step` (torch reports that as a
+    RuntimeError raised while handling the OSError)."""
     real = torch.save
 
     def save(obj, f, *a, **k):
-        if obj.get("step") == step:
-            raise OSError(28, "No space left on device")
-        return real(obj, f, *a, **k)
+        return real(obj, FullDisk(f) if obj.get("step") == step else f, *a, **k)
 
     return save
 
 
-def test_disk_filling_up_while_writing_leaves_no_temporary_file(tiny, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "step,left,files",
+    [
+        (2, "the checkpoint of step 1 in {ckpt} is intact: free some space and rerun with --resume", ["checkpoint.pt"]),
+        (0, "no checkpoint was written yet: free some space and run again with --overwrite", []),
+    ],
+)
+def test_disk_filling_up_while_writing_says_what_is_left(tiny, capsys, tmp_path, monkeypatch, step, left, files):
     out = tmp_path / "run"
-    monkeypatch.setattr(torch, "save", disk_full_at(2))
-    refused(capsys, tiny(out), "No space left on device")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]  # no .tmp file
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    ckpt = out / "checkpoint.pt"
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full_at(step))
+        message = f"error: disk full while writing {ckpt}; {left.format(ckpt=ckpt)}"
+        refused(capsys, tiny(out), message, keep=tiny.sources)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["metrics.jsonl", "run.json"])  # no .tmp file
+    if files:
+        assert torch.load(ckpt, weights_only=True)["step"] == 1
+    finished_run(tiny, capsys, out, "--resume" if files else "--overwrite")  # the advice works
 
 
 # ---- resume ----
@@ -360,17 +385,29 @@ def _rows(out):
 
 def test_resume_after_a_full_disk_or_a_kill_is_bit_identical(tiny, capsys, tmp_path, monkeypatch):
     whole = finished_run(tiny, capsys, tmp_path / "whole", max_steps=4, save_every=2)
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    with monkeypatch.context() as m:  # the disk fills up when step 4's checkpoint is written
-        m.setattr(torch, "save", disk_full_at(4))
-        refused(capsys, tiny(full, max_steps=4, save_every=2), "No space left on device")
-    finished_run(tiny, capsys, full, "--resume", max_steps=4, save_every=2)
+    full, full_at_end, killed = tmp_path / "full", tmp_path / "full_at_end", tmp_path / "killed"
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # the disk fills up when step 4's checkpoint is written, or when model/ is, after the last step
+    cases = [
+        (full, torch, "save", disk_full_at(4), "checkpoint.pt", 2),
+        (full_at_end, checkpoint, "_patch_shard", full_disk, "model", 4),
+    ]
+    for out, module, name, failing, written, step in cases:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, failing)
+            message = f"disk full while writing {out / written}; the checkpoint of step {step} in"
+            refused(capsys, tiny(out, max_steps=4, save_every=2), message, "rerun with --resume", keep=tiny.sources)
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        finished_run(tiny, capsys, out, "--resume", max_steps=4, save_every=2)
     # killed after step 3 was logged but before its checkpoint (the last one is step 2)
     finished_run(tiny, capsys, killed, max_steps=2, save_every=2)
     with open(killed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "epoch": 0, "loss": 123.0}) + "\n")
     finished_run(tiny, capsys, killed, "--resume", max_steps=4, save_every=2)
-    for out in (full, killed):
+    for out in (full, full_at_end, killed):
         assert _rows(out) == _rows(whole)
         assert (out / "updated.safetensors").read_bytes() == (whole / "updated.safetensors").read_bytes()
 
