@@ -334,10 +334,24 @@ def test_lr_1e30_stops_with_a_finite_checkpoint_from_before(tiny, capsys, tmp_pa
     assert json.loads((out / "run.json").read_text())["resumes"][-1]["changed"] == {"lr": [1e30, 1e-2]}
 
 
-def test_huge_steering_names_a_checkpoint_that_exists(tiny, capsys, tmp_path):
-    out = tmp_path / "run"
-    err = refused(capsys, tiny(out, method="rmu", steering=1e30), "step 1 diverged: loss is not finite")
-    assert "checkpoint of step 0" in err and (out / "checkpoint.pt").is_file()
+@pytest.mark.parametrize(
+    "options,cause",
+    [
+        (dict(method="rmu", steering=1e30), "--steering 1e+30 is too large: eq. 2 overflows float32"),
+        (dict(method="adaptive-rmu", beta=1e30), "--beta 1e+30 (c = "),
+        (dict(method="rmu", alpha=1e39), "--alpha 1e+39 is too large: eq. 1 overflows float32"),
+        (dict(method="ours", alpha=1e39), "--alpha 1e+39 is too large"),
+    ],
+)
+def test_divergence_names_the_option_that_caused_it(tiny, capsys, tmp_path, options, cause):
+    err = refused(
+        capsys,
+        tiny(tmp_path / "run", **options),
+        "step 1 diverged: loss is not finite",
+        cause,
+        "whatever the learning rate; start again with a smaller one and --overwrite",
+    )
+    assert "--lr" not in err  # a lower learning rate would diverge again
 
 
 # ---- what a user can cause at start-up ----
