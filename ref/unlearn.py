@@ -44,6 +44,7 @@ from ref.runlog import (
     atomic_write_text,
     check_replaceable,
     clear_run_folder,
+    read_metrics,
     read_run_json,
     write_json,
 )
@@ -193,9 +194,17 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
         listed = ", ".join(f"{option_name(k)} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
         raise RefError(f"--resume with settings that shape the run changed: {listed}; use the original values, or "
                        "start a new run in another --out")  # fmt: skip
+    lr_before, lr_now = before.get("lr"), plan.lr
+    if lr_before is not None and lr_now > lr_before:
+        raise RefError(
+            f"--resume with --lr {lr_now:g}, higher than the run's {lr_before:g}: a resumed run may only lower the "
+            "learning rate (after a divergence); to train at a higher one, start a new run in another --out"
+        )
     if tensors != set(plan.tensors):
         raise RefError(f"{ckpt} holds {sorted(tensors)}, not the plan's tensors: it belongs to another run; start "
                        "again with --overwrite")  # fmt: skip
+    if (out / "metrics.jsonl").is_file():
+        read_metrics(out / "metrics.jsonl")  # a damaged line is refused here, before run.json records the resume
     if step > n_steps:
         raise RefError(f"the checkpoint is at step {step} but this plan has {n_steps} steps; raise --max-steps or "
                        "--epochs to at least that")  # fmt: skip
@@ -206,8 +215,8 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     return state, history
 
 
-# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence, more steps,
-# how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
+# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence (never a higher
+# one), more steps, how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
 RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
              "eval_greedy", "log_samples"}  # fmt: skip
 

@@ -310,6 +310,21 @@ def test_resume_of_a_damaged_run_says_what_to_do(tiny, capsys, tmp_path, damage)
     refused(capsys, tiny(out, "--resume"), message, keep=[out])
 
 
+def test_resume_refuses_a_higher_lr_and_a_damaged_metrics_log_without_writing(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(U.parse_args(tiny(out, max_steps=4)), stop_after_step=2)
+    refused(
+        capsys,
+        tiny(out, "--resume", max_steps=4, lr=0.1),
+        "--resume with --lr 0.1, higher than the run's 0.01: a resumed run may only lower the learning rate",
+        keep=[out],
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")  # the first of two lines cut
+    refused(capsys, tiny(out, "--resume", max_steps=4), "metrics.jsonl line 1 is not JSON", keep=[out])
+
+
 def test_resume_and_overwrite_together(tiny, capsys, tmp_path):
     refused(capsys, tiny(tmp_path / "run", "--resume", "--overwrite"), "contradict each other")
 
