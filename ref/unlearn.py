@@ -33,7 +33,18 @@ from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_di
 from ref.errors import DiskFull, RefError
 from ref.model import Transformer
 from ref.objectives import random_directions
-from ref.plan import BALANCE_WORDS, GOALS, METHODS, TOX_BALANCES, Plan, Settings, as_dict, describe, ran_tox_balance
+from ref.plan import (
+    BALANCE_WORDS,
+    EVAL_SAMPLES,
+    GOALS,
+    METHODS,
+    TOX_BALANCES,
+    Plan,
+    Settings,
+    as_dict,
+    describe,
+    ran_tox_balance,
+)
 from ref.plan import resolve as resolve_plan
 from ref.probe import Probe, fit_layer_probes
 from ref.registry import REGISTRY
@@ -406,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--save-every", type=int, default=Settings.save_every, help="checkpoint every N steps")
     a("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
     a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
-    a("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
+    a("--eval-samples", type=int, default=None, help=f"samples per toxicity prompt (default {EVAL_SAMPLES})")
     a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
     a("--log-samples", action="store_true", help="evaluation: also write samples.jsonl, one row a question / prompt")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")

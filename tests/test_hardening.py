@@ -188,6 +188,17 @@ def test_options_that_would_be_ignored_are_refused(tiny, capsys, tmp_path, optio
     refused(capsys, tiny(tmp_path / "run", **options), message)
 
 
+def test_eval_samples_with_eval_greedy_is_refused(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        tiny(out, "--eval-greedy", eval_samples=5),
+        "--eval-samples 5 and --eval-greedy contradict each other",
+        keep=tiny.sources,
+    )
+    assert not out.exists()
+
+
 # ---- --out checked up front ----
 
 
