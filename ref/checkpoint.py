@@ -7,6 +7,7 @@ close to one copy of the model. Source files are only ever read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +98,17 @@ def shard_files(folder: Path) -> dict[str, Path]:
         raise RefError(f"{folder} has neither {INDEX} nor {SINGLE}: ref loads Hugging Face safetensors checkpoints")
     with _open(single) as f:
         return {k: single for k in f.keys()}
+
+
+def model_identity(folder: Path) -> dict:
+    """What tells one model's files from another's without reading the weights: the folder (symlinks resolved: a hub
+    snapshot's path holds its revision), the sha256 of config.json, and each shard's size and modification time."""
+    shards = sorted(set(shard_files(folder).values()))
+    return dict(
+        folder=os.path.realpath(folder),
+        config_sha256=hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        shards={p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in shards},
+    )
 
 
 def _open(path: Path):

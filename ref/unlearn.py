@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ref import validate
-from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
+from ref.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
 from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, prepared_hub_dir, resolve_data_dir
@@ -92,6 +92,7 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
         versions=versions(),
         steps=len(steps),
         model_type=model.config.model_type,
+        source=model_identity(folder),
         resumes=resumes,
     )
     probes = fit_probes(plan, model, tok, data)
