@@ -110,7 +110,7 @@ def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | No
 def folder_names(models: list[str]) -> dict[str, str]:
     """Each model's folder under --out: an alias as is, a hub id with '/' as '--', a local folder by its last path
     component, or by as many of its last components (joined by '--') as tell it from the others."""
-    local = {m: Path(os.path.abspath(Path(m).expanduser())).parts for m in models if Path(m).expanduser().is_dir()}
+    local = {m: Path(os.path.abspath(Path(m).expanduser())).parts[1:] for m in models if Path(m).expanduser().is_dir()}
     for k in range(1, max(map(len, local.values()), default=1) + 1):
         names = {m: "--".join(local[m][-k:]) if m in local else m.replace("/", "--") for m in models}
         if len(set(names.values())) == len(models):

@@ -100,3 +100,10 @@ def test_table1_reuses_a_run_only_for_its_own_model_and_settings(tiny_dirs, data
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"holds a run of {a} whose files changed since (config.json or a shard)" in err
     assert hashes(one) == kept
+
+
+def test_folder_names_tell_models_of_the_same_name_apart(tmp_path):
+    (tmp_path / "y" / "tmp").mkdir(parents=True)
+    models = ["/tmp", str(tmp_path / "y" / "tmp"), "smollm2-135m", "org/name"]
+    names = table1.folder_names(models)
+    assert names == {"/tmp": "tmp", models[1]: "y--tmp", "smollm2-135m": "smollm2-135m", "org/name": "org--name"}
