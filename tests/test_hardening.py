@@ -414,6 +414,18 @@ def test_manifest_paths_outside_the_data_folder(tiny, capsys, tmp_path):
     finished_run(tiny, capsys, tmp_path / "allowed", "--allow-data-outside", data=escaped)
 
 
+def test_held_out_text_equal_to_a_trained_one_up_to_whitespace(tiny, capsys, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny.sources[1], data)
+    text = json.loads((data / "retain" / "general.jsonl").read_text().splitlines()[0])["text"]
+    (data / "heldout.jsonl").write_text(json.dumps({"text": " " + text.replace(" ", "\n  ") + "\t"}) + "\n")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["wmdp"]["eval_perplexity"] = "heldout.jsonl"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    message = "wmdp.eval_perplexity holds 1 text(s) that the training reads too, up to whitespace"
+    refused(capsys, tiny(tmp_path / "run", data=data), message, keep=[data])
+
+
 # ---- what was already good stays good ----
 
 
