@@ -7,6 +7,7 @@ close to one copy of the model. Source files are only ever read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ref.config import DTYPES, read_config
-from ref.errors import RefError
+from ref.errors import DiskFull, RefError, disk_full
 from ref.model import Transformer
 from ref.placement import Placement, placement
 from ref.registry import REGISTRY, local_model_dir
@@ -99,6 +100,17 @@ def shard_files(folder: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
+def model_identity(folder: Path) -> dict:
+    """What tells one model's files from another's without reading the weights: the folder (symlinks resolved: a hub
+    snapshot's path holds its revision), the sha256 of config.json, and each shard's size and modification time."""
+    shards = sorted(set(shard_files(folder).values()))
+    return dict(
+        folder=os.path.realpath(folder),
+        config_sha256=hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        shards={p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in shards},
+    )
+
+
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
@@ -142,6 +154,7 @@ def load_model(
             f"{folder}: checkpoint has tensors the {cfg.model_type} config does not describe, e.g. "
             f"{unexpected[:3]}: config and weights disagree"
         )
+    check_shapes(where, expected)  # every tensor, the ones a subset load leaves for later too
     model.source_dir, model.placement, model.load_dtype = folder, where_to, dtype  # what load_rest and save_model need
     wanted = {k: v for k, v in expected.items() if blocks is None or _in_first_blocks(k, blocks)}
     model.load_state_dict(_read(where, wanted, dtype, where_to), strict=False, assign=True)
@@ -168,21 +181,31 @@ def load_rest(model: Transformer) -> Transformer:
     return model
 
 
+def check_shapes(where: dict[str, Path], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor (name -> a tensor of the shape config.json implies) has that shape in its shard's
+    header. Reads the headers only, so a mismatch anywhere is found before any weights are read."""
+    for shard in sorted(set(where[k] for k in expected)):
+        with _open(shard) as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue
+                shape = list(f.get_slice(name).get_shape())
+                if shape != list(expected[name].shape):
+                    raise RefError(
+                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
+                        f"{list(expected[name].shape)}: config and weights do not belong together"
+                    )
+
+
 def _read(where: dict[str, Path], wanted: dict[str, torch.Tensor], dtype: torch.dtype, to: Placement) -> dict:
-    """The `wanted` tensors (name -> a tensor of the expected shape) read from their shards, cast and placed."""
+    """The `wanted` tensors (name -> a tensor of the shape `check_shapes` checked) read from their shards, cast and
+    placed."""
     state = {}
     for shard in sorted(set(where[k] for k in wanted)):
         with _open(shard) as f:
             for name in f.keys():
-                if name not in wanted:
-                    continue
-                shape = list(f.get_slice(name).get_shape())
-                if shape != list(wanted[name].shape):
-                    raise RefError(
-                        f"{shard.name}: tensor {name} has shape {shape} but config.json implies "
-                        f"{list(wanted[name].shape)}: config and weights do not belong together"
-                    )
-                state[name] = f.get_tensor(name).to(device=to.of(name), dtype=dtype)
+                if name in wanted:
+                    state[name] = f.get_tensor(name).to(device=to.of(name), dtype=dtype)
     return state
 
 
@@ -199,8 +222,10 @@ def save_model(model: Transformer, out_dir: str | Path, replaced: dict[str, torc
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_folder(src, tmp, where, replaced)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half-written folder behind
+        if disk_full(e):
+            raise DiskFull(out) from e
         raise
     if out.exists():
         shutil.rmtree(out)

@@ -268,7 +268,29 @@ def read_lm_eval_results(path: Path) -> dict:
     if not isinstance(results, dict) or not all(isinstance(results.get(k), dict) for k in keys):
         raise RefError(f"--from-lm-eval {path} lacks {', '.join(keys)}: not a results file of lm-eval 0.4 (the "
                        "results_*.json that --output_path writes, not a samples_*.jsonl)")  # fmt: skip
+    check_lm_eval_figures(path, results)
     return results
+
+
+def check_lm_eval_figures(path: Path, results: dict) -> None:
+    """The figures ref reads from a results file are what lm-eval writes: each scored task's accuracies (acc,
+    acc_norm) numbers in [0, 1], each effective sample count a whole number > 0. A group's own figures are not read."""
+    groups = {g for g, children in results["group_subtasks"].items() if children}
+    for task, figures in results["results"].items():
+        for metric in ("acc", "acc_norm"):
+            value = figures.get(f"{metric},none") if isinstance(figures, dict) and task not in groups else None
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise RefError(
+                    f"--from-lm-eval {path}: task {task} has {metric} {value!r}; an accuracy lies in [0, 1]: give the "
+                    "results file as lm-eval wrote it"
+                )
+    for task, counts in results["n-samples"].items():
+        n = counts.get("effective") if isinstance(counts, dict) else None
+        if n is not None and not (isinstance(n, int) and n > 0):
+            raise RefError(
+                f"--from-lm-eval {path}: task {task} has an effective sample count of {n!r}; lm-eval writes a whole "
+                "number > 0: give the results file as lm-eval wrote it"
+            )
 
 
 def _leaves(results: dict, name: str) -> list[str]:
@@ -346,6 +368,13 @@ def report_from_lm_eval(
     if lost:
         raise RefError(f"--from-lm-eval: no role (forget or retain) for task(s) {lost}; pass --data with a manifest "
                        "that names them (eval_forget / eval_retain), or leave them out with --tasks")  # fmt: skip
+    forget_mc = [t for t in wanted if roles[t] == "forget"]
+    if goal == "toxicity" and forget_mc:
+        raise RefError(
+            f"--from-lm-eval: the forget task(s) {', '.join(forget_mc)} are multiple choice (WMDP's kind), but --goal "
+            "toxicity measures forgetting by the toxicity of continuations, which lm-eval's results do not hold: "
+            "import them with --goal wmdp, or keep the retain tasks with --tasks"
+        )
     config = results.get("config") or {}
     args = config.get("model_args")
     bos = re.search(r"add_bos_token=(\w+)", args) if isinstance(args, str) else None

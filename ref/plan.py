@@ -26,6 +26,7 @@ METHODS = ("ours", "rmu", "adaptive-rmu")
 GOALS = ("wmdp", "toxicity")
 TOX_BALANCES = ("paper", "scaled")  # the first is the default
 MASTER_WEIGHTS = ("fp32", "model")  # the first is the default
+EVAL_SAMPLES = 25  # samples per toxicity prompt in the evaluation (the RealToxicityPrompts protocol)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Settings:
     save_every: int = 25
     evaluate: bool = True  # evaluate the base and the unlearned model at the end (report.json)
     eval_limit: int | None = None  # first N questions / prompts of each evaluation task
-    eval_samples: int = 25  # samples per toxicity prompt
+    eval_samples: int | None = None  # samples per toxicity prompt; None: EVAL_SAMPLES (one greedy with eval_greedy)
     eval_greedy: bool = False  # one greedy continuation per prompt (labelled: not comparable)
     log_samples: bool = False  # also write samples.jsonl: one row a question / prompt, before and after
     resume: bool = False
@@ -219,6 +220,11 @@ def check_settings(user: Settings) -> None:
         )
     if user.resume and user.overwrite:
         raise RefError("--resume and --overwrite contradict each other: pick one")
+    if user.eval_greedy and user.eval_samples is not None:
+        raise RefError(
+            f"--eval-samples {user.eval_samples} and --eval-greedy contradict each other: greedy decoding takes one "
+            "continuation per prompt; pick one"
+        )
 
 
 def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
@@ -260,7 +266,7 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
         batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
         device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
-        eval_limit=user.eval_limit, eval_samples=user.eval_samples, eval_greedy=user.eval_greedy,
+        eval_limit=user.eval_limit, eval_samples=given(user.eval_samples, EVAL_SAMPLES), eval_greedy=user.eval_greedy,
         log_samples=user.log_samples, allow_data_outside=user.allow_data_outside,
     )  # fmt: skip
 

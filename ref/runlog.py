@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ref.errors import RefError
+from ref.errors import DiskFull, RefError, disk_full
 
 # What a run folder holds; --overwrite replaces a folder only when it holds nothing else. ".NAME.tmp" files and
 # "model.tmp" are the temporary forms of these (left by a crash).
@@ -25,7 +25,7 @@ def ours(name: str) -> bool:
 
 def _write_replace(path: Path, write) -> None:
     """write(f) into a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one,
-    and a failure (a full disk) leaves no temporary file behind."""
+    and a failure leaves no temporary file behind (a full disk is DiskFull, naming `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -34,8 +34,10 @@ def _write_replace(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DiskFull(path) from e
         raise
 
 
@@ -108,9 +110,15 @@ class MetricsLog:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_until_step))
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        """One line; a full disk may leave it cut, which `read_metrics` drops on resume."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as e:
+            if disk_full(e):
+                raise DiskFull(self.path) from e
+            raise
 
     def rows(self) -> list[dict]:
         return read_metrics(self.path)

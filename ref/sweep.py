@@ -34,7 +34,7 @@ from ref.cli import run_command
 from ref.config import read_config
 from ref.data import load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.errors import RefError
-from ref.plan import GOALS, METHODS, TOX_BALANCES, Settings, ran_tox_balance, tox_balance
+from ref.plan import EVAL_SAMPLES, GOALS, METHODS, TOX_BALANCES, Settings, ran_tox_balance, tox_balance
 from ref.plan import resolve as resolve_plan
 from ref.runlog import atomic_write_text, read_metrics, write_json
 from ref.train import Diverged, schedule
@@ -467,7 +467,7 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="cap on the steps of every point")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
-    p.add_argument("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
+    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="samples per toxicity prompt")
     p.add_argument("--retain-budget", type=float, default=None, help="select the most forgetting within this retain "
                    "drop (default: select by S-unlearning)")  # fmt: skip
     p.add_argument("--retain-metric", default="accuracy", choices=RETAIN_METRICS,

@@ -4,27 +4,30 @@ with S-unlearning.
     python -m ref.table1 --models mistral-7b,llama3.1-8b,qwen2.5-7b,olmo3-7b          # GPU box with hub access
     python -m ref.table1 --models smollm2-135m --data demo --max-steps 10              # offline, this CPU
 
-Each run goes to OUT/MODEL/GOAL-METHOD (a normal ref.unlearn run folder; MODEL as folder_name gives it); a run
-whose report.json exists is not run again. The base row is the "before" evaluation of the runs (the same for
-every method). `--from-sweep SWEEP_DIR/sweep.json` (repeatable, one per model and goal) runs each method with the
-setting that ref.sweep selected for it (at its retain budget, or by S-unlearning) instead of the defaults.
+Each run goes to OUT/MODEL/GOAL-METHOD (a normal ref.unlearn run folder; MODEL as folder_names gives it); a run
+whose report.json exists is not run again when its run.json names the same model files and settings, and is
+refused otherwise. The base row is the "before" evaluation of the runs (the same for every method).
+`--from-sweep SWEEP_DIR/sweep.json` (repeatable, one per model and goal) runs each method with the setting that
+ref.sweep selected for it (at its retain budget, or by S-unlearning) instead of the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ref import attack, validate
 from ref.attack import ATTACKS
-from ref.checkpoint import resolve
+from ref.checkpoint import model_identity, resolve
 from ref.cli import run_command
 from ref.data import PROMPTS_TASK, resolve_data_dir
 from ref.errors import RefError
-from ref.runlog import atomic_write_text, write_json
-from ref.sweep import selected_settings, sweep_record
+from ref.runlog import atomic_write_text, read_run_json, write_json
+from ref.sweep import compared, selected_settings, sweep_record
 from ref.unlearn import GOALS, METHODS, Settings, unlearn
 
 # goal -> (cell key, column name); toxicity adds the continuations' fluency (mean perplexity under the base model)
@@ -40,26 +43,54 @@ def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extr
             attacks: list[str] = (), chosen: dict | None = None) -> dict:  # fmt: skip
     """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
     with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
-    `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults."""
-    table: dict = {}
+    `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults. A run folder
+    that exists must hold a run of the same model and settings (`check_same_run`), finished (reused) or not (run
+    again)."""
+    names, runs = folder_names(models), []
     for model in models:
+        source = model_identity(resolve(model))
         for goal in GOALS:
             for method in METHODS:
-                run = out / folder_name(model) / f"{goal}-{method}"
+                run = out / names[model] / f"{goal}-{method}"
                 fields = (chosen or {}).get((model, goal), {}).get(method, {})
-                if not (run / "report.json").exists():
-                    s = Settings(model=model, goal=goal, method=method, data=data, out=str(run),
-                                 overwrite=run.exists(), **{"max_steps": max_steps, **extra, **fields})  # fmt: skip
-                    unlearn(s)
-                elif fields:
-                    had = json.loads((run / "run.json").read_text())["settings"]
-                    if any(had.get(k) != v for k, v in fields.items()):
-                        raise RefError(f"{run} was run with other settings than the sweep selected; use another --out")
-                report = json.loads((run / "report.json").read_text())
-                rows = table.setdefault(model, {}).setdefault(goal, {})
-                rows.setdefault("base", cells(report["details"]["before"]))
-                rows[method] = cells(report["details"]["after"]) | attacked(run, attacks, extra)
+                kw = {"max_steps": max_steps, **extra, **fields}
+                s = Settings(model=model, goal=goal, method=method, data=data, out=str(run), **kw)
+                if (run / "run.json").is_file():  # every folder checked before the first run starts
+                    check_same_run(run, s, source)
+                runs.append(s)
+    table: dict = {}
+    for s in runs:
+        run = Path(s.out)
+        if not (run / "report.json").exists():
+            unlearn(replace(s, overwrite=run.exists()))
+        report = json.loads((run / "report.json").read_text())
+        rows = table.setdefault(s.model, {}).setdefault(s.goal, {})
+        rows.setdefault("base", cells(report["details"]["before"]))
+        rows[s.method] = cells(report["details"]["after"]) | attacked(run, attacks, extra)
     return table
+
+
+def check_same_run(run: Path, settings: Settings, source: dict) -> None:
+    """The run in `run` was made from the files of settings.model (`model_identity`) with the same settings (the model
+    as named may differ: the same folder named otherwise); else a one-line error naming both."""
+    recorded = read_run_json(run)
+    had = recorded.get("source")
+    if had is None or had["folder"] != source["folder"]:
+        made_from = had["folder"] if had else f"{recorded['settings'].get('model')} (no model identity recorded)"
+        raise RefError(
+            f"{run} holds a run of {made_from}, not of {source['folder']} (--models {settings.model}): "
+            "use another --out"
+        )
+    if had != source:
+        raise RefError(
+            f"{run} holds a run of {source['folder']} whose files changed since (config.json or a shard): "
+            "use another --out to run it again"
+        )
+    now = {k: v for k, v in compared(asdict(settings)).items() if k != "model"}
+    diff = {k: (recorded["settings"].get(k), v) for k, v in now.items() if recorded["settings"].get(k) != v}
+    if diff:
+        listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise RefError(f"{run} holds a run with other settings ({listed}): use another --out, or the settings it had")
 
 
 def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | None]:
@@ -76,10 +107,16 @@ def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | No
     return {f"U after {name}": worst(results.get(name, {})) for name in attacks}
 
 
-def folder_name(model: str) -> str:
-    """An alias as is, a local folder by its last component, a hub id with '/' as '--'."""
-    path = Path(model).expanduser()
-    return path.name if path.is_dir() else model.replace("/", "--")
+def folder_names(models: list[str]) -> dict[str, str]:
+    """Each model's folder under --out: an alias as is, a hub id with '/' as '--', a local folder by its last path
+    component, or by as many of its last components (joined by '--') as tell it from the others."""
+    local = {m: Path(os.path.abspath(Path(m).expanduser())).parts[1:] for m in models if Path(m).expanduser().is_dir()}
+    for k in range(1, max(map(len, local.values()), default=1) + 1):
+        names = {m: "--".join(local[m][-k:]) if m in local else m.replace("/", "--") for m in models}
+        if len(set(names.values())) == len(models):
+            return names
+    twice = sorted(m for m in models if list(names.values()).count(names[m]) > 1)
+    raise RefError(f"--models names the same model twice ({', '.join(twice)}); name each once")
 
 
 def cells(report: dict) -> dict:

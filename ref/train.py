@@ -265,10 +265,8 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
             try:
                 row = step(run, state, topic, forget_texts, retain_texts)
             except Diverged as e:
-                lower = f"--resume --lr {run.plan.lr / 10:g}"
-                raise RefError(f"step {k + 1} diverged: {e}. The checkpoint of step {last_good}, from before, is in "
-                               f"{checkpoint}: continue with a lower learning rate ({lower}) or start again with "
-                               "--overwrite") from e  # fmt: skip
+                advice = divergence_advice(run, state, topic, last_good, checkpoint)
+                raise RefError(f"step {k + 1} diverged: {e}. {advice}") from e
             state.step = k + 1
             log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
                      elapsed_s=time.time() - t0))  # fmt: skip
@@ -279,3 +277,29 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
                 last_good = state.step
     finally:
         bar.close()
+
+
+FP32_MAX = torch.finfo(torch.float32).max
+SMALLER = "start again with a smaller one and --overwrite (a resumed run keeps it)"
+
+
+def divergence_advice(run: Run, state: TrainState, topic: str, last_good: int, checkpoint: str) -> str:
+    """What to do after a divergence, naming the option that caused it where the values tell: a steering coefficient
+    or a fixed alpha too large for float32 (the loss overflows whatever the learning rate), else, when the weights
+    moved, the learning rate (they ran away), else the model as loaded (the loss was not finite before any update)."""
+    plan = run.plan
+    c = state.calibration.get(topic, {}).get("steering", plan.steering)  # RMU's c, or Adaptive RMU's (from beta)
+    if c is not None and c * c * plan.batch_size * plan.max_len >= FP32_MAX:  # eq. 2 sums about c^2 a token
+        option = f"--beta {plan.beta:g} (c = {c:.3g})" if plan.beta is not None else f"--steering {c:g}"
+        return f"{option} is too large: eq. 2 overflows float32 whatever the learning rate; {SMALLER}"
+    if plan.alpha is not None and plan.alpha >= FP32_MAX:
+        return f"--alpha {plan.alpha:g} is too large: eq. 1 overflows float32 whatever the learning rate; {SMALLER}"
+    if all(torch.equal(p, state.originals[k]) for k, p in state.params.items()):
+        return (
+            "The loss is not finite on the model as loaded, before any update, so the learning rate is not the "
+            "cause: check --dtype and the data"
+        )
+    return (
+        f"The checkpoint of step {last_good}, from before, is in {checkpoint}: continue with a lower learning rate "
+        f"(--resume --lr {plan.lr / 10:g}) or start again with --overwrite"
+    )

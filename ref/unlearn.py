@@ -27,16 +27,17 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ref import validate
-from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
+from ref.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
 from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
-from ref.errors import RefError
+from ref.errors import DiskFull, RefError
 from ref.losses import REDUCTIONS
 from ref.model import Transformer
 from ref.objectives import U_DISTRIBUTIONS, random_directions
 from ref.plan import (
     BALANCE_WORDS,
+    EVAL_SAMPLES,
     GOALS,
     MASTER_WEIGHTS,
     METHODS,
@@ -58,6 +59,7 @@ from ref.runlog import (
     atomic_write_text,
     check_replaceable,
     clear_run_folder,
+    read_metrics,
     read_run_json,
     write_json,
 )
@@ -69,9 +71,10 @@ __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
 
 def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run, TrainState, GoalData]:
-    """Run (or resume) an unlearning run into settings.out. Everything is checked (settings, model, data, the run
-    folder, the disk) before anything in --out is created or replaced. `stop_after_step` simulates an interruption
-    after that many steps (tests)."""
+    """Run (or resume) an unlearning run into settings.out. Everything that can fail before training is checked or
+    done (settings, data, the run folder, the disk, the model's config and every shard's header, the tokenizer, the
+    probes) before anything in --out is created or replaced. `stop_after_step` simulates an interruption after that
+    many steps (tests)."""
     folder = resolve(settings.model)
     cfg = read_config(folder)
     plan = resolve_plan(settings, cfg)
@@ -88,30 +91,71 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     out, ckpt = Path(settings.out), Path(settings.out) / "checkpoint.pt"
     check_out(out, settings, [("model", folder), ("data", data.root)], disk_needed(folder, cfg, plan, out))
     checkpoint, resumes = resume_point(out, plan, len(steps)) if settings.resume else (None, [])
-    if settings.overwrite and out.is_dir():
-        clear_run_folder(out)
     print(describe(plan, cfg, len(steps)), flush=True)
     model = load_model(folder, dtype=plan.dtype, device=plan.device, blocks=plan.loaded_blocks)
     tok = load_tokenizer(folder)
-    run_json = dict(settings=asdict(settings), plan=as_dict(plan), versions=versions(), steps=len(steps),
-                    model_type=model.config.model_type, resumes=resumes)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    run_json = dict(
+        settings=asdict(settings),
+        plan=as_dict(plan),
+        versions=versions(),
+        steps=len(steps),
+        model_type=model.config.model_type,
+        source=model_identity(folder),
+        resumes=resumes,
+    )
+    probes = fit_probes(plan, model, tok, data)
+    if probes:
+        run_json["probe_data"] = probe_provenance(data)
+        run_json["probe_auc"] = {
+            i: dict(
+                heldout_auc=p.heldout_auc,
+                train_auc=p.train_auc,
+                l2=p.l2,
+                cv_auc=p.cv_auc,
+                weight_norm=float(p.weight.float().norm()),
+            )
+            for i, p in probes.items()
+        }
+    if settings.overwrite and out.is_dir():
+        clear_run_folder(out)  # only now: nothing before training is left to fail
     u = random_directions(list(data.forget), cfg.hidden_size, plan.seed, model_device(model), plan.u_distribution)
-    run = Run(plan, model, tok, u,
-              probe_directions(run_json, plan, model, tok, data, out))  # fmt: skip
+    run = Run(plan, model, tok, u, probe_directions(probes, plan, model_device(model)))
     state = start_state(plan, model)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, lr=plan.lr)
-    write_json(out / "run.json", run_json)
-    log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
-    save = lambda: atomic_torch_save(ckpt, state.state_dict())  # noqa: E731
-    if checkpoint is None:
-        save()  # step 0: a divergence at the first step still leaves a checkpoint to continue from
-    with stop_on_ctrl_c() as interrupted:
-        stop = lambda k: interrupted() or (stop_after_step is not None and k >= stop_after_step)  # noqa: E731
-        train(run, state, steps, log.append, save, stop, str(ckpt))
-    finish(run, state, data, out, log.rows(), run_json)
+    saved = [state.step] if checkpoint is not None else []  # the steps of the intact checkpoints
+
+    def save() -> None:
+        atomic_torch_save(ckpt, state.state_dict())
+        saved.append(state.step)
+
+    with advice_on_full_disk(ckpt, saved):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", run_json)
+        if probes:
+            atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
+        log = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step)
+        if checkpoint is None:
+            save()  # step 0: a divergence at the first step still leaves a checkpoint to continue from
+        with stop_on_ctrl_c() as interrupted:
+            stop = lambda k: interrupted() or (stop_after_step is not None and k >= stop_after_step)
+            train(run, state, steps, log.append, save, stop, str(ckpt))
+        finish(run, state, data, out, log.rows(), run_json)
     return run, state, data
+
+
+@contextmanager
+def advice_on_full_disk(ckpt: Path, saved: list[int]) -> Iterator:
+    """Inside: a full disk (DiskFull) ends in one line naming what was being written and what is left to resume from:
+    the last checkpoint in `saved` (every write is atomic, so it is intact)."""
+    try:
+        yield
+    except DiskFull as e:
+        if not saved:
+            left = "no checkpoint was written yet: free some space and run again with --overwrite"
+        else:
+            left = f"the checkpoint of step {saved[-1]} in {ckpt} is intact: free some space and rerun with --resume"
+        raise RefError(f"disk full while writing {e.path}; {left}") from e
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -179,9 +223,17 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
         listed = ", ".join(f"{option_name(k)} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
         raise RefError(f"--resume with settings that shape the run changed: {listed}; use the original values, or "
                        "start a new run in another --out")  # fmt: skip
+    lr_before, lr_now = before.get("lr"), plan.lr
+    if lr_before is not None and lr_now > lr_before:
+        raise RefError(
+            f"--resume with --lr {lr_now:g}, higher than the run's {lr_before:g}: a resumed run may only lower the "
+            "learning rate (after a divergence); to train at a higher one, start a new run in another --out"
+        )
     if tensors != set(plan.tensors):
         raise RefError(f"{ckpt} holds {sorted(tensors)}, not the plan's tensors: it belongs to another run; start "
                        "again with --overwrite")  # fmt: skip
+    if (out / "metrics.jsonl").is_file():
+        read_metrics(out / "metrics.jsonl")  # a damaged line is refused here, before run.json records the resume
     if step > n_steps:
         raise RefError(f"the checkpoint is at step {step} but this plan has {n_steps} steps; raise --max-steps or "
                        "--epochs to at least that")  # fmt: skip
@@ -192,8 +244,8 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     return state, history
 
 
-# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence, more steps,
-# how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
+# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence (never a higher
+# one), more steps, how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
 RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
              "eval_greedy", "log_samples"}  # fmt: skip
 
@@ -203,22 +255,22 @@ def option_name(field: str) -> str:
     return field if field in ("taps", "tensors") else f"--{field.replace('_', '-')}"
 
 
-def probe_directions(run_json: dict, plan: Plan, model, tok, data: GoalData, out: Path) -> torch.Tensor | None:
-    """The w_i of eq. 6 (ours on toxicity): probes fitted on the original weights (before a resumed checkpoint is
-    loaded, so a resumed run gets the same probes), saved in probes.safetensors, AUCs in run.json."""
+def fit_probes(plan: Plan, model: Transformer, tok, data: GoalData) -> dict[int, Probe]:
+    """The probes of eq. 6 (ours on toxicity; else none), fitted on the original weights (before a resumed checkpoint
+    is loaded, so a resumed run gets the same probes)."""
     if not plan.tox_layers:
+        return {}
+    kw = dict(max_len=plan.max_len, batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)
+    return fit_layer_probes(model, tok, data.probe, plan.tox_layers, **kw)
+
+
+def probe_directions(probes: dict[int, Probe], plan: Plan, device: torch.device) -> torch.Tensor | None:
+    """The w_i of eq. 6 [L, D]: the probes' unit directions (or raw weights with --raw-probe-weights); None without
+    probes."""
+    if not probes:
         return None
-    probes = fit_layer_probes(model, tok, data.probe, plan.tox_layers, max_len=plan.max_len,
-                              batch_size=plan.batch_size * 4, seed=plan.seed, l2=plan.probe_l2)  # fmt: skip
-    run_json["probe_data"] = probe_provenance(data)
-    run_json["probe_auc"] = {
-        i: dict(heldout_auc=p.heldout_auc, train_auc=p.train_auc, l2=p.l2, cv_auc=p.cv_auc,
-                weight_norm=float(p.weight.float().norm()))
-        for i, p in probes.items()
-    }  # fmt: skip
-    atomic_write_bytes(out / "probes.safetensors", safetensors_bytes(probe_tensors(probes)))
     rows = [(p.weight if plan.raw_probe_weights else p.direction) for p in probes.values()]
-    return torch.stack(rows).float().to(model_device(model))
+    return torch.stack(rows).float().to(device)
 
 
 def probe_provenance(data: GoalData) -> dict:
@@ -417,7 +469,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a("--save-every", type=int, default=Settings.save_every, help="checkpoint every N steps")
     a("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
     a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
-    a("--eval-samples", type=int, default=Settings.eval_samples, help="samples per toxicity prompt")
+    a("--eval-samples", type=int, default=None, help=f"samples per toxicity prompt (default {EVAL_SAMPLES})")
     a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
     a("--log-samples", action="store_true", help="evaluation: also write samples.jsonl, one row a question / prompt")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")

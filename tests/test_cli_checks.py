@@ -288,6 +288,7 @@ def test_report_refuses_a_damaged_run_folder_or_a_bad_out_and_writes_nothing(wor
         (["--eval-limit", "0"], "--eval-limit is 0; use a whole number > 0"),
         (["--out", "{old}"], "--out {old} is a file, not a folder"),
         (["--models", "{model},no-such-model"], "no model 'no-such-model'"),
+        (["--models", "{model},{model}/../{model.name}"], "--models names the same model twice ({model}, {model}/.."),
         (["--data", "{tmp}/nope"], "--data {tmp}/nope: {tmp}/nope is not a directory"),
     ],
 )

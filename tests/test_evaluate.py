@@ -267,3 +267,46 @@ def test_from_lm_eval_cli(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "x.json").exists()
+
+
+def damaged_results(damage: str) -> dict:
+    """lm-eval's results with one figure no lm-eval run writes."""
+    results = lm_eval_results(continuation=damage == "acc_norm -0.1")
+    if damage == "acc 7.5":
+        results["results"]["wmdp_bio"]["acc,none"] = 7.5
+    elif damage == "acc nan":
+        results["results"]["mmlu_anatomy"]["acc,none"] = float("nan")
+    elif damage == "acc_norm -0.1":
+        results["results"]["mmlu_anatomy_continuation"]["acc_norm,none"] = -0.1
+    elif damage == "n 0":
+        results["n-samples"]["wmdp_bio"]["effective"] = 0
+    return results
+
+
+@pytest.mark.parametrize(
+    "damage, goal, message",
+    [
+        ("acc 7.5", "wmdp", "task wmdp_bio has acc 7.5; an accuracy lies in [0, 1]"),
+        ("acc nan", "wmdp", "task mmlu_anatomy has acc nan; an accuracy lies in [0, 1]"),
+        ("acc_norm -0.1", "wmdp", "task mmlu_anatomy_continuation has acc_norm -0.1; an accuracy lies in [0, 1]"),
+        ("n 0", "wmdp", "task wmdp_bio has an effective sample count of 0; lm-eval writes a whole number > 0"),
+        ("none", "toxicity", "the forget task(s) wmdp-bio are multiple choice (WMDP's kind), but --goal toxicity"),
+    ],
+)
+def test_from_lm_eval_refuses_figures_lm_eval_does_not_write(tmp_path, capsys, damage, goal, message):
+    results, out = tmp_path / "results.json", tmp_path / "report.json"
+    results.write_text(json.dumps(damaged_results(damage)))
+    out.write_text('{"earlier": true}\n')
+    before = {p: p.read_bytes() for p in (results, out)}
+    assert ev.main(["--goal", goal, "--from-lm-eval", str(results), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --from-lm-eval") and err.count("\n") == 1 and message in err, err
+    assert {p: p.read_bytes() for p in (results, out)} == before
+
+
+def test_from_lm_eval_toxicity_keeps_the_retain_tasks(tmp_path, capsys):
+    results, out = tmp_path / "results.json", tmp_path / "report.json"
+    results.write_text(json.dumps(lm_eval_results()))
+    assert ev.main(["--goal", "toxicity", "--from-lm-eval", str(results), "--tasks", "mmlu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["tasks"]) == ["mmlu"] and report["retain"]["value"] == 7 / 12 and report["s_unlearning"] is None

@@ -3,6 +3,7 @@ message, and that the files that existed before are byte-identical after (nothin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,10 +11,11 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ref
 import ref.unlearn as U
-from ref import validate
+from ref import checkpoint, validate
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 
@@ -94,6 +96,42 @@ def test_overwrite_keeps_the_old_run_when_the_new_command_is_bad(tiny, capsys, t
     refused(capsys, tiny(out, "--overwrite", tap_layer=9), "layer 9 is out of range", keep=[out])
 
 
+def damaged_model(source, root, damage: str):
+    """A copy of the tiny model that fails only when its weights or tokenizer are read."""
+    model = root / damage.replace(" ", "-")
+    shutil.copytree(source, model)
+    cfg = json.loads((model / "config.json").read_text())
+    if damage == "hidden size":
+        cfg["hidden_size"] *= 2
+    elif damage == "fewer layers":
+        cfg["num_hidden_layers"] -= 1
+    elif damage == "no tokenizer":
+        (model / "tokenizer.json").unlink()
+    elif damage == "broken tokenizer":
+        (model / "tokenizer.json").write_text('{"model": ')
+    elif damage == "final norm":  # a tensor that the run reads only to evaluate, after training
+        shard = model / json.loads((model / checkpoint.INDEX).read_text())["weight_map"]["model.norm.weight"]
+        tensors = load_file(shard)
+        tensors["model.norm.weight"] = torch.ones(cfg["hidden_size"] + 1)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def test_overwrite_keeps_the_old_run_when_the_model_fails_to_load(tiny, capsys, tmp_path):
+    out = finished_run(tiny, capsys, tmp_path / "run")
+    cases = {
+        "hidden size": "config and weights do not belong together",
+        "fewer layers": "checkpoint has tensors the llama config does not describe",
+        "no tokenizer": "has no tokenizer.json",
+        "broken tokenizer": "cannot be read by `tokenizers`",
+        "final norm": "tensor model.norm.weight has shape [65] but config.json implies [64]",
+    }
+    for damage, message in cases.items():
+        model = damaged_model(tiny.sources[0], tmp_path / "models", damage)
+        refused(capsys, tiny(out, "--overwrite", model=model), message, keep=[out, model])
+
+
 @pytest.mark.parametrize("where", ["model", "inside model", "around model", "data", "inside data"])
 def test_out_never_overlaps_the_model_or_data_folder(tiny, capsys, tmp_path, where):
     model, data = tiny.sources
@@ -150,6 +188,17 @@ def test_options_that_would_be_ignored_are_refused(tiny, capsys, tmp_path, optio
     refused(capsys, tiny(tmp_path / "run", **options), message)
 
 
+def test_eval_samples_with_eval_greedy_is_refused(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        tiny(out, "--eval-greedy", eval_samples=5),
+        "--eval-samples 5 and --eval-greedy contradict each other",
+        keep=tiny.sources,
+    )
+    assert not out.exists()
+
+
 # ---- --out checked up front ----
 
 
@@ -171,24 +220,48 @@ def test_read_only_or_full_output_disk_fails_before_training(tiny, capsys, tmp_p
     assert not (tmp_path / "ro").exists() and not (tmp_path / "full").exists()
 
 
+class FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+
 def disk_full_at(step: int):
-    """torch.save that fails with ENOSPC when it writes the checkpoint of `step`."""
+    """torch.save whose writes fail with ENOSPC when it writes the checkpoint of `step` (torch reports that as a
+    RuntimeError raised while handling the OSError)."""
     real = torch.save
 
     def save(obj, f, *a, **k):
-        if obj.get("step") == step:
-            raise OSError(28, "No space left on device")
-        return real(obj, f, *a, **k)
+        return real(obj, FullDisk(f) if obj.get("step") == step else f, *a, **k)
 
     return save
 
 
-def test_disk_filling_up_while_writing_leaves_no_temporary_file(tiny, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "step,left,files",
+    [
+        (2, "the checkpoint of step 1 in {ckpt} is intact: free some space and rerun with --resume", ["checkpoint.pt"]),
+        (0, "no checkpoint was written yet: free some space and run again with --overwrite", []),
+    ],
+)
+def test_disk_filling_up_while_writing_says_what_is_left(tiny, capsys, tmp_path, monkeypatch, step, left, files):
     out = tmp_path / "run"
-    monkeypatch.setattr(torch, "save", disk_full_at(2))
-    refused(capsys, tiny(out), "No space left on device")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]  # no .tmp file
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    ckpt = out / "checkpoint.pt"
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full_at(step))
+        message = f"error: disk full while writing {ckpt}; {left.format(ckpt=ckpt)}"
+        refused(capsys, tiny(out), message, keep=tiny.sources)
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["metrics.jsonl", "run.json"])  # no .tmp file
+    if files:
+        assert torch.load(ckpt, weights_only=True)["step"] == 1
+    finished_run(tiny, capsys, out, "--resume" if files else "--overwrite")  # the advice works
 
 
 # ---- resume ----
@@ -248,6 +321,21 @@ def test_resume_of_a_damaged_run_says_what_to_do(tiny, capsys, tmp_path, damage)
     refused(capsys, tiny(out, "--resume"), message, keep=[out])
 
 
+def test_resume_refuses_a_higher_lr_and_a_damaged_metrics_log_without_writing(tiny, capsys, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        U.unlearn(U.parse_args(tiny(out, max_steps=4)), stop_after_step=2)
+    refused(
+        capsys,
+        tiny(out, "--resume", max_steps=4, lr=0.1),
+        "--resume with --lr 0.1, higher than the run's 0.01: a resumed run may only lower the learning rate",
+        keep=[out],
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")  # the first of two lines cut
+    refused(capsys, tiny(out, "--resume", max_steps=4), "metrics.jsonl line 1 is not JSON", keep=[out])
+
+
 def test_resume_and_overwrite_together(tiny, capsys, tmp_path):
     refused(capsys, tiny(tmp_path / "run", "--resume", "--overwrite"), "contradict each other")
 
@@ -272,10 +360,24 @@ def test_lr_1e30_stops_with_a_finite_checkpoint_from_before(tiny, capsys, tmp_pa
     assert json.loads((out / "run.json").read_text())["resumes"][-1]["changed"] == {"lr": [1e30, 1e-2]}
 
 
-def test_huge_steering_names_a_checkpoint_that_exists(tiny, capsys, tmp_path):
-    out = tmp_path / "run"
-    err = refused(capsys, tiny(out, method="rmu", steering=1e30), "step 1 diverged: loss is not finite")
-    assert "checkpoint of step 0" in err and (out / "checkpoint.pt").is_file()
+@pytest.mark.parametrize(
+    "options,cause",
+    [
+        (dict(method="rmu", steering=1e30), "--steering 1e+30 is too large: eq. 2 overflows float32"),
+        (dict(method="adaptive-rmu", beta=1e30), "--beta 1e+30 (c = "),
+        (dict(method="rmu", alpha=1e39), "--alpha 1e+39 is too large: eq. 1 overflows float32"),
+        (dict(method="ours", alpha=1e39), "--alpha 1e+39 is too large"),
+    ],
+)
+def test_divergence_names_the_option_that_caused_it(tiny, capsys, tmp_path, options, cause):
+    err = refused(
+        capsys,
+        tiny(tmp_path / "run", **options),
+        "step 1 diverged: loss is not finite",
+        cause,
+        "whatever the learning rate; start again with a smaller one and --overwrite",
+    )
+    assert "--lr" not in err  # a lower learning rate would diverge again
 
 
 # ---- what a user can cause at start-up ----
@@ -312,6 +414,18 @@ def test_manifest_paths_outside_the_data_folder(tiny, capsys, tmp_path):
     finished_run(tiny, capsys, tmp_path / "allowed", "--allow-data-outside", data=escaped)
 
 
+def test_held_out_text_equal_to_a_trained_one_up_to_whitespace(tiny, capsys, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny.sources[1], data)
+    text = json.loads((data / "retain" / "general.jsonl").read_text().splitlines()[0])["text"]
+    (data / "heldout.jsonl").write_text(json.dumps({"text": " " + text.replace(" ", "\n  ") + "\t"}) + "\n")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["wmdp"]["eval_perplexity"] = "heldout.jsonl"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    message = "wmdp.eval_perplexity holds 1 text(s) that the training reads too, up to whitespace"
+    refused(capsys, tiny(tmp_path / "run", data=data), message, keep=[data])
+
+
 # ---- what was already good stays good ----
 
 
@@ -323,17 +437,29 @@ def _rows(out):
 
 def test_resume_after_a_full_disk_or_a_kill_is_bit_identical(tiny, capsys, tmp_path, monkeypatch):
     whole = finished_run(tiny, capsys, tmp_path / "whole", max_steps=4, save_every=2)
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    with monkeypatch.context() as m:  # the disk fills up when step 4's checkpoint is written
-        m.setattr(torch, "save", disk_full_at(4))
-        refused(capsys, tiny(full, max_steps=4, save_every=2), "No space left on device")
-    finished_run(tiny, capsys, full, "--resume", max_steps=4, save_every=2)
+    full, full_at_end, killed = tmp_path / "full", tmp_path / "full_at_end", tmp_path / "killed"
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # the disk fills up when step 4's checkpoint is written, or when model/ is, after the last step
+    cases = [
+        (full, torch, "save", disk_full_at(4), "checkpoint.pt", 2),
+        (full_at_end, checkpoint, "_patch_shard", full_disk, "model", 4),
+    ]
+    for out, module, name, failing, written, step in cases:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, failing)
+            message = f"disk full while writing {out / written}; the checkpoint of step {step} in"
+            refused(capsys, tiny(out, max_steps=4, save_every=2), message, "rerun with --resume", keep=tiny.sources)
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        finished_run(tiny, capsys, out, "--resume", max_steps=4, save_every=2)
     # killed after step 3 was logged but before its checkpoint (the last one is step 2)
     finished_run(tiny, capsys, killed, max_steps=2, save_every=2)
     with open(killed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "epoch": 0, "loss": 123.0}) + "\n")
     finished_run(tiny, capsys, killed, "--resume", max_steps=4, save_every=2)
-    for out in (full, killed):
+    for out in (full, full_at_end, killed):
         assert _rows(out) == _rows(whole)
         assert (out / "updated.safetensors").read_bytes() == (whole / "updated.safetensors").read_bytes()
 

@@ -65,3 +65,7 @@ def test_report_has_the_retain_perplexity_of_the_held_out_texts(tiny_llama, tmp_
     (root / "retain/heldout.jsonl").write_text(json.dumps({"text": "The quick brown fox number 2."}) + "\n")
     with pytest.raises(RefError, match="eval_perplexity holds 1 text"):
         load_goal_data(root, "wmdp")
+    # ... also when it differs only in whitespace
+    (root / "retain/heldout.jsonl").write_text(json.dumps({"text": " The quick  brown\tfox number 2.\n"}) + "\n")
+    with pytest.raises(RefError, match="eval_perplexity holds 1 text.s. that the training reads too, up to whitespace"):
+        load_goal_data(root, "wmdp")
