@@ -87,6 +87,8 @@ def parse_value(key: str, text: str):
                 raise ValueError(text)
             return text
         return int(text) if key in INTS else float(text)
+    except RefError as e:
+        raise RefError(f"--grid {key.replace('_', '-')}={text}: {e}") from None
     except (ValueError, KeyError):
         what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number",
                 "tox_balance": " or ".join(TOX_BALANCES)}.get(key, "")  # fmt: skip
@@ -96,8 +98,10 @@ def parse_value(key: str, text: str):
 
 
 def span(item: str) -> list[int]:
-    """`5` -> [5]; `5-7` -> [5, 6, 7]."""
+    """`5` -> [5]; `5-7` -> [5, 6, 7]; `7-5` is refused (a RefError naming the range)."""
     lo, _, hi = item.partition("-")
+    if hi and int(hi) < int(lo):
+        raise RefError(f"{item} is a descending range; write it from low to high ({hi}-{lo})")
     return list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
 
 

@@ -163,6 +163,8 @@ def test_cli_checks_before_running(tiny_dirs, data_dir, tmp_path, capsys):  # no
         ("--grid", "steering=-1"): "point rmu/steering=-1: --steering is -1.0; use a number > 0",
         ("--grid", "max-steps=2", "--max-steps", "3"): "max-steps is given by --max-steps and by --grid",
         ("--retain-budget", "-1"): "--retain-budget",
+        ("--grid", "update-layers=5-3"): "--grid update-layers=5-3: 5-3 is a descending range; write it from low to "
+        "high (3-5)",
     }
     for extra, message in cases.items():
         assert sweep.main(argv + list(extra)) == 2
