@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -317,6 +318,8 @@ def check_launcher(launcher: Launcher) -> None:
             )
         validate.positive("--slurm-time", launcher.time_min, integer=True)
         validate.number("--slurm-gpus-per-task", launcher.gpus_per_task, low=0, integer=True)
+        if launcher.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise RefError("--launcher slurm: sbatch is not on PATH; launch from a SLURM login node")
 
 
 def import_submitit():
@@ -341,21 +344,22 @@ def run_slurm(tasks: list[Task], out: Path, launcher: Launcher) -> None:
         "export PYTHONSAFEPATH=1",
         "export TQDM_DISABLE=1",
     ]
-    executor = submitit.AutoExecutor(folder=out / "slurm", cluster=launcher.cluster)
-    executor.update_parameters(
-        name=f"ref-sweep-{out.name}",
-        timeout_min=launcher.time_min,
-        slurm_partition=launcher.partition,
-        slurm_gpus_per_task=launcher.gpus_per_task or None,
-        slurm_additional_parameters=launcher.sbatch or None,
-        slurm_setup=setup,
-        local_setup=setup,
-    )
+    sbatch = ({"ntasks": 1} if launcher.gpus_per_task else {}) | launcher.sbatch  # --gpus-per-task wants --ntasks
     tasks = [replace(t, threads=launcher.threads) for t in tasks]
     try:
+        executor = submitit.AutoExecutor(folder=out / "slurm", cluster=launcher.cluster)
+        executor.update_parameters(
+            name=f"ref-sweep-{out.name}",
+            timeout_min=launcher.time_min,
+            slurm_partition=launcher.partition,
+            slurm_gpus_per_task=launcher.gpus_per_task or None,
+            slurm_additional_parameters=sbatch or None,
+            slurm_setup=setup,
+            local_setup=setup,
+        )
         jobs = executor.map_array(SlurmTask(ROOT), tasks)
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise RefError(f"--launcher slurm: the submission failed ({e}); submit from a SLURM login node") from None
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        raise RefError(f"--launcher slurm: the submission failed ({e}); launch from a SLURM login node") from None
     path = out / "slurm" / "jobs.json"
     ids = {t.name: job.job_id for t, job in zip(tasks, jobs, strict=True)}
     write_json(path, submissions(out) + [dict(submitted=time.strftime("%Y-%m-%d %H:%M:%S"), jobs=ids)])

@@ -5,8 +5,10 @@ path end to end, and the launcher options checked (tiny model, tiny data)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -176,6 +178,10 @@ def test_launcher_options_are_checked_before_anything_runs(tiny_dirs, data_dir, 
         assert sweep.main(argv + list(extra)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    if shutil.which("sbatch") is None and importlib.util.find_spec("submitit") is not None:
+        assert sweep.main(argv + ["--launcher", "slurm", "--slurm-time", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: --launcher slurm: sbatch is not on PATH; launch from a SLURM login node\n", err
     monkeypatch.setitem(sys.modules, "submitit", None)  # the extra not installed
     assert sweep.main(argv + ["--launcher", "slurm", "--slurm-time", "5"]) == 2
     err = capsys.readouterr().err
