@@ -432,6 +432,9 @@ def sweep(
     except KeyboardInterrupt:
         collect(out, budget, metric)
         raise Stopped(STOPPED[launcher.kind].format(out=out)) from None
+    except Exception:  # the sequential launcher stops at a point's error, as a single run does
+        collect(out, budget, metric)
+        raise
     return collect(out, budget, metric)
 
 
