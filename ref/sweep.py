@@ -303,7 +303,7 @@ def guess(rows: list[dict], r: dict) -> float | None:
 
 def plan_text(rows: list[dict], base: Settings) -> str:
     """The sweep's plan: every point, its steps and state, and the time the points still to run should take."""
-    todo = [r for r in rows if r["status"] in ("new", "started")]
+    todo = [r for r in rows if runnable(r["status"])]
     lines = [f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
              "| # | point | steps | state | estimate |", "|---|---|---|---|---|"]  # fmt: skip
     for i, r in enumerate(rows, 1):

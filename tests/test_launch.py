@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref import claim, sweep
+from ref import claim, launch, sweep
+from ref.errors import RefError
 from ref.launch import Launcher
 from tests.test_sweep import tiny_argv
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
@@ -190,3 +191,19 @@ def test_launcher_options_are_checked_before_anything_runs(tiny_dirs, data_dir, 
     assert sweep.sbatch_options(["account=proj", "--qos=high", "exclusive"]) == dict(
         account="proj", qos="high", exclusive=True
     )
+
+
+def test_a_failed_point_is_recorded_and_tried_again(tiny_dirs, data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    out = tmp_path / "sweep"
+
+    def fails(settings):
+        raise RefError("the disk went away")
+
+    monkeypatch.setattr(launch, "unlearn", fails)
+    assert sweep.main(tiny_argv(tiny_dirs, data_dir, out, "--no-figures")) == 2  # sequential: stops, as a run does
+    assert capsys.readouterr().err == "error: the disk went away\n"
+    assert json.loads((out / "sweep.json").read_text())["points"][0]["status"] == "failed: the disk went away"
+    assert sweep.status_lines(out) == ["rmu/lr=0.01: failed: the disk went away"]
+    assert not (out / "rmu" / "lr=0.01" / claim.CLAIM).exists()  # released
+    assert sweep.main(tiny_argv(tiny_dirs, data_dir, out, "--no-figures", "--dry-run")) == 0
+    assert "(1 to run)" in capsys.readouterr().out  # the next launch tries it again
