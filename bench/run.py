@@ -4,6 +4,7 @@
     python -m bench.run --rows step losses --repeats 5    # some rows
     python -m bench.run --rows sampling                   # toxicity sampling against transformers' generate
     python -m bench.run --random-weights --arch mistral-7b   # one step at full size, random bf16 weights (GPU)
+    python -m bench.run --rows launch                     # a 4-point sweep: 2 local workers against sequential
 
 Each row puts ours against its baseline: a median over `--repeats` runs after a warm-up, ours and the baseline
 alternating in one process (time), or one fresh process each (peak resident memory, VmHWM above the resident size
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 from bench import measure, workload  # noqa: E402
 from bench.baseline import BaselineRMU  # noqa: E402
 
-GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling")
+GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling", "launch")
 MiB = 2**20
 BATCH, SEQ, TAP = 4, 512, 7
 
@@ -353,6 +355,41 @@ def rows_sampling(models: Models, data, a) -> list[dict]:
     return rows
 
 
+def rows_launch(models: Models, data, a) -> list[dict]:
+    """The wall time of one 4-point sweep (RMU on the demo data, 4 learning rates, `--launch-steps` steps a point,
+    the evaluation cut to `--launch-eval-limit` questions a task), `python -m ref.sweep` into a new folder: 2 local
+    workers (the torch threads split between them) against the sequential launcher (all the threads), each run once
+    in a fresh process, sequential first."""
+    threads = torch.get_num_threads()
+    argv = (
+        f"--model {workload.MODEL} --goal wmdp --data demo --method rmu --grid lr=1e-4,3e-4,1e-3,3e-3 "
+        f"--max-steps {a.launch_steps} --eval-limit {a.launch_eval_limit} --no-figures"
+    ).split()
+    seconds = {}
+    Path("runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-launch-", dir="runs") as tmp:
+        for name, launcher in (("sequential", []), ("local", ["--launcher", "local", "--workers", "2"])):
+            cmd = [sys.executable, "-m", "ref.sweep", *argv, "--out", f"{tmp}/{name}", *launcher]
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)}
+            )
+            seconds[name] = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    shape = dict(points=4, steps=a.launch_steps, eval_limit=a.launch_eval_limit, threads=threads, workers=2)
+    return [
+        row(
+            "4-point sweep, wall time: 2 local workers vs sequential",
+            "time s",
+            seconds["local"],
+            seconds["sequential"],
+            dtype="float32",
+            shapes=shape,
+        )
+    ]
+
+
 # ---- full size, random weights ----
 
 
@@ -438,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-repeats", type=int, default=2, help="timed runs per sweep row; default 2")
     p.add_argument("--mc-questions", type=int, default=20, help="first N questions of each demo MC task")
     p.add_argument("--sampling-prompts", type=int, default=8, help="demo toxicity prompts of the sampling rows")
+    p.add_argument("--launch-steps", type=int, default=4, help="steps a point of the launch rows' sweep")
+    p.add_argument("--launch-eval-limit", type=int, default=10, help="questions a task in the launch rows' sweep")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one a core)")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--random-weights", action="store_true", help="full-size step with random weights (GPU)")

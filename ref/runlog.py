@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from ref.claim import CLAIM_FILES
 from ref.errors import DiskFull, RefError, disk_full
 
 # What a run folder holds; --overwrite replaces a folder only when it holds nothing else. ".NAME.tmp" files and
 # "model.tmp" are the temporary forms of these (left by a crash).
 RUN_FILES = {"run.json", "metrics.jsonl", "checkpoint.pt", "updated.safetensors", "probes.safetensors", "summary.md",
              "report.json", "samples.jsonl", "model", "figures"}  # fmt: skip
+# What a run cut before it wrote its run.json can have left (the probes are fitted first): ref.sweep starts such a
+# point again.
+CUT_START = {"probes.safetensors", ".probes.safetensors.tmp"}
 
 
 def ours(name: str) -> bool:
@@ -71,10 +75,16 @@ def read_run_json(out: Path) -> dict:
     return run
 
 
+def holds_files(out: Path) -> bool:
+    """`out` is a folder holding something besides a sweep's claim on it (ref.claim)."""
+    return out.is_dir() and any(p.name not in CLAIM_FILES for p in out.iterdir())
+
+
 def check_replaceable(out: Path) -> None:
-    """--overwrite replaces `out` only when it is a run folder of ours holding nothing else."""
+    """--overwrite replaces `out` only when it is a run folder of ours holding nothing else (a sweep's claim on it
+    stays)."""
     read_run_json(out)
-    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name) and p.name not in CLAIM_FILES)
     if foreign:
         raise RefError(f"--overwrite refuses {out}: it holds files ref.unlearn did not write "
                        f"({', '.join(foreign[:5])}); move them or choose another --out")  # fmt: skip

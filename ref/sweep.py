@@ -14,8 +14,16 @@ layers L-1, L, L+1.
 
 Each point is a normal run folder, OUT/METHOD/SETTING (SETTING: `lr=0.001,steering=100`, or `defaults`). A point
 whose folder holds a report.json is not run again (its settings must be the point's); an interrupted one is resumed
-from its checkpoint; a point that diverges is recorded and the sweep goes on. sweep.json (atomic, rewritten after
-every point) holds every point's settings, metrics, time and status, the selection, and sweep.md the tables.
+from its checkpoint; a point that diverges is recorded and the sweep goes on. sweep.json (atomic, written before the
+first point and after every point) holds every point's settings, metrics, time and status, the selection, and
+sweep.md the tables.
+
+The points run one after another in this process, or through ref.launch: `--launcher local --workers N` (worker
+processes on this machine), `--launcher slurm` (a job array through submitit); each point is claimed (ref.claim).
+
+    python -m ref.sweep ... --launcher local --devices cuda:0,cuda:1
+    python -m ref.sweep --status OUT        # one line a point: done, running where, failed why, not started
+    python -m ref.sweep --collect OUT       # sweep.json, sweep.md and the figures from the points that finished
 """
 
 from __future__ import annotations
@@ -30,15 +38,30 @@ from pathlib import Path
 
 from ref import validate
 from ref.checkpoint import resolve
+from ref.claim import CLAIM_FILES
 from ref.cli import run_command
 from ref.config import read_config
 from ref.data import load_goal_data, prepared_hub_dir, resolve_data_dir
-from ref.errors import RefError
-from ref.plan import EVAL_SAMPLES, GOALS, METHODS, TOX_BALANCES, Settings, ran_tox_balance, tox_balance
+from ref.errors import RefError, Stopped
+from ref.launch import (
+    LAUNCHERS,
+    Launcher,
+    Task,
+    check_launcher,
+    gpus_needed,
+    log_path,
+    point_status,
+    read_outcome,
+    run_local,
+    run_slurm,
+    run_task,
+    submissions,
+)
+from ref.plan import EVAL_SAMPLES, GOALS, METHODS, TOX_BALANCES, Settings, given, ran_tox_balance, tox_balance
 from ref.plan import resolve as resolve_plan
-from ref.runlog import atomic_write_text, read_metrics, write_json
-from ref.train import Diverged, schedule
-from ref.unlearn import architecture, unlearn
+from ref.runlog import CUT_START, atomic_write_text, read_metrics, write_json
+from ref.train import schedule
+from ref.unlearn import architecture
 
 # The settings a grid may vary (the ones that shape a run), each with its value parser; `layer` is the depth shorthand.
 LIST_KEYS = ("update_layers", "tox_layers", "update_params")
@@ -47,7 +70,12 @@ GRID_KEYS = ("layer", "tap_layer", "update_layers", "update_params", "tox_layers
              "batch_size", "max_len", "seed")  # fmt: skip
 INTS = {"layer", "tap_layer", "epochs", "max_steps", "batch_size", "max_len", "seed"}
 RETAIN_METRICS = ("accuracy", "perplexity")
-NOT_COMPARED = {"out", "resume", "overwrite", "dry_run"}  # settings of a run folder that may differ from the point's
+# Settings of a run folder that may differ from the point's: where it is, how it was started, and the device a worker
+# put it on.
+NOT_COMPARED = {"out", "resume", "overwrite", "dry_run", "device"}
+# What a sweep folder holds: the method folders of the points, the sweep's record, figures, the workers' logs, and
+# submitit's files.
+SWEEP_FILES = {*METHODS, "sweep.json", "sweep.md", "figures", "logs", "slurm"}
 
 
 @dataclass
@@ -87,6 +115,8 @@ def parse_value(key: str, text: str):
                 raise ValueError(text)
             return text
         return int(text) if key in INTS else float(text)
+    except RefError as e:
+        raise RefError(f"--grid {key.replace('_', '-')}={text}: {e}") from None
     except (ValueError, KeyError):
         what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number",
                 "tox_balance": " or ".join(TOX_BALANCES)}.get(key, "")  # fmt: skip
@@ -96,8 +126,10 @@ def parse_value(key: str, text: str):
 
 
 def span(item: str) -> list[int]:
-    """`5` -> [5]; `5-7` -> [5, 6, 7]."""
+    """`5` -> [5]; `5-7` -> [5, 6, 7]; `7-5` is refused (a RefError naming the range)."""
     lo, _, hi = item.partition("-")
+    if hi and int(hi) < int(lo):
+        raise RefError(f"{item} is a descending range; write it from low to high ({hi}-{lo})")
     return list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
 
 
@@ -162,12 +194,20 @@ def compared(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in NOT_COMPARED}
 
 
-def state(p: Point) -> str:
-    """finished (report.json with the point's settings) | started (a checkpoint to resume) | new."""
+def check_point_folder(p: Point) -> None:
+    """The point's folder, when it holds a run, holds this point's (its settings and toxicity balance); without a
+    run.json it holds at most what a start cut before its run.json leaves (CUT_START: the point starts again)."""
     folder = Path(p.settings.out)
     run_json = folder / "run.json"
     if not run_json.is_file():
-        return "new"
+        names = [q.name for q in folder.iterdir()] if folder.is_dir() else []
+        other = sorted(n for n in names if n not in CUT_START | CLAIM_FILES)
+        if other:
+            raise RefError(
+                f"point {p.name}: its folder {folder} has no run.json but holds {', '.join(other[:5])}, "
+                "not files of this sweep's run; move them out of the folder and rerun the sweep"
+            )
+        return
     try:
         recorded = json.loads(run_json.read_text())
         had, ran = recorded["settings"], ran_tox_balance(recorded.get("plan") or {})
@@ -184,23 +224,11 @@ def state(p: Point) -> str:
     if ran != wanted:  # a run from before --tox-balance existed had the paper's form
         raise RefError(f"{folder} holds a run of the {ran} toxicity balance (a sweep from before --tox-balance), "
                        f"the point's is {wanted}: use another --out")  # fmt: skip
-    if (folder / "report.json").is_file():
-        return "finished"
-    return "started" if (folder / "checkpoint.pt").is_file() else "new"
 
 
-def run_point(p: Point) -> str:
-    """Run (or resume) one point; "done" or "diverged: ..." (a divergence is the point's result, not the sweep's)."""
-    folder = Path(p.settings.out)
-    started = state(p) == "started"
-    s = replace(p.settings, resume=started, overwrite=folder.exists() and not started)
-    try:
-        unlearn(s)
-    except RefError as e:
-        if isinstance(e.__cause__, Diverged):
-            return f"diverged: {e}"
-        raise
-    return "done"
+def runnable(status: str) -> bool:
+    """A point a launch runs: not started, stopped (resumed from its checkpoint) or failed (tried again)."""
+    return status in ("new", "started") or status.startswith("failed")
 
 
 def measures(folder: Path) -> dict:
@@ -275,7 +303,7 @@ def guess(rows: list[dict], r: dict) -> float | None:
 
 def plan_text(rows: list[dict], base: Settings) -> str:
     """The sweep's plan: every point, its steps and state, and the time the points still to run should take."""
-    todo = [r for r in rows if r["status"] in ("new", "started")]
+    todo = [r for r in rows if runnable(r["status"])]
     lines = [f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
              "| # | point | steps | state | estimate |", "|---|---|---|---|---|"]  # fmt: skip
     for i, r in enumerate(rows, 1):
@@ -323,63 +351,183 @@ def markdown(rows: list[dict], selection: dict, rule: str, goal: str) -> str:
 # ---------------------------------------------------------------------------------------------------- the sweep
 
 
-def sweep(base: Settings, grid: dict[str, dict[str, list]], out: Path, budget: float | None = None,
-          metric: str = "accuracy", dry_run: bool = False, stop_after: int | None = None) -> dict:  # fmt: skip
-    """Check every point, print the plan, run the points not finished, write sweep.json / sweep.md after each, and
-    return the sweep's record. `stop_after` stops after running that many points (tests: an interrupted sweep)."""
+def sweep(
+    base: Settings,
+    grid: dict[str, dict[str, list]],
+    out: Path,
+    budget: float | None = None,
+    metric: str = "accuracy",
+    dry_run: bool = False,
+    stop_after: int | None = None,
+    launcher: Launcher | None = None,
+) -> dict:
+    """Check every point, print the plan, write sweep.json, run the points not finished with the launcher, and
+    collect the sweep (sweep.json, sweep.md). `stop_after` stops the sequential launcher after running that many
+    points (tests: an interrupted sweep)."""
+    launcher = launcher or Launcher()
+    check_launcher(launcher)
+    check_sweep_folder(out)
     cfg = architecture(base.model) if dry_run else read_config(resolve(base.model))  # a dry run downloads nothing
     points = expand(base, grid, out, cfg.num_layers)
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise RefError("--grid gives two points the same settings; remove the repeat")
     data_cache: dict = {}
-    rows = []
+    rows, plans = [], []
     for p in points:  # everything checked before the first point runs
         try:
             plan = resolve_plan(p.settings, cfg)
         except RefError as e:
             raise RefError(f"point {p.name}: {e}") from None
+        check_point_folder(p)
         key = (plan.data, tuple(plan.topics or ()))
         if key not in data_cache:
             data_cache[key] = goal_data(plan, dry_run)
-        rows.append(dict(method=p.method, setting=setting_name(p.grid), name=p.name, folder=p.settings.out,
-                         grid=p.grid, fields=fields_of(p.method, base.goal, p.grid, cfg.num_layers),
-                         settings=asdict(p.settings), steps=steps(data_cache[key], plan),
-                         status=state(p)))  # fmt: skip
-    previous = read_previous(out)
+        plans.append(plan)
+        rows.append(
+            dict(
+                method=p.method,
+                setting=setting_name(p.grid),
+                name=p.name,
+                folder=p.settings.out,
+                grid=p.grid,
+                fields=fields_of(p.method, base.goal, p.grid, cfg.num_layers),
+                settings=asdict(p.settings),
+                steps=steps(data_cache[key], plan),
+                status=point_status(Path(p.settings.out), log_path(out, p.name)),
+            )
+        )
     for r in rows:
-        old = previous.get(r["name"])
-        if old and old["status"].startswith("diverged") and compared(old["settings"]) == compared(r["settings"]):
-            r["status"] = old["status"]  # deterministic: it would diverge again
-        if r["status"] == "finished":
+        if r["status"] == "done":
             r["metrics"] = measures(Path(r["folder"]))
-            if old and "seconds" in old:
-                r["seconds"] = old["seconds"]
     print(plan_text(rows, base), flush=True)
+    if launcher.kind == "slurm":  # a task asks for what the largest point needs, unless told
+        gpus = max(gpus_needed(plan, cfg) for plan in plans)
+        launcher = replace(launcher, gpus_per_task=given(launcher.gpus_per_task, gpus))
+        print(
+            f"slurm: a job array of {sum(runnable(r['status']) for r in rows)} tasks, {launcher.gpus_per_task} "
+            "GPUs a task",
+            flush=True,
+        )
     record = dict(model=base.model, goal=base.goal, budget=budget, retain_metric=metric,
                   grid={m: {k: v for k, v in g.items()} for m, g in grid.items()}, points=rows)  # fmt: skip
     if dry_run:
         return record
     out.mkdir(parents=True, exist_ok=True)
-    ran = 0
-    for i, (p, r) in enumerate(zip(points, rows, strict=True), 1):
-        if r["status"] == "finished" or r["status"].startswith("diverged"):
-            continue
-        if stop_after is not None and ran >= stop_after:
-            break
-        print(f"point {i}/{len(rows)}: {r['name']}", flush=True)
+    finish(record, out, budget, metric)  # before any point runs: --status and --collect read it
+    spread = launcher.kind == "slurm" and launcher.gpus_per_task > 1 and base.device is None
+    device = "auto" if spread else None  # a point over several GPUs: its blocks placed over them
+    tasks = [
+        Task(p.name, p.settings, str(log_path(out, p.name)), device)
+        for p, r in zip(points, rows, strict=True)
+        if runnable(r["status"])
+    ]
+    try:
+        if launcher.kind == "local":
+            run_local(tasks, launcher)
+        elif launcher.kind == "slurm":
+            run_slurm(tasks, out, launcher)
+        else:
+            run_here(tasks, out, budget, metric, stop_after)
+    except KeyboardInterrupt:
+        collect(out, budget, metric)
+        raise Stopped(STOPPED[launcher.kind].format(out=out)) from None
+    except Exception:  # the sequential launcher stops at a point's error, as a single run does
+        collect(out, budget, metric)
+        raise
+    return collect(out, budget, metric)
+
+
+# What Ctrl-C leaves, by launcher.
+STOPPED = {
+    "sequential": "the sweep stopped; its finished points and the checkpoint of the point it was running are kept: "
+    "rerun the same command to continue",
+    "local": "the sweep stopped; its finished points and the workers' checkpoints are kept: rerun the same command "
+    "to continue",
+    "slurm": "stopped waiting; the SLURM jobs go on: python -m ref.sweep --status {out} follows them and --collect "
+    "{out} builds the sweep from the points that have finished",
+}
+
+
+def run_here(tasks: list[Task], out: Path, budget: float | None, metric: str, stop_after: int | None) -> None:
+    """The sequential launcher: the points one after another in this process, the sweep collected after each."""
+    for i, task in enumerate(tasks[:stop_after], 1):
+        print(f"point {i}/{len(tasks)}: {task.name}", flush=True)
         t0 = time.time()
-        r["status"] = run_point(p)
-        r["seconds"] = round(time.time() - t0, 1)
-        if r["status"] == "done":
-            r["metrics"] = measures(Path(r["folder"]))
-        ran += 1
-        finish(record, out, budget, metric)
-        left = [guess(rows, q) for q in rows if q["status"] in ("new", "started")]
+        status = run_task(task)
+        rows = collect(out, budget, metric)["points"]
+        left = [guess(rows, q) for q in rows if runnable(q["status"])]
         eta = "" if None in left else f", ~{sum(left) / 60:.1f} min"
-        print(f"point {i} {r['status'].split(':')[0]} in {r['seconds']:.0f} s; {len(left)} left{eta}", flush=True)
+        print(f"point {i} {status.split(':')[0]} in {time.time() - t0:.0f} s; {len(left)} left{eta}", flush=True)
+
+
+def check_sweep_folder(out: Path) -> None:
+    """--out is new, empty or a sweep's folder; a run folder or a folder of other files is refused before anything is
+    written there."""
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    if "run.json" in names:
+        raise RefError(f"--out {out} is a ref.unlearn run folder, not a sweep's; choose a new or empty folder")
+    other = sorted(n for n in names if not sweep_file(n))
+    if other:
+        raise RefError(
+            f"--out {out} holds files a sweep did not write ({', '.join(other[:5])}); choose a new or empty folder"
+        )
+
+
+def sweep_file(name: str) -> bool:
+    """A name a sweep folder holds: one of SWEEP_FILES, or the temporary form of one (left by a crash)."""
+    return name in SWEEP_FILES or name.startswith(".") and name.endswith(".tmp") and name[1:-4] in SWEEP_FILES
+
+
+def collect(out: Path, budget: float | None = None, metric: str | None = None) -> dict:
+    """sweep.json and sweep.md from the point folders as they are now: each point's status, the finished points'
+    measures, the selection among them (by the sweep's budget and metric unless given). Idempotent."""
+    record = read_record(out)
+    budget = record.get("budget") if budget is None else budget
+    metric = metric or record.get("retain_metric") or "accuracy"
+    record.update(budget=budget, retain_metric=metric)
+    for r in record["points"]:
+        log = log_path(out, r["name"])
+        r["status"] = point_status(out / r["name"], log)
+        r.pop("metrics", None)
+        previous = r.pop("seconds", None)
+        if r["status"] == "done":
+            r["metrics"] = measures(out / r["name"])
+            seconds = (read_outcome(log) or {}).get("seconds", previous)  # of the attempt that finished it
+            if seconds is not None:
+                r["seconds"] = seconds
     finish(record, out, budget, metric)
     return record
+
+
+def read_record(out: Path) -> dict:
+    """The sweep.json of a sweep folder, or a one-line error."""
+    path = Path(out) / "sweep.json"
+    if not path.is_file():
+        raise RefError(f"{out} has no sweep.json: not a sweep folder (ref.sweep writes it before its first point)")
+    try:
+        record = json.loads(path.read_text())
+        if not all(isinstance(r["name"], str) for r in record["points"]):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise RefError(f"{path} is damaged; rerun the sweep's command to write it again") from None
+    return record
+
+
+def status_lines(out: Path) -> list[str]:
+    """`--status`: one line a point: done, running where, diverged or failed why, stopped, not started (and its
+    SLURM job when one was submitted)."""
+    record = read_record(out)
+    queued = {name: job for s in submissions(out) for name, job in s["jobs"].items()}
+    words = {"new": "not started", "started": "stopped; the next launch resumes it from its checkpoint"}
+    lines = []
+    for r in record["points"]:
+        status = point_status(out / r["name"], log_path(out, r["name"]))
+        job = f" (SLURM job {queued[r['name']]})" if status == "new" and r["name"] in queued else ""
+        lines.append(f"{r['name']}: {words.get(status, status)}{job}")
+    return lines
 
 
 def goal_data(plan, dry_run: bool):
@@ -410,17 +558,6 @@ def finish(record: dict, out: Path, budget: float | None, metric: str) -> None:
     write_json(out / "sweep.json", record)
     atomic_write_text(out / "sweep.md", markdown(record["points"], selection, rule_text(budget, metric),
                                                  record["goal"]))  # fmt: skip
-
-
-def read_previous(out: Path) -> dict[str, dict]:
-    """The points of an earlier sweep.json in `out` by name ({} without one; a damaged one is an error)."""
-    path = out / "sweep.json"
-    if not path.is_file():
-        return {}
-    try:
-        return {r["name"]: r for r in json.loads(path.read_text())["points"]}
-    except (ValueError, KeyError, TypeError):
-        raise RefError(f"{path} is damaged; move it away to start the sweep's record again") from None
 
 
 def sweep_record(path: Path) -> dict:
@@ -470,20 +607,73 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="samples per toxicity prompt")
     p.add_argument("--retain-budget", type=float, default=None, help="select the most forgetting within this retain "
                    "drop (default: select by S-unlearning)")  # fmt: skip
-    p.add_argument("--retain-metric", default="accuracy", choices=RETAIN_METRICS,
-                   help="the budget's measure: accuracy drop (points) or relative perplexity rise")  # fmt: skip
+    p.add_argument(
+        "--retain-metric",
+        default=None,
+        choices=RETAIN_METRICS,
+        help="the budget's measure: accuracy drop (points, the default) or relative perplexity rise",
+    )
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--dry-run", action="store_true", help="check every point and print the plan; run nothing")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="skip front.png and layers.png")
+    p.add_argument(
+        "--launcher",
+        default="sequential",
+        choices=LAUNCHERS,
+        help="how the points run: sequential (one after another in this process, the default), local "
+        "(--workers processes at once), slurm (a job array through submitit)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="local: points at once (default: one a --devices entry)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="local: a device for each worker, comma-separated (cuda:0,cuda:1; "
+        "a worker over two GPUs: cuda:0+cuda:1); default: --device, the torch threads split",
+    )
+    p.add_argument("--slurm-partition", default=None, help="slurm: the partition")
+    p.add_argument("--slurm-time", type=int, default=None, help="slurm: a point's time limit in minutes (required)")
+    p.add_argument(
+        "--slurm-gpus-per-task",
+        type=int,
+        default=None,
+        help="slurm: GPUs for each point (default: as many as the largest point needs, as --dry-run counts them)",
+    )
+    p.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="slurm: another sbatch option, repeatable: account=proj, qos=high, exclusive",
+    )
+    p.add_argument(
+        "--collect",
+        metavar="SWEEP_DIR",
+        default=None,
+        help="build sweep.json, sweep.md and the figures of SWEEP_DIR from the points that have finished; run nothing",
+    )
+    p.add_argument(
+        "--status",
+        metavar="SWEEP_DIR",
+        default=None,
+        help="one line for each point of SWEEP_DIR: done, running where, failed why, not started",
+    )
     a = p.parse_args(argv)
+    if a.status:
+        print("\n".join(status_lines(Path(a.status))))
+        return 0
+    validate.number("--retain-budget", a.retain_budget, low=0)
+    if a.collect:
+        out = Path(a.collect)
+        report(out, collect(out, a.retain_budget, a.retain_metric), a.figures)
+        return 0
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS) or len(set(methods)) != len(methods):
         raise RefError(f"--method is {a.method!r}; name some of {', '.join(METHODS)}, each once")
-    validate.number("--retain-budget", a.retain_budget, low=0)
     out = Path(a.out)
     validate.writable_folder("--out", out)
+    launcher = launcher_of(a)
     text = (f"layer={a.layers} " if a.layers else "") + " ".join(a.grid)
     grid = parse_grid(text, methods)
     if a.max_steps is not None and any("max_steps" in g for g in grid.values()):
@@ -491,11 +681,66 @@ def command(argv: list[str] | None) -> int:
     base = Settings(model=a.model, goal=a.goal, data=a.data, max_steps=a.max_steps, seed=a.seed,
                     eval_limit=a.eval_limit, eval_samples=a.eval_samples, dtype=a.dtype, device=a.device,
                     compile=a.compile)  # fmt: skip
-    sweep(base, grid, out, a.retain_budget, a.retain_metric, dry_run=a.dry_run)
+    record = sweep(
+        base, grid, out, a.retain_budget, a.retain_metric or "accuracy", dry_run=a.dry_run, launcher=launcher
+    )
     if a.dry_run:
         return 0
+    failed = report(out, record, a.figures)
+    if failed:
+        print(
+            f"error: {failed} point(s) failed (why: above, and in {out / 'logs'}); rerun the same command to try "
+            "them again",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def launcher_of(a: argparse.Namespace) -> Launcher:
+    """The --launcher options (each launcher's only with it; their values are checked by the sweep)."""
+    only = {
+        "--workers": (a.workers, "local"),
+        "--devices": (a.devices, "local"),
+        "--slurm-partition": (a.slurm_partition, "slurm"),
+        "--slurm-time": (a.slurm_time, "slurm"),
+        "--slurm-gpus-per-task": (a.slurm_gpus_per_task, "slurm"),
+        "--slurm-option": (a.slurm_option, "slurm"),
+    }
+    for option, (value, kind) in only.items():
+        if value not in (None, []) and a.launcher != kind:
+            raise RefError(f"{option} applies to --launcher {kind} only")
+    devices = [d.strip().replace("+", ",") for d in a.devices.split(",")] if a.devices else None
+    if a.launcher == "local" and a.workers is None and devices is None:
+        raise RefError("--launcher local needs --workers N (or --devices, one device a worker)")
+    return Launcher(
+        a.launcher,
+        workers=a.workers if a.workers is not None else len(devices or [None]),
+        devices=devices,
+        partition=a.slurm_partition,
+        time_min=a.slurm_time,
+        gpus_per_task=a.slurm_gpus_per_task,
+        sbatch=sbatch_options(a.slurm_option),
+    )
+
+
+def sbatch_options(given: list[str]) -> dict:
+    """--slurm-option KEY=VALUE (or a bare KEY, a flag) -> {KEY: VALUE or True}."""
+    options = {}
+    for text in given:
+        key, eq, value = text.partition("=")
+        key = key.strip().removeprefix("--")
+        if not key or " " in key or (eq and not value.strip()):
+            raise RefError(
+                f"--slurm-option {text!r}: write KEY=VALUE, an sbatch option without its dashes (account=proj)"
+            )
+        options[key] = value.strip() if eq else True
+    return options
+
+
+def report(out: Path, record: dict, figures: bool) -> int:
+    """Print sweep.md and the points not done, draw the figures; the number of failed points."""
     print((out / "sweep.md").read_text())
-    if a.figures:
+    if figures:
         from ref.report import write_sweep_figures
 
         try:
@@ -504,7 +749,10 @@ def command(argv: list[str] | None) -> int:
         except RefError as e:  # matplotlib missing: the sweep itself is complete
             print(f"note: no figures ({e})", file=sys.stderr)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}")
-    return 0
+    for r in record["points"]:
+        if r["status"] != "done":
+            print(f"{r['name']}: {r['status']}")
+    return sum(r["status"].startswith("failed") for r in record["points"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ from ref.runlog import (
     atomic_write_text,
     check_replaceable,
     clear_run_folder,
+    holds_files,
     read_metrics,
     read_run_json,
     write_json,
@@ -170,7 +171,7 @@ def check_out(out: Path, settings: Settings, sources: list[tuple[str, Path]], ne
             raise RefError(f"--out {out} overlaps the {what} folder {source}: the run would write into or replace "
                            "source files; choose another --out")  # fmt: skip
     validate.writable_folder("--out", out, need_bytes)
-    exists = out.is_dir() and any(out.iterdir())
+    exists = holds_files(out)
     if settings.resume and not exists:
         raise RefError(f"nothing to resume in {out}: run without --resume")
     if exists and settings.overwrite:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import ref.unlearn as U
-from ref import report, sweep, table1
+from ref import launch, report, sweep, table1
 from ref.errors import RefError, Stopped
+from tests.test_hardening import snapshot
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 # ------------------------------------------------------------------------------------------------------- the grid
@@ -113,13 +114,13 @@ def test_interrupted_sweep_finishes_the_missing_points_only(tiny_dirs, data_dir,
 
     record = sweep.sweep(s, grid, out)
     printed = capsys.readouterr().out
-    assert "4 points (3 to run)" in printed and "| 1 | rmu/lr=0.01,steering=4 | 4 | finished |  |" in printed
+    assert "4 points (3 to run)" in printed and "| 1 | rmu/lr=0.01,steering=4 | 4 | done |  |" in printed
     assert "| 2 | rmu/lr=0.03,steering=4 | 4 | started |" in printed and "time to run: 3 points, ~" in printed
     assert (first / "report.json").stat().st_mtime_ns == stamp  # the finished point did not run again
     resumed = json.loads((out / "rmu" / "lr=0.03,steering=4" / "run.json").read_text())
     assert [r["at_step"] for r in resumed["resumes"]] == [2]  # the interrupted one continued from its checkpoint
     saved = json.loads((out / "sweep.json").read_text())
-    assert [p["status"] for p in saved["points"]] == ["finished", "done", "done", "done"]
+    assert [p["status"] for p in saved["points"]] == ["done"] * 4
     for p in saved["points"]:
         m = p["metrics"]
         assert m["steps"] == 4 and 0 <= m["U"] <= 1 and 0 <= m["R"] <= 1 and m["train_s"] > 0
@@ -163,6 +164,8 @@ def test_cli_checks_before_running(tiny_dirs, data_dir, tmp_path, capsys):  # no
         ("--grid", "steering=-1"): "point rmu/steering=-1: --steering is -1.0; use a number > 0",
         ("--grid", "max-steps=2", "--max-steps", "3"): "max-steps is given by --max-steps and by --grid",
         ("--retain-budget", "-1"): "--retain-budget",
+        ("--grid", "update-layers=5-3"): "--grid update-layers=5-3: 5-3 is a descending range; write it from low to "
+        "high (3-5)",
     }
     for extra, message in cases.items():
         assert sweep.main(argv + list(extra)) == 2
@@ -202,3 +205,75 @@ def test_a_toxicity_point_reports_fluency_and_diversity(tmp_path):
     md = sweep.markdown([row], {"ours": row}, "the highest S-unlearning", "toxicity")
     assert "| fluency ppl | distinct-2 |" in md and "| base | | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
     assert "| ours | lr=0.001 | 0.200 | 0.800 | 18.50 | 18.80 | 0.910 | 0.600 | 1 |" in md
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def tiny_argv(tiny_dirs, data_dir, out: Path, *extra: str) -> list[str]:  # noqa: F811
+    """ref.sweep's command line on the tiny model and data: rmu at lr=1e-2 into `out`, then `extra`."""
+    options = dict(model=tiny_dirs["llama"], data=data_dir, method="rmu", grid="lr=1e-2", out=out)
+    return [x for k, v in options.items() for x in (f"--{k}", str(v))] + list(extra)
+
+
+def test_refusals_name_the_problem_and_leave_every_file_as_it_was(tiny_dirs, data_dir, tmp_path, capsys):  # noqa: F811
+    def refused(out: Path, message: str, *extra: str) -> None:
+        argv = tiny_argv(tiny_dirs, data_dir, out, *extra)
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        assert sweep.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", err
+        assert snapshot(tmp_path) == before
+
+    run = tmp_path / "a-run"  # a ref.unlearn run folder is not a sweep's
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    refused(run, f"--out {run} is a ref.unlearn run folder, not a sweep's; choose a new or empty folder")
+    mine = tmp_path / "mine"  # nor is a folder of the user's files
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2\n")
+    refused(mine, f"--out {mine} holds files a sweep did not write (data.csv); choose a new or empty folder")
+
+    point = tmp_path / "sweep" / "rmu" / "lr=0.01"  # a point's folder without run.json, with a file of the user's
+    point.mkdir(parents=True)
+    (point / "notes.txt").write_text("mine")
+    refused(
+        tmp_path / "sweep",
+        f"point rmu/lr=0.01: its folder {point} has no run.json but holds notes.txt, not "
+        "files of this sweep's run; move them out of the folder and rerun the sweep",
+    )
+    (point / "notes.txt").unlink()  # only what a start cut before its run.json leaves: the point starts again
+    (point / "probes.safetensors").write_bytes(b"cut")
+    argv = tiny_argv(tiny_dirs, data_dir, tmp_path / "sweep", "--dry-run")
+    assert sweep.main(argv) == 0
+    assert "| 1 | rmu/lr=0.01 | 8 | new |" in capsys.readouterr().out
+
+    refused(
+        tmp_path / "new",
+        "--grid update-layers=5-3: 5-3 is a descending range; write it from low to high (3-5)",
+        "--grid",
+        "update-layers=5-3",
+    )
+
+
+def test_ctrl_c_says_to_rerun_the_same_command_which_resumes(tiny_dirs, data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    out = tmp_path / "sweep"
+    argv = tiny_argv(tiny_dirs, data_dir, out, "--max-steps", "2", "--eval-limit", "1", "--no-compile", "--no-figures")
+    unlearn = U.unlearn
+    monkeypatch.setattr(launch, "unlearn", lambda s: unlearn(s, stop_after_step=1))  # Ctrl-C after the first step
+    assert sweep.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted: the sweep stopped; its finished points and the checkpoint "
+        "of the point it was running are kept: rerun the same command to continue"
+    )
+    assert "--resume" not in err
+    point = out / "rmu" / "lr=0.01"
+    assert (point / "checkpoint.pt").is_file() and not (point / "claim.json").exists()
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["started"]
+    monkeypatch.undo()
+    assert sweep.main(argv) == 0  # the same command
+    assert [r["at_step"] for r in json.loads((point / "run.json").read_text())["resumes"]] == [1]
+    assert [r["step"] for r in map(json.loads, (point / "metrics.jsonl").read_text().splitlines())] == [1, 2]
