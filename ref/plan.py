@@ -18,6 +18,7 @@ from ref.losses import REDUCTIONS
 from ref.memory import estimate_peak_bytes, total_params
 from ref.model import Transformer
 from ref.objectives import U_DISTRIBUTIONS
+from ref.options import check_applies, check_values, option
 from ref.placement import parse_devices, split_blocks
 from ref.registry import UNLEARN_DEFAULTS, generic_defaults, paper_final_alpha
 from ref.reinforce import ALPHA0, ALPHA_RANGE
@@ -29,52 +30,232 @@ MASTER_WEIGHTS = ("fp32", "model")  # the first is the default
 EVAL_SAMPLES = 25  # samples per toxicity prompt in the evaluation (the RealToxicityPrompts protocol)
 
 
+def _positive(flag: str, value: float) -> None:
+    validate.positive(flag, value)
+
+
+def _count(flag: str, value: int) -> None:
+    validate.positive(flag, value, integer=True)
+
+
+def _index(flag: str, value: int) -> None:
+    validate.number(flag, value, low=0, integer=True)
+
+
+def _alpha0(flag: str, value: float) -> None:
+    validate.number(flag, value, low=ALPHA_RANGE[0], high=ALPHA_RANGE[1])
+
+
+def _non_negative(flag: str, value: float) -> None:
+    validate.number(flag, value, low=0)
+
+
+def _names(flag: str, values: list) -> None:
+    if not values:
+        raise RefError(f"{flag} is empty; name at least one, or leave it out for the default")
+    if len(set(values)) != len(values):
+        raise RefError(f"{flag} names {values}, with repeats; name each once")
+
+
+def _probe_l2(text: str) -> float | None:
+    """--probe-l2: "auto" (None: chosen per layer by K-fold) or a number."""
+    return None if text == "auto" else float(text)
+
+
+def _rmu(s: Settings) -> bool:
+    return s.method == "rmu"
+
+
+def _adaptive(s: Settings) -> bool:
+    return s.method == "adaptive-rmu"
+
+
+def _reinforce(s: Settings) -> bool:
+    return s.method == "ours" and s.alpha is None
+
+
+def _ours_toxicity(s: Settings) -> bool:
+    return (s.method, s.goal) == ("ours", "toxicity")
+
+
+def _single_tap(s: Settings) -> bool:
+    return not _ours_toxicity(s)
+
+
+TOX = dict(applies=_ours_toxicity, where="--method ours --goal toxicity")
+REINFORCE = dict(applies=_reinforce, where="REINFORCE (--method ours without --alpha)")
+
+
 @dataclass
 class Settings:
-    """What the user asked for (`python -m ref.unlearn` options). None: not given, the plan takes the default."""
+    """What the user asked for: the options of `python -m ref.unlearn`, each defined once (ref/options.py). None: not
+    given, the plan takes the default."""
 
-    model: str = "smollm2-135m"
-    goal: str = "wmdp"
-    method: str = "ours"
-    data: str | None = None  # hub | demo | a folder; None: the registry's (demo for smollm2-135m, else hub)
-    out: str = "runs/unlearn"
-    topics: list[str] | None = None  # forget corpora to use (default: all in the manifest)
-    tap_layer: int | None = None
-    update_layers: list[int] | None = None  # default: the registry's (toxicity + ours: the probed layers)
-    update_params: list[str] | None = None  # names inside a layer, e.g. mlp.down_proj.weight
-    tox_layers: list[int] | None = None  # default: 3 early, 3 middle, 3 late
-    alpha: float | None = None  # a fixed alpha (turns REINFORCE off); rmu default: the registry's
-    alpha0: float | None = None  # initial alpha of REINFORCE; None: 1 (ALPHA0)
-    steering: float | None = None  # RMU's c
-    beta: float | None = None  # Adaptive RMU
-    raw_probe_weights: bool = False  # eq. 6 with the raw probe weights instead of unit directions
-    tox_balance: str | None = None  # ours on toxicity: "paper" (default: eq. 6 summed) or "scaled" (ours)
-    token_reduction: str | None = None  # eq. 2-5: "sum" (the paper's; default of ours) or "mean" (default of RMU)
-    u_distribution: str | None = None  # eq. 2, 4: u "orthant" (default, the RMU reference's) or "sphere"
-    tox_retain_reduction: str | None = None  # ours on toxicity: eq. 5 "sum"med (default) or "mean"ed over layers
-    master_weights: str | None = None  # "fp32" (default: AdamW updates fp32 copies of the trained tensors) or "model"
-    probe_file: str | None = None  # ours on toxicity: the probes' (text, label) jsonl instead of the manifest's
-    probe_l2: float | None = None  # L2 of the eq. 6 probes; None: chosen per layer by K-fold AUC (--probe-l2 auto)
-    lr: float | None = None
-    policy_lr: float | None = None
-    epochs: int = 2
-    max_steps: int | None = None
-    batch_size: int = 4
-    max_len: int | None = None
-    seed: int = 0
-    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
-    device: str | None = None  # None: cuda when available
-    compile: bool = True
-    save_every: int = 25
-    evaluate: bool = True  # evaluate the base and the unlearned model at the end (report.json)
-    eval_limit: int | None = None  # first N questions / prompts of each evaluation task
-    eval_samples: int | None = None  # samples per toxicity prompt; None: EVAL_SAMPLES (one greedy with eval_greedy)
-    eval_greedy: bool = False  # one greedy continuation per prompt (labelled: not comparable)
-    log_samples: bool = False  # also write samples.jsonl: one row a question / prompt, before and after
-    resume: bool = False
-    overwrite: bool = False
-    dry_run: bool = False  # print the plan and the memory estimate, load no weights
-    allow_data_outside: bool = False  # the data manifest may name files outside the data folder
+    model: str = option("smollm2-135m", "registry alias, local Hugging Face model folder, or hub id")
+    goal: str = option("wmdp", "wmdp (dangerous knowledge) or toxicity", choices=GOALS)
+    method: str = option("ours", "ours (the paper's), rmu or adaptive-rmu", choices=METHODS)
+    data: str | None = option(
+        None,
+        "hub (the paper's datasets, prepared into the cache on first use), demo, or a folder with manifest.json",
+        shown="demo for smollm2-135m, else hub",
+    )
+    out: str = option("runs/unlearn", "the run folder; an existing one is refused without --resume or --overwrite")
+    topics: list[str] | None = option(
+        None, "forget corpora to use, by file stem (they alternate step by step)", shown="all", check=_names
+    )
+    tap_layer: int | None = option(
+        None,
+        "layer whose residual stream the WMDP and RMU losses read",
+        shown="registry (7)",
+        check=_index,
+        applies=_single_tap,
+        where="the single-tap objectives (not ours on toxicity, which reads --tox-layers)",
+        sweep=True,
+    )
+    update_layers: list[int] | None = option(
+        None,
+        "layers whose tensors are trained, comma-separated (a-b a range)",
+        shown="registry (5,6,7); ours on toxicity: the probed layers",
+        check=_names,
+        sweep=True,
+    )
+    update_params: list[str] | None = option(
+        None,
+        "tensor names inside a layer, selected by name",
+        shown="mlp.down_proj.weight",
+        check=_names,
+        sweep=True,
+    )
+    tox_layers: list[int] | None = option(
+        None, "the probed layers of eq. 6", shown="3 early, 3 middle, 3 late", check=_names, sweep=True, **TOX
+    )
+    alpha: float | None = option(
+        None,
+        "a fixed alpha of eq. 1 (turns REINFORCE off)",
+        shown="registry for rmu and adaptive-rmu; REINFORCE for ours",
+        check=_non_negative,
+        sweep=True,
+    )
+    alpha0: float | None = option(
+        None,
+        "initial alpha of REINFORCE, in [1e-3, 1e4], and the meta-objective's retain weight under --tox-balance scaled",
+        shown="1",
+        check=_alpha0,
+        sweep=True,
+        **REINFORCE,
+    )
+    steering: float | None = option(
+        None, "RMU's steering coefficient c", shown="registry", check=_positive, applies=_rmu,
+        where="--method rmu (RMU's fixed c)", sweep=True,
+    )  # fmt: skip
+    beta: float | None = option(
+        None, "Adaptive RMU: c = beta x the mean token norm of each topic's first forget batch", shown="5",
+        check=_positive, applies=_adaptive, where="--method adaptive-rmu", sweep=True,
+    )  # fmt: skip
+    raw_probe_weights: bool = option(
+        False, "eq. 6 with the raw probe weights instead of unit directions (refused with --tox-balance scaled)",
+        sweep=True, **TOX,
+    )  # fmt: skip
+    tox_balance: str | None = option(
+        None,
+        "paper: eq. 6 summed over the layers as published, REINFORCE's meta-objective L_F + L_R; scaled (ours): each "
+        "layer's term divided by its value on the frozen model's first forget batch and averaged, meta-objective "
+        "L_F + alpha0 L_R",
+        shown="paper",
+        choices=TOX_BALANCES,
+        sweep=True,
+        **TOX,
+    )
+    token_reduction: str | None = option(
+        None,
+        "how eq. 2-5 reduce a text's tokens: sum is the paper's (each text's sum, averaged over the texts), mean the "
+        "mean over real tokens (eq. 2-3: and hidden units, the RMU reference's F.mse_loss)",
+        shown="sum for ours, mean for rmu and adaptive-rmu",
+        choices=REDUCTIONS,
+        sweep=True,
+    )
+    u_distribution: str | None = option(
+        None,
+        "u of eq. 2 and 4: uniform in the positive orthant, normalised (the RMU reference's), or on the unit sphere",
+        shown="orthant",
+        choices=U_DISTRIBUTIONS,
+        sweep=True,
+    )
+    tox_retain_reduction: str | None = option(
+        None, "eq. 5 at the probed layers, summed or averaged over them", shown="sum", choices=REDUCTIONS,
+        sweep=True, **TOX,
+    )  # fmt: skip
+    master_weights: str | None = option(
+        None,
+        "fp32: AdamW updates fp32 copies of the trained tensors of a bf16 model and rounds them into it after each "
+        "step (no copies for an fp32 model); model: AdamW updates them in place, in the model's dtype",
+        shown="fp32",
+        choices=MASTER_WEIGHTS,
+        sweep=True,
+    )
+    probe_file: str | None = option(
+        None,
+        'a jsonl of {"text": str, "label": 0 or 1} rows (1 = toxic) to train the eq. 6 probes on, e.g. TRuST\'s '
+        "human-annotated training split, which the paper used",
+        shown="the data manifest's probe",
+        sweep=True,
+        **TOX,
+    )
+    probe_l2: float | None = option(
+        None,
+        "L2 strength of the eq. 6 probes: auto chooses it per layer by stratified 5-fold held-out AUC over 1e-4..10 "
+        "on the probes' training part (ties to the stronger penalty, as scikit-learn's LogisticRegressionCV); a "
+        "number fixes it",
+        shown="auto",
+        check=_positive,
+        parse=_probe_l2,
+        sweep=True,
+        **TOX,
+    )
+    lr: float | None = option(
+        None, "AdamW learning rate (eps 1e-6, no weight decay)", shown="registry (5e-5; smollm2-135m 1e-3)",
+        check=_positive, sweep=True, resume=True,
+    )  # fmt: skip
+    policy_lr: float | None = option(
+        None, "REINFORCE's Adam learning rate", shown="1e-2", check=_positive, sweep=True, **REINFORCE
+    )
+    epochs: int = option(2, "passes over the forget corpora", check=_count, sweep=True, resume=True)
+    max_steps: int | None = option(None, "a cap on the steps", shown="none", check=_count, sweep=True, resume=True)
+    batch_size: int = option(4, "texts per batch", check=_count, sweep=True)
+    max_len: int | None = option(
+        None, "truncation of the texts, in tokens", shown="registry (512; smollm2-135m 128)", check=_count,
+        sweep=True,
+    )  # fmt: skip
+    seed: int = option(0, "data order, u, REINFORCE: the same seed gives the same run on CPU", check=_index, sweep=True)
+    dtype: str | None = option(None, "float32 or bfloat16", shown="fp32 on CPU, bf16 on GPU", check=validate.dtype)
+    device: str | None = option(
+        None,
+        "cpu, cuda, cuda:N, or a list cuda:0,cuda:1,... or auto: the blocks split over the devices",
+        shown="one device, cuda when there is one",
+        check=validate.device,
+        resume=True,
+    )
+    compile: bool = option(True, "run the losses of eq. 2-5 through torch.compile", flag="--no-compile", resume=True)
+    save_every: int = option(25, "checkpoint interval in steps", check=_count, resume=True)
+    evaluate: bool = option(
+        True, "evaluate the base and the unlearned model at the end (report.json)", flag="--no-eval", resume=True
+    )
+    eval_limit: int | None = option(
+        None, "evaluate on the first N questions / prompts of each task", shown="all", check=_count, resume=True
+    )
+    eval_samples: int | None = option(
+        None, "samples per toxicity prompt", shown=str(EVAL_SAMPLES), check=_count, resume=True
+    )
+    eval_greedy: bool = option(
+        False, "one greedy continuation per toxicity prompt (labelled: not comparable)", resume=True
+    )
+    log_samples: bool = option(
+        False, "the evaluation also writes samples.jsonl, one row a question / prompt", resume=True
+    )
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = option(False, "replace --out, a run folder of ours only")
+    dry_run: bool = option(False, "print the plan and a peak-memory estimate; load no weights")
+    allow_data_outside: bool = option(False, "let the data manifest name files outside the data folder")
 
 
 @dataclass(frozen=True)
@@ -165,54 +346,11 @@ def token_reduction(user: Settings) -> str:
 
 
 def check_settings(user: Settings) -> None:
-    """Every value the user gave, alone (range, sign, finiteness) and in combination, before anything is read,
-    created or deleted. Layer indices are checked against the model in `resolve`."""
-    if user.goal not in GOALS or user.method not in METHODS:
-        raise RefError(f"--goal must be one of {GOALS} and --method one of {METHODS}")
-    for option, value in (("--lr", user.lr), ("--policy-lr", user.policy_lr), ("--steering", user.steering),
-                          ("--beta", user.beta), ("--probe-l2", user.probe_l2)):  # fmt: skip
-        validate.positive(option, value)
-    validate.number("--alpha", user.alpha, low=0)
-    validate.number("--alpha0", user.alpha0, low=ALPHA_RANGE[0], high=ALPHA_RANGE[1])
-    for option, value in (("--epochs", user.epochs), ("--max-steps", user.max_steps), ("--batch-size", user.batch_size),
-                          ("--max-len", user.max_len), ("--save-every", user.save_every),
-                          ("--eval-limit", user.eval_limit), ("--eval-samples", user.eval_samples)):  # fmt: skip
-        validate.positive(option, value, integer=True)
-    validate.number("--seed", user.seed, low=0, integer=True)
-    validate.number("--tap-layer", user.tap_layer, low=0, integer=True)
-    for name in ("topics", "update_layers", "update_params", "tox_layers"):
-        values, option = getattr(user, name), f"--{name.replace('_', '-')}"
-        if values == []:
-            raise RefError(f"{option} is empty; name at least one, or leave it out for the default")
-        if values is not None and len(set(values)) != len(values):
-            raise RefError(f"{option} names {values}, with repeats; name each once")
-    for option, value, choices in (("--tox-balance", user.tox_balance, TOX_BALANCES),
-                                   ("--token-reduction", user.token_reduction, REDUCTIONS),
-                                   ("--u-distribution", user.u_distribution, U_DISTRIBUTIONS),
-                                   ("--tox-retain-reduction", user.tox_retain_reduction, REDUCTIONS),
-                                   ("--master-weights", user.master_weights, MASTER_WEIGHTS)):  # fmt: skip
-        if value not in (None, *choices):
-            raise RefError(f"{option} is {value!r}; use one of {', '.join(choices)}")
-    validate.device("--device", user.device)
-    validate.dtype("--dtype", user.dtype)
-    ours_toxicity = (user.method, user.goal) == ("ours", "toxicity")
-    reinforce = user.method == "ours" and user.alpha is None
-    only = [("--steering", user.steering, user.method == "rmu", "--method rmu (RMU's fixed c)"),
-            ("--beta", user.beta, user.method == "adaptive-rmu", "--method adaptive-rmu"),
-            ("--alpha0", user.alpha0, reinforce, "REINFORCE (--method ours without --alpha)"),
-            ("--policy-lr", user.policy_lr, reinforce, "REINFORCE (--method ours without --alpha)"),
-            ("--tox-layers", user.tox_layers, ours_toxicity, "--method ours --goal toxicity"),
-            ("--raw-probe-weights", user.raw_probe_weights or None, ours_toxicity, "--method ours --goal toxicity"),
-            ("--tox-balance", user.tox_balance, ours_toxicity, "--method ours --goal toxicity"),
-            ("--tox-retain-reduction", user.tox_retain_reduction, ours_toxicity, "--method ours --goal toxicity"),
-            ("--probe-l2", user.probe_l2, ours_toxicity, "--method ours --goal toxicity"),
-            ("--probe-file", user.probe_file, ours_toxicity, "--method ours --goal toxicity"),
-            ("--tap-layer", user.tap_layer, not ours_toxicity, "the single-tap objectives (ours on toxicity reads "
-             "the --tox-layers)")]  # fmt: skip
-    for option, value, applies, where in only:
-        if value is not None and not applies:
-            raise RefError(f"{option} applies to {where} only; leave it out for --method {user.method} "
-                           f"--goal {user.goal}")  # fmt: skip
+    """Every value the user gave, alone (each option's choices and check) and in combination (where an option
+    applies, and the pairs below), before anything is read, created or deleted. Layer indices are checked against the
+    model in `resolve`."""
+    check_values(user)
+    check_applies(user)
     if user.raw_probe_weights and tox_balance(user) == "scaled":
         raise RefError(
             "--raw-probe-weights has no effect under --tox-balance scaled (each layer's eq. 6 term is divided by its "

@@ -57,18 +57,15 @@ from ref.launch import (
     run_task,
     submissions,
 )
-from ref.plan import EVAL_SAMPLES, GOALS, METHODS, TOX_BALANCES, Settings, given, ran_tox_balance, tox_balance
+from ref.options import accepted, grid_keys, parse_text
+from ref.plan import EVAL_SAMPLES, GOALS, METHODS, Settings, given, ran_tox_balance, tox_balance
 from ref.plan import resolve as resolve_plan
 from ref.runlog import CUT_START, atomic_write_text, read_metrics, write_json
 from ref.train import schedule
 from ref.unlearn import architecture
 
-# The settings a grid may vary (the ones that shape a run), each with its value parser; `layer` is the depth shorthand.
-LIST_KEYS = ("update_layers", "tox_layers", "update_params")
-GRID_KEYS = ("layer", "tap_layer", "update_layers", "update_params", "tox_layers", "alpha", "alpha0", "steering",
-             "beta", "raw_probe_weights", "tox_balance", "probe_l2", "lr", "policy_lr", "epochs", "max_steps",
-             "batch_size", "max_len", "seed")  # fmt: skip
-INTS = {"layer", "tap_layer", "epochs", "max_steps", "batch_size", "max_len", "seed"}
+# The settings a grid may vary: the options that shape a run (ref/options.py), and `layer`, the depth shorthand.
+GRID_KEYS = ("layer", *grid_keys(Settings))
 RETAIN_METRICS = ("accuracy", "perplexity")
 # Settings of a run folder that may differ from the point's: where it is, how it was started, and the device a worker
 # put it on.
@@ -99,38 +96,16 @@ def setting_name(grid: dict) -> str:
 
 
 def parse_value(key: str, text: str):
-    """One grid value of `key` from its text (see the module docstring), or a RefError that names it."""
+    """One grid value of `key` from its text (list items joined by /), or a RefError that names it."""
     try:
-        if key in LIST_KEYS:
-            items = [x.strip() for x in text.split("/") if x.strip()]
-            if not items:
-                raise ValueError(text)
-            return items if key == "update_params" else [i for item in items for i in span(item)]
-        if key == "raw_probe_weights":
-            return {"true": True, "false": False}[text.lower()]
-        if key == "probe_l2" and text == "auto":
-            return None
-        if key == "tox_balance":
-            if text not in TOX_BALANCES:
-                raise ValueError(text)
-            return text
-        return int(text) if key in INTS else float(text)
+        if key == "layer":
+            return int(text)
+        return parse_text(Settings, Settings.__dataclass_fields__[key], text, sep="/")
     except RefError as e:
         raise RefError(f"--grid {key.replace('_', '-')}={text}: {e}") from None
     except (ValueError, KeyError):
-        what = {"raw_probe_weights": "true or false", "probe_l2": "auto or a number",
-                "tox_balance": " or ".join(TOX_BALANCES)}.get(key, "")  # fmt: skip
-        what = what or ("whole numbers joined by / (a-b a range)" if key in LIST_KEYS else "a whole number" if key in
-                        INTS else "a number")  # fmt: skip
+        what = "a whole number" if key == "layer" else accepted(Settings, Settings.__dataclass_fields__[key], sep="/")
         raise RefError(f"--grid {key.replace('_', '-')}={text}: {text!r} is not {what}") from None
-
-
-def span(item: str) -> list[int]:
-    """`5` -> [5]; `5-7` -> [5, 6, 7]; `7-5` is refused (a RefError naming the range)."""
-    lo, _, hi = item.partition("-")
-    if hi and int(hi) < int(lo):
-        raise RefError(f"{item} is a descending range; write it from low to high ({hi}-{lo})")
-    return list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
 
 
 def parse_grid(text: str, methods: list[str]) -> dict[str, dict[str, list]]:

@@ -32,17 +32,14 @@ from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
 from ref.errors import DiskFull, RefError
-from ref.losses import REDUCTIONS
 from ref.model import Transformer
-from ref.objectives import U_DISTRIBUTIONS, random_directions
+from ref.objectives import random_directions
+from ref.options import add_arguments, resumable
 from ref.plan import (
     BALANCE_WORDS,
-    EVAL_SAMPLES,
     GOALS,
-    MASTER_WEIGHTS,
     METHODS,
     REDUCTION_WORDS,
-    TOX_BALANCES,
     Plan,
     Settings,
     as_dict,
@@ -245,10 +242,10 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     return state, history
 
 
-# Plan values a resumed run may change (recorded in run.json "resumes"): a lower lr after a divergence (never a higher
-# one), more steps, how often to save, and how to evaluate. Everything else shapes the trajectory and must stay.
-RESUMABLE = {"lr", "max_steps", "epochs", "save_every", "compile", "device", "evaluate", "eval_limit", "eval_samples",
-             "eval_greedy", "log_samples"}  # fmt: skip
+# Plan values a resumed run may change (recorded in run.json "resumes"), the options marked `resume`: a lower lr after
+# a divergence (never a higher one), more steps, how often to save, and how to evaluate. Everything else shapes the
+# trajectory and must stay.
+RESUMABLE = resumable(Settings)
 
 
 def option_name(field: str) -> str:
@@ -425,69 +422,8 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m ref.unlearn", description="Unlearn a goal from a language model.")
-    a = p.add_argument
-    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
-    strs = lambda v: [x.strip() for x in v.split(",")]  # noqa: E731
-    a("--model", default=Settings.model, help="registry alias, local model folder, or hub id")
-    a("--goal", default=Settings.goal, choices=GOALS)
-    a("--method", default=Settings.method, choices=METHODS)
-    a("--data", default=None, help="hub | demo | a prepared data folder (default: demo for smollm2-135m, else hub)")
-    a("--out", default=Settings.out, help="run folder")
-    a("--topics", type=strs, default=None, help="forget corpora to use, by name (default: all)")
-    a("--tap-layer", type=int, default=None, help="layer whose residual stream the WMDP/RMU losses read")
-    a("--update-layers", type=ints, default=None, help="comma-separated layers whose tensors are trained")
-    a("--update-params", type=strs, default=None, help="tensor names inside a layer (default mlp.down_proj.weight)")
-    a("--tox-layers", type=ints, default=None, help="the probed layers of eq. 6 (default: 3 early, 3 mid, 3 late)")
-    a("--alpha", type=float, default=None, help="fixed retain weight alpha (turns REINFORCE off)")
-    a("--alpha0", type=float, default=None, help="initial alpha of REINFORCE (default 1)")
-    a("--steering", type=float, default=None, help="RMU steering coefficient c")
-    a("--beta", type=float, default=None, help="Adaptive RMU: c = beta * mean forget activation norm (default 5)")
-    a("--raw-probe-weights", action="store_true", help="eq. 6 with raw probe weights instead of unit directions")
-    a("--tox-balance", choices=TOX_BALANCES, default=None, help="ours on toxicity: paper (default: eq. 6 summed over "
-      "the layers) or scaled (ours: eq. 6 normalised per layer, meta-objective L_F + alpha0 L_R)")  # fmt: skip
-    a("--token-reduction", choices=REDUCTIONS, default=None, help="eq. 2-5 over a text's tokens: sum (the paper's; "
-      "default of ours) or mean (default of rmu and adaptive-rmu: the RMU reference's F.mse_loss)")  # fmt: skip
-    a("--u-distribution", choices=U_DISTRIBUTIONS, default=None, help="u of eq. 2 and 4: orthant (default: uniform in "
-      "the positive orthant, the RMU reference's) or sphere (uniform on the unit sphere)")  # fmt: skip
-    a("--tox-retain-reduction", choices=REDUCTIONS, default=None, help="ours on toxicity: eq. 5 summed (default) or "
-      "averaged over the probed layers")  # fmt: skip
-    a("--master-weights", choices=MASTER_WEIGHTS, default=None, help="fp32 (default): AdamW updates fp32 copies of "
-      "the trained tensors of a bf16 model; model: updates them in place in the model's dtype")  # fmt: skip
-    a("--probe-file", default=None, help="ours on toxicity: a jsonl of {text, label} rows (1 = toxic) for the eq. 6 "
-      "probes instead of the data manifest's probe file (e.g. TRuST's training split)")  # fmt: skip
-    a("--probe-l2", type=probe_l2, default=None, help="L2 of the eq. 6 probes: auto (default; per layer by 5-fold "
-      "held-out AUC) or a number (0.01: the fixed value of earlier versions)")  # fmt: skip
-    a("--lr", type=float, default=None, help="AdamW learning rate (registry default; 5e-5 for the 7-8B models)")
-    a("--policy-lr", type=float, default=None, help="REINFORCE (Adam) learning rate (default 1e-2)")
-    a("--epochs", type=int, default=Settings.epochs)
-    a("--max-steps", type=int, default=None)
-    a("--batch-size", type=int, default=Settings.batch_size)
-    a("--max-len", type=int, default=None, help="truncate texts to this many tokens (registry default)")
-    a("--seed", type=int, default=Settings.seed)
-    a("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
-    a("--device", default=None, help="cpu | cuda | cuda:N | a list cuda:0,cuda:1,... (blocks split) | auto")
-    a("--no-compile", dest="compile", action="store_false", help="run the losses eager")
-    a("--save-every", type=int, default=Settings.save_every, help="checkpoint every N steps")
-    a("--no-eval", dest="evaluate", action="store_false", help="skip the before/after evaluation")
-    a("--eval-limit", type=int, default=None, help="evaluate on the first N questions / prompts of each task")
-    a("--eval-samples", type=int, default=None, help=f"samples per toxicity prompt (default {EVAL_SAMPLES})")
-    a("--eval-greedy", action="store_true", help="one greedy continuation per toxicity prompt (not comparable)")
-    a("--log-samples", action="store_true", help="evaluation: also write samples.jsonl, one row a question / prompt")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--overwrite", action="store_true", help="replace an existing --out folder")
-    a("--dry-run", action="store_true", help="print the plan and a peak-memory estimate; load no weights")
-    a("--allow-data-outside", action="store_true", help="let the data manifest name files outside the data folder")
+    add_arguments(p, Settings)
     return Settings(**vars(p.parse_args(argv)))
-
-
-def probe_l2(value: str) -> float | None:
-    """--probe-l2: "auto" (None: chosen by K-fold) or a number (checked > 0 with the other settings)."""
-    if value == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"use auto or a number > 0, not {value!r}") from None
 
 
 def dry_run(settings: Settings) -> str:
