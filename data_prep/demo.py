@@ -80,7 +80,9 @@ def demo_files() -> dict[str, bytes]:
             "forget": ["forget/demo-toxic.jsonl"],
             "retain": "retain/demo-general.jsonl",
             "probe": "probe/demo-probe.jsonl",
-            "probe_source": "the project's demo sentences (100 rude, 100 neutral), not the paper's TRuST training split",
+            "probe_source": (
+                "the project's demo sentences (100 rude, 100 neutral), not the paper's TRuST training split"
+            ),
             "eval_prompts": "prompts/demo-prompts.jsonl",
             "eval_retain": ["mc/demo-general.jsonl"],
             "eval_perplexity": ["retain/demo-general-heldout.jsonl"],

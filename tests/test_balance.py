@@ -120,5 +120,3 @@ def test_on_the_demo_the_token_sum_gives_the_retain_term_a_share_of_the_loss(dem
         assert rs[0]["forget_loss"] == pytest.approx(11591, rel=1e-3)  # eq. 6 summed: the late layers' 10^3
     assert share(mean[-4:]) < 1e-4  # measured MEAN_SHARE
     assert share(summed[-4:]) > 100 * share(mean[-4:])  # measured SUM_SHARE
-
-
