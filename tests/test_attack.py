@@ -104,7 +104,7 @@ def test_dry_run_estimates_the_relearning_attack(tiny_dirs, capsys):
     assert est["adapters"] == 16 * adapter_params  # fp32 value, gradient and two AdamW states
     assert attack.main(["--dry-run", "--model", "mistral-7b"]) == 0
     out = capsys.readouterr().out
-    assert "relearn attack on mistral-7b" in out and "the unlearning step of its default plan: 6.9 GiB" in out
+    assert "relearn attack on mistral-7b" in out and "the unlearning step of its default plan: 9.2 GiB" in out
 
 
 def test_same_seed_same_attack(tiny_runs, tmp_path, capsys):
