@@ -43,6 +43,11 @@ class SoftPrompted:
     def parameters(self):
         return self.inner.parameters()
 
+    def read_out(self, h: Tensor) -> Tensor:
+        """Logits of the residual stream h [..., D] through the frozen final norm and LM head."""
+        normed = functional_call(self.inner.model.norm, {"weight": self.frozen["model.norm.weight"]}, (h,))
+        return F.linear(normed, self.frozen.get("lm_head.weight", self.frozen["model.embed_tokens.weight"]))
+
     def __call__(
         self,
         input_ids: Tensor,
@@ -76,12 +81,13 @@ def answer_pairs(tok: Tokenizer, rows_by_task: dict[str, list[dict]], mode: str)
 
 
 def answer_nll(model: SoftPrompted, pairs: list[tuple[list[int], list[int]]]) -> Tensor:
-    """-log P(answer | context) per pair [len(pairs)] fp32, through the soft-prompted model."""
+    """-log P(answer | context) per pair [len(pairs)] fp32, through the soft-prompted model (the final norm and LM
+    head read the answer positions only, as ref.mc scores them)."""
     seqs, n = [(c + x)[:-1] for c, x in pairs], [len(x) for _, x in pairs]  # the last n positions predict the answer
     ids, mask = left_pad(seqs, pad_id=0)
-    device = next(model.parameters()).device
-    logits = model(ids.to(device), mask.to(device)).logits[:, -max(n) :]
-    logp = logits.float().log_softmax(-1)
+    device, last = next(model.parameters()).device, model.config.num_layers - 1
+    h = model(ids.to(device), mask.to(device), taps=[last], stop_after=last).taps[last]
+    logp = model.read_out(h[:, -max(n) :]).float().log_softmax(-1)  # the head only where the answer is
     nll = []
     for b, (_, x) in enumerate(pairs):
         answer = torch.tensor(x, device=device)[:, None]

@@ -22,7 +22,10 @@ def test_a_prompt_of_token_embeddings_equals_those_tokens_before_the_input(tiny_
     wrapped = SoftPrompted(model, model.model.embed_tokens.weight[prompt_ids].detach())
     ids, mask = tok.batch(TEXTS)
     assert not mask.all()  # the second row is left-padded: the prompt sits before its padding
-    got = wrapped(ids, mask, taps=[1]).logits
+    last = model.config.num_layers - 1
+    out = wrapped(ids, mask, taps=[last])
+    got = out.logits
+    assert torch.equal(wrapped.read_out(out.taps[last]), got)  # the frozen final norm and head, as the model's
     for b, text in enumerate(TEXTS):
         alone = model(torch.tensor([prompt_ids + tok.encode(text)])).logits[0, len(prompt_ids) :]
         n = int(mask[b].sum())
