@@ -101,7 +101,7 @@ class Setting:
     label: str
     value: object = None
     scored: dict[str, list] | None = None
-    train: dict[str, list] = field(default_factory=dict)  # relearn questions, softprompt: the T split
+    train: dict[str, list] = field(default_factory=dict)  # softprompt: the T split
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -139,20 +139,21 @@ def task_rows(data: GoalData, limit: int | None) -> dict[str, list]:
 
 
 def why_not(name: str, data: GoalData, cfg: ModelConfig, source: str = "forget") -> str | None:
-    """Why attack `name` does not apply to this run's data and model, or None when it does."""
-    mc_forget = data.goal == "wmdp" and bool(data.eval_forget)
-    needs_mc = name in ("fewshot", "softprompt", "logitlens") or (name == "relearn" and source == "questions")
-    if needs_mc and not mc_forget:
-        what = (
-            "the toxicity goal measures forgetting by its prompts' toxicity"
-            if data.goal == "toxicity"
-            else f"the data {data.root} names no eval_forget questions"
-        )
-        return f"{name} scores multiple-choice forget questions and {what}"
+    """Why attack `name` (relearn: from `source`) does not apply to this run's data and model, and what to do; None
+    when it applies."""
+    leave = f"leave {name} out of --attacks (without --attacks, every attack that applies runs)"
+    if data.goal == "toxicity":
+        what = "the toxicity goal measures forgetting by its prompts' toxicity"
+    else:
+        what = None if data.eval_forget else f"the data {data.root} names no eval_forget questions"
+    if what and name in ("fewshot", "softprompt", "logitlens"):
+        return f"{name} scores multiple-choice forget questions and {what}; {leave}"
+    if what and name == "relearn" and source == "questions":
+        return f"relearn --source questions trains on multiple-choice forget questions and {what}; use forget or retain"
     if name == "ablate" and cfg.post_norm:
         return (
             f"ablate needs a pre-norm model: {cfg.model_type} puts a norm between each sublayer and the residual "
-            "add, so projecting directions out of the weights does not remove them from the stream"
+            f"add, so projecting directions out of the weights does not remove them from the stream; {leave}"
         )
     return None
 
@@ -195,7 +196,7 @@ class Evaluation:
         """The headline numbers of the items in `rows` (ref.evaluate: per task, pooled as there) with U, R and S, of
         `model` (default the loaded one; a soft-prompted one scores MC tasks only) with `shots` before each MC
         question."""
-        model, roles, results = model or self.model, available_tasks(self.data), {}
+        model, roles, results = self.model if model is None else model, available_tasks(self.data), {}
         for task, items in rows.items():
             if task == PROMPTS_TASK:
                 tox = toxicity_eval(
@@ -382,7 +383,7 @@ def run_attacks(s: AttackSettings) -> dict:
     for name in attacks:
         reason = why_not(name, data, cfg, s.source)
         if reason:
-            raise RefError(f"{reason}; leave {name} out of --attacks (without --attacks, every attack that applies)")
+            raise RefError(reason)
     planned = {name: settings_of(name, data, rows, s, cfg) for name in attacks}
 
     model = load_model(Path(s.run_dir) / "model", dtype=s.dtype, device=s.device)
@@ -406,8 +407,8 @@ def run_attacks(s: AttackSettings) -> dict:
         ids, mask = tok.batch([t for texts in data.forget.values() for t in texts][:64], max_length=plan["max_len"])
         layers = sorted(set(plan["taps"]) | set(plan["update_layers"]))
         directions = ablation_directions(model, originals, ids, mask, layers)
-    importance = {v: {} for v in variants}  # the pruning scores of each variant, computed once
     for name in attacks:
+        importance = {v: {} for v in variants}  # the pruning scores of each variant, once for all its settings
         for setting in planned[name]:
             t0, result = time.time(), {}
             scored = rows if setting.scored is None else setting.scored

@@ -218,7 +218,8 @@ def no_model_loaded(monkeypatch):
     "more, words",
     [
         (["--attacks", "fewshot"], ["fewshot scores multiple-choice forget questions", "toxicity goal"]),
-        (["--attacks", "relearn", "--source", "questions"], ["relearn scores multiple-choice forget questions"]),
+        (["--attacks", "relearn", "--source", "questions"], ["relearn --source questions", "use forget or retain"]),
+        (["--source", "questions"], ["relearn --source questions trains on multiple-choice forget questions"]),
         (["--attacks", "softprompt"], ["softprompt scores multiple-choice forget questions"]),
         (["--attacks", "logitlens"], ["logitlens", "leave logitlens out of --attacks"]),
     ],
