@@ -113,13 +113,20 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 @torch.no_grad()
 def _last_log_probs(
-    model: Transformer, seqs: list[list[int]], n_last: list[int], batch_size: int, desc: str
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (i, log-probs [n_last[i], V] fp32 of the next token at the last n_last[i] positions of seqs[i]).
+    model: Transformer,
+    seqs: list[list[int]],
+    n_last: list[int],
+    batch_size: int,
+    desc: str,
+    layers: Sequence[int] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (layer, i, log-probs [n_last[i], V] fp32 of the next token at the last n_last[i] positions of seqs[i])
+    for each layer of `layers`: the final norm and LM head read the residual stream after that block (at an earlier
+    block than the last: the logit lens). Default: the last block only, the model's own predictions.
 
-    Batches are left padded and longest first (as lm-eval, so a memory error shows at once); the final norm
-    and LM head run only on the positions scored. A sequence longer than the model's max_position_embeddings is
-    cut from the left (lm-eval's truncation)."""
+    Batches are left padded and longest first (as lm-eval, so a memory error shows at once); one forward per batch
+    taps every layer asked for, and the final norm and LM head run only on the positions scored. A sequence longer
+    than the model's max_position_embeddings is cut from the left (lm-eval's truncation)."""
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; use a positive batch size")
     max_len = model.config.max_position_embeddings
@@ -127,35 +134,54 @@ def _last_log_probs(
         raise RefError(f"a continuation is longer than the model's {max_len} positions; shorten it")
     seqs = [s[-max_len:] for s in seqs]
     device = next(model.parameters()).device
-    last = model.config.num_layers - 1
+    layers = [model.config.num_layers - 1] if layers is None else list(layers)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
         idx = order[start : start + batch_size]
         k = max(n_last[i] for i in idx)
         ids, mask = left_pad([seqs[i] for i in idx], pad_id=0)  # any id: padding sits under a zero mask
-        h = model(ids.to(device), mask.to(device), taps=(last,), stop_after=last).taps[last][:, -k:]
-        logp = model.lm_head(model.model.norm(h)).float().log_softmax(-1).cpu()
-        for b, i in enumerate(idx):
-            yield i, logp[b, k - n_last[i] :]
+        taps = model(ids.to(device), mask.to(device), taps=layers, stop_after=max(layers)).taps
+        for layer in layers:
+            logp = model.lm_head(model.model.norm(taps[layer][:, -k:])).float().log_softmax(-1).cpu()
+            for b, i in enumerate(idx):
+                yield layer, i, logp[b, k - n_last[i] :]
+
+
+def loglikelihoods_by_layer(
+    model: Transformer,
+    tok: Tokenizer,
+    requests: list[tuple[str, str]],
+    batch_size: int = 16,
+    layers: Sequence[int] | None = None,
+) -> dict[int, list[float]]:
+    """{layer: log P(continuation | context) per request} read out after each of `layers` (`_last_log_probs`)."""
+    pairs = [encode_pair(tok, ctx, cont) for ctx, cont in requests]
+    seqs = [(c + x)[:-1] for c, x in pairs]  # the model input; its last len(x) positions predict x
+    out: dict[int, list[float]] = {}
+    for layer, i, logp in _last_log_probs(model, seqs, [len(x) for _, x in pairs], batch_size, "loglikelihood", layers):
+        out.setdefault(layer, [0.0] * len(pairs))[i] = float(logp.gather(1, torch.tensor(pairs[i][1])[:, None]).sum())
+    return out
 
 
 def loglikelihood(
     model: Transformer, tok: Tokenizer, requests: list[tuple[str, str]], batch_size: int = 16
 ) -> list[float]:
     """log P(continuation | context) for each (context, continuation) request, as lm-eval's loglikelihood."""
-    pairs = [encode_pair(tok, ctx, cont) for ctx, cont in requests]
-    seqs = [(c + x)[:-1] for c, x in pairs]  # the model input; its last len(x) positions predict x
-    out = [0.0] * len(pairs)
-    for i, logp in _last_log_probs(model, seqs, [len(x) for _, x in pairs], batch_size, "loglikelihood"):
-        out[i] = float(logp.gather(1, torch.tensor(pairs[i][1])[:, None]).sum())
+    (out,) = loglikelihoods_by_layer(model, tok, requests, batch_size).values()
     return out
 
 
 def _letter_scores(
-    model: Transformer, tok: Tokenizer, rows: list[dict], task: str, batch_size: int, shots: Sequence[dict] = ()
-) -> list[list[float]]:
-    """log P(" A" .. " D" | prompt) per row: one forward per row where every letter is one token, else four
-    requests through `loglikelihood`."""
+    model: Transformer,
+    tok: Tokenizer,
+    rows: list[dict],
+    task: str,
+    batch_size: int,
+    shots: Sequence[dict] = (),
+    layers: Sequence[int] | None = None,
+) -> dict[int, list[list[float]]]:
+    """{layer: log P(" A" .. " D" | prompt) per row}: one forward per row where every letter is one token, else
+    four requests through `loglikelihoods_by_layer`."""
     fast, slow = {}, {}  # row index -> (prompt ids, 4 letter ids) / prompt text
     for i, row in enumerate(rows):
         prompt = mc_prompt(row, task, shots)
@@ -164,25 +190,32 @@ def _letter_scores(
             fast[i] = (pairs[0][0], [x[0] for _, x in pairs])
         else:
             slow[i] = prompt
-    scores: dict[int, list[float]] = {}
+    scores: dict[int, dict[int, list[float]]] = {}  # layer -> row index -> scores
     keys = list(fast)
     seqs = [fast[i][0] for i in keys]
-    for j, logp in _last_log_probs(model, seqs, [1] * len(seqs), batch_size, f"{task} (letter)"):
-        scores[keys[j]] = logp[0, fast[keys[j]][1]].tolist()
+    for layer, j, logp in _last_log_probs(model, seqs, [1] * len(seqs), batch_size, f"{task} (letter)", layers):
+        scores.setdefault(layer, {})[keys[j]] = logp[0, fast[keys[j]][1]].tolist()
     if slow:
-        lls = loglikelihood(model, tok, [(p, f" {letter}") for p in slow.values() for letter in LETTERS], batch_size)
-        for n, i in enumerate(slow):
-            scores[i] = lls[4 * n : 4 * n + 4]
-    return [scores[i] for i in range(len(rows))]
+        requests = [(p, f" {letter}") for p in slow.values() for letter in LETTERS]
+        for layer, lls in loglikelihoods_by_layer(model, tok, requests, batch_size, layers).items():
+            for n, i in enumerate(slow):
+                scores.setdefault(layer, {})[i] = lls[4 * n : 4 * n + 4]
+    return {layer: [by_row[i] for i in range(len(rows))] for layer, by_row in scores.items()}
 
 
 def _cloze_lls(
-    model: Transformer, tok: Tokenizer, rows: list[dict], task: str, batch_size: int, shots: Sequence[dict] = ()
-) -> list[list[float]]:
-    """log P(" choice" | lm-eval's mmlu_continuation prompt) per row and choice."""
+    model: Transformer,
+    tok: Tokenizer,
+    rows: list[dict],
+    task: str,
+    batch_size: int,
+    shots: Sequence[dict] = (),
+    layers: Sequence[int] | None = None,
+) -> dict[int, list[list[float]]]:
+    """{layer: log P(" choice" | lm-eval's mmlu_continuation prompt) per row and choice}."""
     requests = [(cloze_prompt(row, task, shots), f" {c}") for row in rows for c in row["choices"]]
-    lls = loglikelihood(model, tok, requests, batch_size)
-    return [lls[4 * i : 4 * i + 4] for i in range(len(rows))]
+    by_layer = loglikelihoods_by_layer(model, tok, requests, batch_size, layers)
+    return {layer: [lls[4 * i : 4 * i + 4] for i in range(len(rows))] for layer, lls in by_layer.items()}
 
 
 def _argmax(scores: list[float]) -> int:
@@ -204,23 +237,41 @@ def mc_samples(
     (letter: argmax of the log-likelihoods, lm-eval's acc; cloze: argmax of log-likelihood / characters of the
     choice, lm-eval's acc_norm), correct. The same `shots` (answered examples, see `split_shots`) precede every
     question."""
+    (samples,) = mc_samples_by_layer(model, tok, rows, task, mode, batch_size, shots).values()
+    return samples
+
+
+def mc_samples_by_layer(
+    model: Transformer,
+    tok: Tokenizer,
+    rows: list[dict],
+    task: str,
+    mode: str = "letter",
+    batch_size: int = 16,
+    shots: Sequence[dict] = (),
+    layers: Sequence[int] | None = None,
+) -> dict[int, list[dict]]:
+    """{layer: the records of `mc_samples`} with the final norm and LM head reading the residual stream after each
+    of `layers`, all from one forward per batch (the logit lens); default the last block only."""
     if mode not in ("letter", "cloze"):
         raise ValueError(f"MC mode {mode!r}: use 'letter' (lm-eval's mmlu template) or 'cloze' (mmlu_continuation)")
     if not rows:
         raise RefError(f"task {task}: no questions to evaluate")
     if mode == "letter":
-        lls = _letter_scores(model, tok, rows, task, batch_size, shots)
+        by_layer = _letter_scores(model, tok, rows, task, batch_size, shots, layers)
         prompts, targets = [mc_prompt(r, task, shots) for r in rows], [[f" {c}" for c in LETTERS]] * len(rows)
     else:
-        lls = _cloze_lls(model, tok, rows, task, batch_size, shots)
+        by_layer = _cloze_lls(model, tok, rows, task, batch_size, shots, layers)
         prompts, targets = [cloze_prompt(r, task, shots) for r in rows], [[f" {c}" for c in r["choices"]] for r in rows]
-    out = []
-    for i, (row, ll) in enumerate(zip(rows, lls, strict=True)):
-        scores = ll if mode == "letter" else [x / max(len(c), 1) for x, c in zip(ll, row["choices"], strict=True)]
-        pred = _argmax(scores)
-        out.append(dict(task=task, id=i, subject=subject(row, task), mode=mode, prompt=prompts[i], targets=targets[i],
-                        choices=row["choices"], answer=row["answer"], loglikelihoods=ll, prediction=pred,
-                        correct=pred == row["answer"]))  # fmt: skip
+    out: dict[int, list[dict]] = {}
+    for layer, lls in by_layer.items():
+        out[layer] = []
+        for i, (row, ll) in enumerate(zip(rows, lls, strict=True)):
+            scores = ll if mode == "letter" else [x / max(len(c), 1) for x, c in zip(ll, row["choices"], strict=True)]
+            pred = _argmax(scores)
+            record = dict(task=task, id=i, subject=subject(row, task), mode=mode, prompt=prompts[i])
+            record |= dict(targets=targets[i], choices=row["choices"], answer=row["answer"], loglikelihoods=ll)
+            out[layer].append(record | dict(prediction=pred, correct=pred == row["answer"]))
     return out
 
 

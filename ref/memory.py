@@ -83,3 +83,26 @@ def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[
     activations = cfg.num_layers * activation_elements(cfg, seq) * bytes_per + 2 * seq * cfg.vocab_size * 4
     return dict(total=weights + 16 * adapters + activations, weights=weights, adapters=16 * adapters,
                 activations=activations)  # fmt: skip
+
+
+def softprompt_peak_bytes(cfg: ModelConfig, tokens: int, batch: int, seq: int, bytes_per: int) -> dict[str, int]:
+    """Peak memory of one chunk of the soft-prompt attack (ref.softprompt, `batch` questions of `seq` tokens after
+    the `tokens` prompt embeddings): the weights, the prompt in fp32 with its gradient and two Adam states, the
+    activations autograd keeps for every block (the gradient reaches the input, so every block keeps its graph), and
+    the logits with the fp32 log-softmax of the answer positions (at most 32 a question)."""
+    n = batch * (seq + tokens)
+    weights = total_params(cfg) * bytes_per
+    prompt = 16 * tokens * cfg.hidden_size
+    activations = cfg.num_layers * activation_elements(cfg, n) * bytes_per + n * cfg.vocab_size * bytes_per
+    activations += 2 * batch * 32 * cfg.vocab_size * 4
+    return dict(total=weights + prompt + activations, weights=weights, prompt=prompt, activations=activations)
+
+
+def logit_lens_peak_bytes(cfg: ModelConfig, batch: int, seq: int, bytes_per: int) -> dict[str, int]:
+    """Peak memory of the logit lens over every layer (ref.mc with all layers tapped, no gradients; a batch of
+    `batch` sequences of `seq` tokens): the weights, the residual stream of every layer for the whole batch, one
+    block's activations, and one layer's fp32 log-softmax over the scored positions (at most 32 a sequence)."""
+    weights = total_params(cfg) * bytes_per
+    taps = cfg.num_layers * batch * seq * cfg.hidden_size * bytes_per
+    block = activation_elements(cfg, batch * seq) * bytes_per + 2 * batch * 32 * cfg.vocab_size * 4
+    return dict(total=weights + taps + block, weights=weights, taps=taps, activations=block)

@@ -182,7 +182,7 @@ class Transformer(nn.Module):
 
         input_ids [B, T]; attention_mask [B, S] with S = cache length + T (1 = real token), default all ones.
         To resume from a prefix computed earlier, pass `hidden` (the residual stream entering block start_layer,
-        i.e. tap start_layer - 1) instead of input_ids."""
+        i.e. tap start_layer - 1; at start_layer 0, input embeddings such as a soft prompt's) instead of input_ids."""
         n = self.config.num_layers
         last = n - 1 if stop_after is None else stop_after
         if not 0 <= last < n or not 0 <= start_layer <= last:
@@ -190,8 +190,8 @@ class Transformer(nn.Module):
         bad = [i for i in taps if not start_layer <= i <= last]
         if bad:
             raise RefError(f"tap layers {bad} are outside the layers run ({start_layer}..{last}, model has {n})")
-        if (hidden is None) == (input_ids is None) or (hidden is not None) != (start_layer > 0):
-            raise RefError("pass input_ids to start at layer 0, or hidden together with start_layer > 0")
+        if (hidden is None) == (input_ids is None) or (hidden is None and start_layer > 0):
+            raise RefError("pass input_ids to start at layer 0, or hidden: the residual stream entering start_layer")
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden
         B, T = x.shape[:2]
         past = cache.length if cache is not None else 0

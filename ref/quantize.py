@@ -1,7 +1,11 @@
-"""Round-to-nearest, symmetric, group-wise weight quantization: the simplest post-training scheme.
+"""Post-training weight quantization of the block linears, two formats:
+
+- RTN: round-to-nearest, symmetric, group-wise, at any bit width: the simplest scheme;
+- NF4: QLoRA's 4-bit NormalFloat (Dettmers et al. 2023, arXiv 2305.14314), the blockwise format bitsandbytes users
+  deploy with: blocks of 64 consecutive values, each scaled by its absolute maximum onto 16 fixed levels.
 
 Zhang et al. (ICLR 2025, arXiv 2410.16454) show that quantizing an unlearned model to 4 bits can bring the forgotten
-knowledge back, while 8 bits is benign. This returns the dequantized values (what a quantized model computes with),
+knowledge back, while 8 bits is benign. These return the dequantized values (what a quantized model computes with),
 so the caller evaluates them in the same decoder, swapped in for the originals.
 """
 
@@ -17,6 +21,29 @@ from ref.errors import RefError
 from ref.model import Transformer
 
 BLOCK_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+# The 16 NF4 levels, ascending: QLoRA's appendix E, and the table bitsandbytes ships (bitsandbytes/functional.py,
+# get_4bit_type("nf4"); bitsandbytes/backends/utils.py, _NF4_QUANT_TABLE). Quantiles of N(0, 1) scaled to [-1, 1],
+# with an exact 0 and 8 positive / 7 negative levels.
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+NF4_BLOCK = 64  # values per absmax scale: QLoRA's and bitsandbytes' default blocksize
 
 
 @torch.no_grad()
@@ -44,3 +71,27 @@ def _round_trip(w: Tensor, top: int, group_size: int) -> Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale keeps it zero
     q = (g / scale).round().clamp(-top, top)
     return (q * scale).view(n_out, -1)[:, :n_in].to(w.dtype)
+
+
+@torch.no_grad()
+def nf4_weights(model: Transformer, block_size: int = NF4_BLOCK) -> dict[str, Tensor]:
+    """New values for every linear weight inside the blocks, each NF4-quantized and dequantized: name -> tensor, same
+    shape and dtype as the model's (bitsandbytes' quantize_4bit with quant_type "nf4" and no double quantization of
+    the scales). The rest of the model stays as it is; the model is not modified.
+
+    The weight is flattened row-major and cut into blocks of `block_size` consecutive values (the last one padded
+    with zeros); each block's scale is its max |w| (fp32), each value w / scale goes to the nearest of NF4_LEVELS,
+    and comes back as level * scale."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise RefError(f"block_size must be a whole number >= 1, got {block_size!r} (64 is NF4's usual choice)")
+    return {n: _nf4_round_trip(w, block_size) for n, w in model.named_parameters() if BLOCK_LINEAR.fullmatch(n)}
+
+
+def _nf4_round_trip(w: Tensor, block_size: int) -> Tensor:
+    flat = w.float().reshape(-1)
+    blocks = F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+    scale = blocks.abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: level 0 either way
+    levels = torch.tensor(NF4_LEVELS, device=w.device)
+    nearest = torch.bucketize(blocks / scale, (levels[1:] + levels[:-1]) / 2)  # below a midpoint: the lower level
+    return (levels[nearest] * scale).view(-1)[: flat.numel()].view(w.shape).to(w.dtype)

@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ref import attack, validate
-from ref.attack import ATTACKS
+from ref.attack import ATTACKS, AttackSettings
 from ref.checkpoint import model_identity, resolve
 from ref.cli import run_command
 from ref.data import PROMPTS_TASK, resolve_data_dir
@@ -93,18 +93,26 @@ def check_same_run(run: Path, settings: Settings, source: dict) -> None:
         raise RefError(f"{run} holds a run with other settings ({listed}): use another --out, or the settings it had")
 
 
-def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | None]:
-    """{"U after ATTACK": the unlearned model's U under its strongest setting (the largest U: the most recovered)}."""
+def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | str | None]:
+    """{"U after ATTACK": the unlearned model's U under its strongest setting (the largest U: the most recovered)},
+    and "worst recovery": the run's robustness figure over those attacks (ref.recovery.worst_case: the largest net
+    recovery of U, and which attack). An attack that does not apply to the run (ref.attack.why_not) is not run and
+    its cell stays empty."""
     if not attacks:
         return {}
     out = run.with_name(run.name + ".attack")  # beside the run: its folder holds only what ref.unlearn writes
-    if not (out / "attack.json").exists():
-        limit = ["--limit", str(extra["eval_limit"])] if extra.get("eval_limit") else []
-        attack.command([str(run), "--out", str(out), "--attacks", ",".join(attacks), "--eval-samples",
-                        str(extra["eval_samples"]), *limit])  # fmt: skip
-    results = json.loads((out / "attack.json").read_text())["attacks"]
-    worst = lambda rs: max((r["unlearned"]["U"] for r in rs.values() if r["unlearned"]["U"] is not None), default=None)  # noqa: E731
-    return {f"U after {name}": worst(results.get(name, {})) for name in attacks}
+    names = tuple(a for a in attacks if a in attack.applicable(run))
+    if names and not (out / "attack.json").exists():
+        limit = extra.get("eval_limit")
+        attack.attack(AttackSettings(run, out, names, eval_samples=extra["eval_samples"], limit=limit))
+    report = json.loads((out / "attack.json").read_text()) if names else dict(attacks={}, worst_case=None)
+
+    def strongest(results: dict) -> float | None:
+        return max((r["unlearned"]["U"] for r in results.values() if r["unlearned"]["U"] is not None), default=None)
+
+    cells = {f"U after {name}": strongest(report["attacks"].get(name, {})) for name in attacks}
+    w = report["worst_case"]
+    return cells | {"worst recovery": None if w is None else f"{w['net_recovery']:.3f} ({w['attack']} {w['setting']})"}
 
 
 def folder_names(models: list[str]) -> dict[str, str]:
@@ -131,17 +139,20 @@ def cells(report: dict) -> dict:
 
 
 def fmt(v) -> str:
-    """A cell: "-" when missing, a list as a/b/c, a number with 3 decimals (a perplexity with 1)."""
+    """A cell: "-" when missing, text as it is, a list as a/b/c, a number with 3 decimals (a perplexity with 1)."""
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     if isinstance(v, list):
         return "/".join(f"{x:.2f}" for x in v)
     return f"{v:.1f}" if v >= 10 else f"{v:.3f}"
 
 
 def markdown(table: dict, attacks: list[str] = ()) -> str:
-    keys = {g: [k for k, _ in COLUMNS[g]] + [f"U after {a}" for a in attacks] for g in GOALS}
-    names = {g: [c for _, c in COLUMNS[g]] + [f"U after {a}" for a in attacks] for g in GOALS}
+    extra = [f"U after {a}" for a in attacks] + (["worst recovery"] if attacks else [])
+    keys = {g: [k for k, _ in COLUMNS[g]] + extra for g in GOALS}
+    names = {g: [c for _, c in COLUMNS[g]] + extra for g in GOALS}
     head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in names[g]) + " |"
     lines = [head, "|" + "---|" * (2 + sum(len(k) for k in keys.values()))]
     for model, goals in table.items():

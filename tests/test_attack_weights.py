@@ -1,4 +1,5 @@
-"""ref.quantize and ref.ablate: attacks that return new values for named tensors, leaving the model untouched."""
+"""ref.quantize (RTN, NF4), ref.ablate and ref.prune: attacks that return new values for named tensors, leaving the
+model untouched."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from ref.ablate import ablated_weights, ablation_directions
 from ref.checkpoint import load_model
 from ref.errors import RefError
 from ref.model import Transformer
-from ref.quantize import quantized_weights
+from ref.prune import pruned_weights, set_difference, snip_importance
+from ref.quantize import NF4_LEVELS, _nf4_round_trip, nf4_weights, quantized_weights
+from ref.relearn import causal_lm_loss
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Cats, dogs and birds live in gardens; rivers flow."]
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -208,3 +211,113 @@ def test_ablation_refuses_post_norm_and_zero_directions(tiny_dirs, tiny_llama):
         ablated_weights(tiny_llama[1], torch.zeros(2, tiny_llama[1].config.hidden_size))
     with pytest.raises(RefError):
         ablated_weights(tiny_llama[1], torch.randn(2, 7))
+
+
+# --- NF4 ---
+
+
+def test_nf4_code_book_is_qloras_construction():
+    # QLoRA (appendix E): 8 positive quantiles of N(0, 1) from 0.5 to offset 0.9677083, 7 negative ones, and 0, scaled
+    # to [-1, 1]. Recomputed in fp64 here; the published table was computed in fp32 (differences of ~1e-7).
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)]).sort().values
+    torch.testing.assert_close(torch.tensor(NF4_LEVELS, dtype=torch.float64), levels / levels.max(), rtol=0, atol=5e-7)
+
+
+def test_nf4_values_lie_on_the_code_book_times_the_block_scale(tiny_llama):
+    model = tiny_llama[1]
+    snap, params = snapshot(model), dict(model.named_parameters())
+    new = nf4_weights(model)
+    n = model.config.num_layers
+    assert set(new) == {f"model.layers.{i}.{p}.weight" for i in range(n) for p in LINEARS}
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    for name, d in new.items():
+        w = params[name]
+        assert d.shape == w.shape and d.dtype == w.dtype and w.numel() % 64 == 0
+        for wb, db in zip(w.double().flatten().split(64), d.double().flatten().split(64), strict=True):  # row-major
+            scale = wb.abs().max()
+            on_book = db / scale
+            # every value is a level times its block's absmax (fp32 rounding of the product: ~1e-7 relative)
+            nearest = levels[(on_book[:, None] - levels).abs().argmin(1)]
+            torch.testing.assert_close(on_book, nearest, rtol=0, atol=1e-6)
+            # ... and the level nearest to w / scale: the error is at most half the gap of w's bracket of levels
+            x = wb / scale
+            hi = torch.bucketize(x, levels).clamp(1, 15)
+            assert ((x - on_book).abs() <= (levels[hi] - levels[hi - 1]) / 2 + 1e-6).all()
+            assert on_book[wb.abs().argmax()].abs() == 1  # the block's largest value is exact
+    assert_untouched(model, snap)
+
+
+def test_nf4_by_hand_padding_zero_blocks_and_dtype(tiny_dirs):
+    # one block: the scale is 1.0; 0.5 is below the midpoint 0.5017 of its bracket (0.4407, 0.5626), 0.1 below
+    # 0.1203 (0.0796, 0.1609), -0.3 above -0.3397 (-0.3949, -0.2844)
+    w = torch.tensor([[0.5, -1.0, 0.1, -0.3]])
+    want = [0.44070982933044434, -1.0, 0.07958029955625534, -0.28444138169288635]
+    assert _nf4_round_trip(w, 64).tolist() == [pytest.approx(want, abs=1e-7)]
+    w = torch.arange(100.0).view(10, 10) - 30  # 100 values: a block of 64, then 36 padded with zeros
+    d = _nf4_round_trip(w, 64).flatten()
+    assert d[63] == 33 and d[99] == 69 and d[:64].abs().max() == 33  # each block's absmax is exact
+    zero = torch.zeros(3, 64)
+    assert torch.equal(_nf4_round_trip(zero, 64), zero)  # an all-zero block stays zero, no NaN
+    half = load_model(tiny_dirs["llama"], dtype=torch.bfloat16, device="cpu")
+    assert {t.dtype for t in nf4_weights(half).values()} == {torch.bfloat16}
+    with pytest.raises(RefError):
+        nf4_weights(half, block_size=0)
+
+
+# --- prune ---
+
+
+def test_set_difference_by_hand():
+    forget = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 2.0, 3.0, 6.0]])  # top 3 of 8 (k = int(0.375 * 8)): 9, 8, 7
+    retain = torch.tensor([[9.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 4.0]])  # top 3: 9, 5, 4
+    assert set_difference(forget, retain, 0.375).tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert not set_difference(forget, retain, 0.1).any()  # int(0.8) = 0 weights
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(RefError):
+            set_difference(forget, retain, bad)
+
+
+def test_pruning_removes_exactly_the_chosen_weights(tiny_llama):
+    model = tiny_llama[1]
+    snap, params = snapshot(model), dict(model.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    forget = {n: torch.rand(params[n].shape, generator=g) for n in params if n.endswith("proj.weight")}
+    retain = {n: torch.rand(s.shape, generator=g) for n, s in forget.items()}
+    new = pruned_weights(model, forget, retain, 0.1)
+    assert set(new) == set(forget)
+    for name, d in new.items():
+        w, k = params[name], int(0.1 * params[name].numel())
+        top_f = set(forget[name].flatten().topk(k).indices.tolist())
+        chosen = top_f - set(retain[name].flatten().topk(k).indices.tolist())
+        assert 0 < len(chosen) < k  # some of the forget top are also in the retain top
+        zeroed = {i for i, v in enumerate(d.flatten().tolist()) if v == 0}
+        assert zeroed == chosen  # exactly those (no weight of the tiny model is 0 to begin with)
+        keep = torch.ones(w.numel(), dtype=torch.bool)
+        keep[list(chosen)] = False
+        assert torch.equal(d.flatten()[keep], w.flatten()[keep])
+    assert_untouched(model, snap)
+
+
+def test_snip_importance_is_weight_times_summed_gradient_magnitude(tiny_dirs, tiny_llama):
+    _, model, tok = tiny_llama
+    snap = snapshot(model)
+    got = snip_importance(model, tok, TEXTS, max_len=16)
+    assert all(p.grad is None for p in model.parameters())
+    assert_untouched(model, snap)
+    # independent: a trainable copy, each text's loss backpropagated on its own, |grad| summed, times |W|
+    copy = fresh(tiny_dirs).requires_grad_(True)
+    summed = {n: torch.zeros_like(p) for n, p in copy.named_parameters() if n in got}
+    for text in TEXTS:
+        copy.zero_grad()
+        ids, mask = tok.batch([text], max_length=16)
+        causal_lm_loss(copy(ids, mask).logits, ids, mask).backward()
+        for n, p in copy.named_parameters():
+            if n in summed:
+                summed[n] += p.grad.abs()
+    assert set(got) == {f"model.layers.{i}.{p}.weight" for i in range(model.config.num_layers) for p in LINEARS}
+    for n, p in copy.named_parameters():
+        if n in got:  # the same fp32 operations, through functional_call or the modules: equal up to rounding
+            torch.testing.assert_close(got[n], p.detach().abs() * summed[n], rtol=1e-5, atol=1e-9)

@@ -32,6 +32,12 @@ class LetterTokenizer:
         return self.tok.encode(text, add_special_tokens)
 
 
+def letter_scores(*args, **kw) -> list[list[float]]:
+    """ref.mc._letter_scores read out at the last layer only (its default): the model's own scores."""
+    (scores,) = mc._letter_scores(*args, **kw).values()
+    return scores
+
+
 def reference_loglik(model, tok, context: str, continuation: str) -> float:
     """Independent: one unpadded full forward of encode(context + continuation), lm-eval's split."""
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
@@ -122,6 +128,25 @@ def test_loglikelihood_matches_unbatched_forward(tiny_llama):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_logit_lens_reads_each_layer_through_the_final_norm_and_head(tiny_llama):
+    _, model, tok = tiny_llama
+    reqs = [("The quick brown", " fox jumps"), ("Cats", " and dogs live in gardens"), ("A", " river")]
+    last = model.config.num_layers - 1
+    got = mc.loglikelihoods_by_layer(model, tok, reqs, batch_size=2, layers=[0, 2, last])
+    assert got[last] == mc.loglikelihood(model, tok, reqs, batch_size=2)  # the last layer: the model's own output
+    for layer in (0, 2):  # independent: one unpadded forward, the residual stream after the block, norm, head
+        for (ctx, cont), value in zip(reqs, got[layer], strict=True):
+            whole, n = tok.encode(ctx + cont), len(tok.encode(ctx))
+            h = model(torch.tensor([whole]), taps=[layer], stop_after=layer).taps[layer]
+            logp = model.lm_head(model.model.norm(h))[0].double().log_softmax(-1)
+            assert value == pytest.approx(sum(float(logp[t - 1, whole[t]]) for t in range(n, len(whole))), abs=1e-4)
+    assert got[0] != got[last]
+    rows = [{**ROW, "question": "Where do rivers flow?", "choices": ["sea", "sky", "cats", "gardens"], "answer": 0}]
+    for mode in ("letter", "cloze"):
+        by_layer = mc.mc_samples_by_layer(model, tok, rows, "mmlu", mode, layers=[1, last])
+        assert set(by_layer) == {1, last} and by_layer[last] == mc.mc_samples(model, tok, rows, "mmlu", mode)
+
+
 def test_loglikelihood_keeps_the_last_tokens_of_a_request_longer_than_the_model(tiny_llama):
     """lm-eval's truncation: the input is (context + continuation)[-(max_length + 1):][:-1]."""
     import dataclasses
@@ -154,14 +179,14 @@ def test_letter_fast_path_equals_four_requests(tiny_llama):
         {**ROW, "question": "Where do rivers flow?", "choices": ["sea", "sky", "cats", "gardens"], "answer": 1},
         {**ROW, "question": "Rivers?", "answer": 3, "subject": "high_school_biology"},
     ]
-    fast = mc._letter_scores(model, ltok, rows, "mmlu", batch_size=2)
+    fast = letter_scores(model, ltok, rows, "mmlu", batch_size=2)
     four = [mc.loglikelihood(model, ltok, [(mc.mc_prompt(r, "mmlu"), f" {c}") for c in "ABCD"]) for r in rows]
     # the same log-probs from one forward at the last prompt position vs four full requests: fp32 rounding only
     for f, g in zip(fast, four, strict=True):
         assert f == pytest.approx(g, abs=1e-5)
         assert max(range(4), key=f.__getitem__) == max(range(4), key=g.__getitem__)
     # the general path (the tiny BPE splits " A" into two tokens) also agrees with the unbatched reference
-    slow = mc._letter_scores(model, tok, rows[:1], "mmlu", batch_size=2)[0]
+    slow = letter_scores(model, tok, rows[:1], "mmlu", batch_size=2)[0]
     ref = [reference_loglik(model, tok, mc.mc_prompt(rows[0], "mmlu"), f" {c}") for c in "ABCD"]
     assert slow == pytest.approx(ref, abs=1e-4)
     res = mc.mc_accuracy(model, ltok, rows, "mmlu", "letter")
@@ -177,11 +202,11 @@ def test_letter_scores_with_shots_equal_four_requests(tiny_llama):
         {**ROW, "question": "Which animal jumps over the lazy dog?", "answer": 0},
         {**ROW, "question": "Where do rivers flow?", "choices": ["sea", "sky", "cats", "gardens"], "answer": 1},
     ]
-    fast = mc._letter_scores(model, ltok, rows, "mmlu", batch_size=2, shots=SHOTS)
+    fast = letter_scores(model, ltok, rows, "mmlu", batch_size=2, shots=SHOTS)
     four = [mc.loglikelihood(model, ltok, [(mc.mc_prompt(r, "mmlu", SHOTS), f" {c}") for c in "ABCD"]) for r in rows]
     for f, g in zip(fast, four, strict=True):
         assert f == pytest.approx(g, abs=1e-5)
-    assert fast != mc._letter_scores(model, ltok, rows, "mmlu", batch_size=2)  # the shots reach the model
+    assert fast != letter_scores(model, ltok, rows, "mmlu", batch_size=2)  # the shots reach the model
     res = mc.mc_accuracy(model, ltok, rows, "mmlu", "letter", shots=SHOTS)
     hits = [max(range(4), key=s.__getitem__) == r["answer"] for s, r in zip(fast, rows, strict=True)]
     assert res["correct"] == sum(hits) and res["shots"] == 2 and res["protocol"].startswith("2-shot ")
@@ -197,7 +222,7 @@ def test_cloze_uses_length_normalised_loglikelihood(monkeypatch):
     lls = [-2.0, -5.0, -20.0, -30.0]
     row = {"question": " Q? ", "choices": ["a", "bbb", "cc", "ddd"], "answer": 1}
     seen = []
-    monkeypatch.setattr(mc, "loglikelihood", lambda m, t, reqs, bs: seen.extend(reqs) or lls)
+    monkeypatch.setattr(mc, "loglikelihoods_by_layer", lambda m, t, reqs, bs, layers: seen.extend(reqs) or {0: lls})
     res = mc.mc_accuracy(None, None, [row], "demo", "cloze")
     prompt = "The following are questions (with answers) about demo.\n\nQuestion: Q?\nAnswer:"
     assert seen == [(prompt, f" {c}") for c in row["choices"]]
