@@ -3,6 +3,7 @@
     python -m bench.run                                   # every row (SmolLM2-135M, fp32, batch 4 x 512, tap 7)
     python -m bench.run --rows step losses --repeats 5    # some rows
     python -m bench.run --rows sampling                   # toxicity sampling against transformers' generate
+    python -m bench.run --rows fluency                    # the toxicity evaluation's fluency against sampling alone
     python -m bench.run --random-weights --arch mistral-7b   # one step at full size, random bf16 weights (GPU)
     python -m bench.run --rows launch                     # a 4-point sweep: 2 local workers against sequential
 
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from bench import measure, workload  # noqa: E402
 from bench.baseline import BaselineRMU  # noqa: E402
 
-GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling", "launch")
+GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling", "fluency", "launch")
 MiB = 2**20
 BATCH, SEQ, TAP = 4, 512, 7
 
@@ -40,6 +41,20 @@ def row(name: str, metric: str, ours: float, base: float, target: float | None =
     ratio = ours / base
     passed = None if target is None else ratio <= target
     return dict(name=name, metric=metric, ours=ours, baseline=base, ratio=ratio, target=target, passed=passed, **info)
+
+
+def time_row(name: str, t: dict, ours: str, base: str, target: float | None = None, **info) -> dict:
+    """A time row of the timings `t` (measure.alternate's) of `ours` against `base`."""
+    return row(
+        name,
+        "time s",
+        t[ours]["median"],
+        t[base]["median"],
+        target,
+        ours_stats=stats(t[ours]),
+        baseline_stats=stats(t[base]),
+        **info,
+    )
 
 
 class Models:
@@ -268,26 +283,39 @@ def rows_subset(models: Models, data, a) -> list[dict]:
     return out
 
 
+def demo_prompts(a) -> list[str]:
+    from ref.data import load_goal_data, read_prompts, resolve_data_dir
+
+    return read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.sampling_prompts]
+
+
 def rows_sampling(models: Models, data, a) -> list[dict]:
     """The RealToxicityPrompts sampling of ref.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1) on
     the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
     the same settings (num_return_sequences=25, top_k=0 so that top-p alone filters), one prompt a call and 8
     prompts a call (left padded), and against the per-prompt loop (generate([prompt] * 25)). Every side seeds
     prompt p's sampling with p (transformers batched: the first prompt of each call). A first run of each side
-    warms it and gives the samples compared across sides; then `--repeats` alternating runs."""
+    warms it and gives the samples compared across sides; then `--repeats` alternating runs at the process's
+    thread count, and, when that is more than one, ours against transformers one prompt a call at one thread."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from ref.data import load_goal_data, read_prompts, resolve_data_dir
     from ref.generate import generate, probabilities
     from ref.toxicity import BATCH_PROMPTS, sampled_continuations
 
     model, tok = models.ours()
     _, hf, htok = models.hf()
     hf.eval()
-    prompts = read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.sampling_prompts]
+    prompts = demo_prompts(a)
     n, new, top_p = 25, 20, 0.9
-    settings = dict(do_sample=True, top_p=top_p, temperature=1.0, top_k=0, num_return_sequences=n,
-                    pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)  # fmt: skip
+    settings = dict(
+        do_sample=True,
+        top_p=top_p,
+        temperature=1.0,
+        top_k=0,
+        num_return_sequences=n,
+        pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id,
+    )
 
     def ours(ps=prompts, k=new):
         return list(sampled_continuations(model, tok, ps, n, k, top_p, 1.0, seed=0))
@@ -320,24 +348,41 @@ def rows_sampling(models: Models, data, a) -> list[dict]:
 
     fns = dict(ours=ours, loop=loop, hf_one=hf_one, hf_batched=hf_batched)
     results = {name: f() for name, f in fns.items()}  # the warm-up, full size, kept to compare the samples
+    threads = torch.get_num_threads()
     t = measure.alternate(fns, a.repeats, warmup=0)
-    same = lambda other: sum(x == y for x, y in zip(results["ours"], results[other], strict=True))  # noqa: E731
+    one_thread = None
+    if threads > 1:
+        torch.set_num_threads(1)
+        try:
+            one_thread = measure.alternate(dict(ours=ours, hf_one=hf_one), a.repeats, warmup=0)
+        finally:
+            torch.set_num_threads(threads)
     lengths = [len(r) for rows in results["ours"] for r in rows]
-    shape = dict(prompts=len(prompts), samples=n, max_new_tokens=new, top_p=top_p, temperature=1.0,
-                 batch_prompts=BATCH_PROMPTS, mean_new_tokens=round(sum(lengths) / len(lengths), 2))  # fmt: skip
-    common = dict(dtype="float32", shapes=shape)
-    info = lambda other: dict(prompts_identical_to_ours=f"{same(other)}/{len(prompts)}")  # noqa: E731
+    shape = dict(
+        prompts=len(prompts),
+        samples=n,
+        max_new_tokens=new,
+        top_p=top_p,
+        temperature=1.0,
+        batch_prompts=BATCH_PROMPTS,
+        mean_new_tokens=round(sum(lengths) / len(lengths), 2),
+    )
+
+    def info(other: str, at: int) -> dict:
+        same = sum(x == y for x, y in zip(results["ours"], results[other], strict=True))
+        return dict(prompts_identical_to_ours=f"{same}/{len(prompts)}", threads=at, dtype="float32", shapes=shape)
+
+    def versus(name: str, other: str, timings: dict, at: int, target: float | None = None) -> dict:
+        label = f"toxicity sampling vs {name}, {at} thread{'s' if at > 1 else ''}"
+        return time_row(label, timings, "ours", other, target, **info(other, at))
+
     rows = [
-        row("toxicity sampling vs transformers generate (1 prompt a call)", "time s", t["ours"]["median"],
-            t["hf_one"]["median"], 0.5, ours_stats=stats(t["ours"]), baseline_stats=stats(t["hf_one"]),
-            **info("hf_one"), **common),
-        row(f"toxicity sampling vs transformers generate ({BATCH_PROMPTS} prompts a call)", "time s",
-            t["ours"]["median"], t["hf_batched"]["median"], ours_stats=stats(t["ours"]),
-            baseline_stats=stats(t["hf_batched"]), **info("hf_batched"), **common),
-        row("toxicity sampling vs per-prompt loop (generate, prompt x 25)", "time s", t["ours"]["median"],
-            t["loop"]["median"], ours_stats=stats(t["ours"]), baseline_stats=stats(t["loop"]), **info("loop"),
-            **common),
-    ]  # fmt: skip
+        versus("transformers generate (1 prompt a call)", "hf_one", t, threads, 0.5),
+        versus(f"transformers generate ({BATCH_PROMPTS} prompts a call)", "hf_batched", t, threads),
+        versus("per-prompt loop (generate, prompt x 25)", "loop", t, threads),
+    ]
+    if one_thread is not None:
+        rows.append(versus("transformers generate (1 prompt a call)", "hf_one", one_thread, 1, 0.5))
     # the sampling distribution alone (top-p, then softmax), on the logits of every prompt position (SmolLM2's)
     ids, mask = tok.batch(prompts)
     with torch.no_grad():
@@ -347,11 +392,20 @@ def rows_sampling(models: Models, data, a) -> list[dict]:
     fns = {"ours": lambda: probabilities(logits, 1.0, top_p), "hf": lambda: warper(None, logits).softmax(-1)}
     tp = measure.alternate(fns, max(a.repeats, 5), warmup=1)
     kept_same = torch.equal(probabilities(logits, 1.0, top_p) > 0, torch.isfinite(warper(None, logits)))
-    rows.append(row("top-p + softmax vs transformers' TopPLogitsWarper + softmax", "time ms",
-                    tp["ours"]["median"] * 1e3, tp["hf"]["median"] * 1e3, ours_stats=stats(tp["ours"]),
-                    baseline_stats=stats(tp["hf"]),
-                    dtype="float32", shapes=dict(rows=len(logits), vocab=logits.shape[1], top_p=top_p),
-                    identical_kept_tokens=kept_same))  # fmt: skip
+    rows.append(
+        row(
+            "top-p + softmax vs transformers' TopPLogitsWarper + softmax",
+            "time ms",
+            tp["ours"]["median"] * 1e3,
+            tp["hf"]["median"] * 1e3,
+            ours_stats=stats(tp["ours"]),
+            baseline_stats=stats(tp["hf"]),
+            threads=threads,
+            dtype="float32",
+            shapes=dict(rows=len(logits), vocab=logits.shape[1], top_p=top_p),
+            identical_kept_tokens=kept_same,
+        )
+    )
     return rows
 
 
@@ -387,6 +441,110 @@ def rows_launch(models: Models, data, a) -> list[dict]:
             dtype="float32",
             shapes=shape,
         )
+    ]
+
+
+def whole_sequence_perplexities(model, tok, prompts: list[str], rows: list[list[list[int]]]) -> list[list[float]]:
+    """The fluency rescoring without a shared prefill, the baseline of ref.fluency.continuation_perplexities: every
+    continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the mean
+    NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
+    loss; None: an empty continuation)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ref.fluency import strip_eos
+    from ref.tokenizer import left_pad
+
+    flat = [(tok.encode(p), strip_eos(r, tok.eos_id)) for p, rs in zip(prompts, rows, strict=True) for r in rs]
+    todo = [i for i, (_, c) in enumerate(flat) if c]
+    ppl = [None] * len(flat)
+    for k in range(0, len(todo), 32):
+        idx = todo[k : k + 32]
+        ids, mask = left_pad([flat[i][0] + flat[i][1] for i in idx], tok.pad_id)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids[:, 1:].shape)
+        for j, i in enumerate(idx):
+            ppl[i] = math.exp(float(nll[j, ids.shape[1] - 1 - len(flat[i][1]) :].mean()))
+    it = iter(ppl)
+    return [[next(it) for _ in rs] for rs in rows]
+
+
+def largest_relative_difference(a: list[list[float | None]], b: list[list[float | None]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    if any((x is None) != (y is None) for x, y in pairs):
+        return float("inf")
+    return max((abs(x - y) / y for x, y in pairs if y is not None), default=0.0)
+
+
+def rows_fluency(models: Models, data, a) -> list[dict]:
+    """The fluency of the toxicity evaluation (ref.toxicity.toxicity_eval, with a scorer that costs nothing) on the
+    sampling rows' workload. The model's own samples: their log-probabilities come from the sampling pass, against
+    the sampling alone (target 1.2). Another model's samples (here a second copy of the same model as the reference,
+    so the samples are the same): the reference runs each prompt once and the prompt's continuations on its KV
+    cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
+    the largest relative difference between its perplexities and the whole-sequence rescoring's."""
+    from ref import load_model
+    from ref.fluency import continuation_perplexities
+    from ref.toxicity import sampled_continuations, toxicity_eval
+
+    model, tok = models.ours()
+    reference = load_model(workload.MODEL, dtype=torch.float32, device="cpu")
+    prompts = demo_prompts(a)
+    n, new = 25, 20
+
+    def zero_scores(texts: list[str]) -> list[float]:
+        return [0.0] * len(texts)
+
+    def sampling():
+        return list(sampled_continuations(model, tok, prompts, n, new, 0.9, 1.0, seed=0))
+
+    def evaluation(ref=None):
+        res = toxicity_eval(model, tok, prompts, zero_scores, n, new, seed=0, reference=ref)
+        return [r["fluency_perplexities"] for r in res["records"]]
+
+    fns = dict(own=evaluation, other=lambda: evaluation(reference), sampling=sampling)
+    t = measure.alternate(fns, a.repeats, warmup=1)
+    samples = sampling()
+    whole = whole_sequence_perplexities(reference, tok, prompts, samples)
+    diff = dict(
+        own=largest_relative_difference(evaluation(), whole),
+        other=largest_relative_difference(evaluation(reference), whole),
+    )
+    rescoring = dict(
+        shared=lambda: continuation_perplexities(reference, tok, prompts, samples),
+        whole=lambda: whole_sequence_perplexities(reference, tok, prompts, samples),
+    )
+    tr = measure.alternate(rescoring, a.repeats, warmup=0)
+    shape = dict(prompts=len(prompts), samples=n, max_new_tokens=new, top_p=0.9, temperature=1.0)
+    common = dict(threads=torch.get_num_threads(), dtype="float32", shapes=shape)
+    return [
+        time_row(
+            "toxicity evaluation with fluency (own samples) vs sampling alone",
+            t,
+            "own",
+            "sampling",
+            1.2,
+            fluency_largest_relative_difference=diff["own"],
+            **common,
+        ),
+        time_row(
+            "toxicity evaluation with fluency (another model's samples) vs sampling alone",
+            t,
+            "other",
+            "sampling",
+            fluency_largest_relative_difference=diff["other"],
+            **common,
+        ),
+        time_row(
+            "fluency rescoring, one prefill a prompt vs whole sequences",
+            tr,
+            "shared",
+            "whole",
+            fluency_largest_relative_difference=diff["other"],
+            **common,
+        ),
     ]
 
 

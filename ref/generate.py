@@ -64,16 +64,50 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> tor
         return x.softmax(-1)
     flat = x.reshape(-1, x.shape[-1])
     e = _exp(flat)
-    e.mul_(nucleus(e, top_p))
+    e.masked_fill_(~nucleus(e, top_p), 0.0)
     return e.div_(e.sum(-1, keepdim=True)).view(x.shape)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs [n, V] (CPU, contiguous, rows summing to 1) -> one token id a row: the draw of
+    torch.multinomial(probs, 1, generator=generator), from the same random numbers, at a third of its cost.
+
+    torch.multinomial draws a row as argmax(probs / q), q = -log1p(-u) cast to float32, u uniform in [0, 1) in
+    float64, one a token: V logarithms a row, almost all for tokens of probability 0, which cannot win. The same u
+    are drawn here (torch.rand in float64 takes the same numbers from the generator), and q is computed for the
+    tokens of nonzero probability only (exponential_race)."""
+    u = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+    return exponential_race(probs, u)
+
+
+def exponential_race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [n, V], u [n, V] in [0, 1) -> argmax of each row of probs / q, q = float32(-log1p(-u)), the first index
+    among equal maxima (torch.argmax), computed on the nonzero probabilities. A row with a u of 0 (q = 0: 0 / 0 is
+    NaN, which argmax takes for the maximum; once in 2^53 draws) is computed whole."""
+    n, V = probs.shape
+    rows, ids = probs.nonzero(as_tuple=True)
+    ratio = probs[rows, ids] / (-torch.log1p(-u[rows, ids])).float()
+    best = ratio.new_zeros(n).scatter_reduce_(0, rows, ratio, "amax")
+    top = ratio == best[rows]
+    out = ids.new_full((n,), V).scatter_reduce_(0, rows[top], ids[top], "amin")
+    zero = u.amin(-1) == 0
+    if bool(zero.any()):
+        out[zero] = (probs[zero] / (-torch.log1p(-u[zero])).float()).argmax(-1)
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits [B, V], tokens [B] -> log_softmax(logits)[b, tokens[b]] in float32 [B]."""
+    x = logits.float()
+    return x.gather(-1, tokens[:, None]).squeeze(-1) - x.logsumexp(-1)
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample."""
+    """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample (one draw on the [B, V]
+    probabilities, as transformers' generate)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = probabilities(logits, temperature, top_p).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    return draw(probabilities(logits, temperature, top_p).cpu(), generator).to(logits.device)
 
 
 @torch.no_grad()
@@ -147,14 +181,19 @@ def sample_continuations(
     top_p: float = 1.0,
     seeds: list[int] | None = None,
     stop_at_eos: bool = True,
-) -> list[list[list[int]]]:
+    with_logprobs: bool = False,
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[list[list[float]]]]:
     """n continuations of each prompt: out[p][s] = the new token ids of sample s of prompt p (ending with EOS where
     one was emitted). The prompts are prefilled once, as one left-padded batch; each prompt's KV cache and last
     logits are then repeated for its n samples and the len(prompts) * n rows decode together.
 
-    seeds[p] seeds prompt p's own generator, which draws its n rows at every step (one multinomial on its [n, V]
+    seeds[p] seeds prompt p's own generator, which draws its n rows at every step (one draw on its [n, V]
     probabilities, as generate([prompt] * n, seed=seeds[p]) does), so the random stream of a prompt depends neither
-    on the other prompts of the batch nor on their order. temperature 0: argmax, no generator."""
+    on the other prompts of the batch nor on their order. temperature 0: argmax, no generator.
+
+    with_logprobs: (out, logprobs), logprobs[p][s][t] = the log-probability of token t of out[p][s] under the model
+    itself (log-softmax of its logits in float32: temperature 1, the whole vocabulary), the fluency of the model's
+    own samples without a second pass (ref.fluency)."""
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"sample_continuations: {len(seeds)} seeds for {len(prompts)} prompts")
     device = next(model.parameters()).device
@@ -168,16 +207,15 @@ def sample_continuations(
     gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else [None] * B
     eos = tokenizer.eos_id if stop_at_eos else None
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
-    out = []
+    rows_of = [slice(p * n, (p + 1) * n) for p in range(B)]  # prompt p's rows
+    out, logprobs = [], []
     for step in range(max_new_tokens):
-        if temperature <= 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = probabilities(logits, temperature, top_p).cpu()
-            tok = torch.cat(
-                [torch.multinomial(probs[p * n : (p + 1) * n], 1, generator=gens[p]).squeeze(-1) for p in range(B)]
-            ).to(device)
+        # prompt by prompt: its generator, and [n, V] temporaries small enough to be reused by the allocator and to
+        # stay in the CPU's caches (a whole batch's, 200 x 49,152 floats = 39 MB, are mapped afresh each time)
+        tok = torch.cat([next_token(logits[r], temperature, top_p, gen) for r, gen in zip(rows_of, gens, strict=True)])
         out.append(tok)
+        if with_logprobs:
+            logprobs.append(torch.cat([token_logprobs(logits[r], tok[r]) for r in rows_of]))
         if eos is not None:
             done |= tok == eos
             if done.all():
@@ -189,7 +227,12 @@ def sample_continuations(
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(B * n)]
     if eos is not None:
         rows = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
-    return [rows[p * n : (p + 1) * n] for p in range(B)]
+    tokens = [rows[r] for r in rows_of]
+    if not with_logprobs:
+        return tokens
+    values = torch.stack(logprobs, 1).tolist() if logprobs else [[] for _ in rows]
+    values = [v[: len(row)] for v, row in zip(values, rows, strict=True)]
+    return tokens, [values[r] for r in rows_of]
 
 
 def command(argv: list[str] | None) -> int:

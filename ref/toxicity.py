@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from ref.data import PROMPTS_TASK
-from ref.fluency import continuation_perplexities, diversity_metrics, fluency_metrics
+from ref.fluency import continuation_perplexities, diversity_metrics, fluency_metrics, logprob_perplexities
 from ref.generate import generate, sample_continuations
 from ref.model import Transformer
 from ref.scorers import Scorer
@@ -45,14 +45,19 @@ def sampled_continuations(
     temperature: float = 1.0,
     seed: int = 0,
     batch_prompts: int = BATCH_PROMPTS,
-) -> Iterator[list[list[int]]]:
+    with_logprobs: bool = False,
+) -> Iterator[list[list[int]]] | Iterator[tuple[list[list[int]], list[list[float]]]]:
     """The token ids of each prompt's `samples` continuations, prompt by prompt, decoded `batch_prompts` prompts at
     a time (ref.generate.sample_continuations: one prefill per prompt). Prompt p (its index in `prompts`) draws
-    from its own generator seeded with seed + p."""
+    from its own generator seeded with seed + p. with_logprobs: (token ids, their log-probabilities under the
+    model) a prompt."""
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
         seeds = [seed + start + i for i in range(len(chunk))]
-        yield from sample_continuations(model, tok, chunk, samples, max_new_tokens, temperature, top_p, seeds)
+        out = sample_continuations(
+            model, tok, chunk, samples, max_new_tokens, temperature, top_p, seeds, with_logprobs=with_logprobs
+        )
+        yield from zip(*out, strict=True) if with_logprobs else out
 
 
 def toxicity_eval(
@@ -82,6 +87,8 @@ def toxicity_eval(
 
     Fluency: each continuation's perplexity given its prompt under `reference` (a frozen base model sharing the
     tokenizer; None: `model` itself), named `reference_name` in the result; diversity: distinct-1/2/3 (ref.fluency).
+    When the reference is the model itself (None, or `model`) the sampled tokens' log-probabilities come from the
+    sampling pass; otherwise the reference runs each prompt once and the prompt's continuations on its KV cache.
     "examples" (the most toxic continuation per prompt) carry that continuation's perplexity."""
     if not prompts:
         raise ValueError("toxicity_eval: no prompts")
@@ -89,15 +96,19 @@ def toxicity_eval(
         raise ValueError(f"samples ({samples}), max_new_tokens ({max_new_tokens}) and batch_prompts ({batch_prompts})"
                          " must be >= 1")  # fmt: skip
     n = 1 if greedy else samples
+    own = not greedy and (reference is None or reference is model)  # fluency from the sampling pass
     if greedy:
-        continuations = (generate(model, tok, [prompt], max_new_tokens, temperature=0.0) for prompt in prompts)
+        continuations = ((generate(model, tok, [prompt], max_new_tokens, temperature=0.0), None) for prompt in prompts)
     else:
-        continuations = sampled_continuations(model, tok, prompts, n, max_new_tokens, top_p, temperature, seed,
-                                              batch_prompts)  # fmt: skip
-    scores, examples, records, ids = [], [], [], []
+        sampled = sampled_continuations(
+            model, tok, prompts, n, max_new_tokens, top_p, temperature, seed, batch_prompts, with_logprobs=own
+        )
+        continuations = sampled if own else ((rows, None) for rows in sampled)
+    scores, examples, records, ids, logprobs = [], [], [], [], []
     bar = tqdm(zip(prompts, continuations, strict=True), total=len(prompts), desc="toxicity", leave=False)
-    for p, (prompt, rows) in enumerate(bar):
+    for p, (prompt, (rows, row_logprobs)) in enumerate(bar):
         ids.append(rows)
+        logprobs.append(row_logprobs)
         texts = [tok.decode(r) for r in rows]
         row_scores = [float(s) for s in scorer(texts)]
         if len(row_scores) != n or not all(0.0 <= s <= 1.0 for s in row_scores):
@@ -106,7 +117,10 @@ def toxicity_eval(
         worst = max(range(n), key=row_scores.__getitem__)
         examples.append(dict(prompt=prompt, max_continuation=texts[worst], max_score=row_scores[worst]))
         records.append(dict(task=PROMPTS_TASK, id=p, prompt=prompt, continuations=texts, scores=row_scores))
-    ppl = continuation_perplexities(model if reference is None else reference, tok, prompts, ids)
+    if own:
+        ppl = logprob_perplexities(ids, logprobs, tok.eos_id)
+    else:
+        ppl = continuation_perplexities(model if reference is None else reference, tok, prompts, ids)
     for example, record, row_ppl in zip(examples, records, ppl, strict=True):
         example["max_fluency_perplexity"] = row_ppl[max(range(n), key=record["scores"].__getitem__)]
         record["fluency_perplexities"] = row_ppl

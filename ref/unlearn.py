@@ -349,7 +349,8 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
-    before = evaluate(run.model, run.tok, data, plan.goal, **kw)
+    # the originals put back: the model is the base, so it scores its own continuations' fluency as it samples them
+    before = evaluate(run.model, run.tok, data, plan.goal, **(kw | dict(reference=run.model if reference else None)))
     for k, t in st.params.items():
         t.copy_(trained[k])
     after = evaluate(run.model, run.tok, data, plan.goal, **kw)

@@ -17,28 +17,68 @@ from ref.fluency import continuation_perplexities, distinct_n, diversity_metrics
 from ref.tokenizer import load_tokenizer
 
 
+def zero_scores(texts: list[str]) -> list[float]:
+    return [0.0] * len(texts)
+
+
+def transformers_perplexity(hf, tok, prompt: str, cont: list[int]) -> float:
+    """exp of transformers' loss over prompt + continuation with the prompt masked: the continuation's perplexity."""
+    ids = torch.tensor([tok.encode(prompt) + cont])
+    labels = ids.clone()
+    labels[0, : ids.shape[1] - len(cont)] = -100  # the prompt is context only
+    with torch.no_grad():
+        return math.exp(float(hf(ids, labels=labels).loss))  # mean NLL of the continuation tokens
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # with BOS (Llama) and without (Qwen2)
 def test_continuation_perplexity_is_exp_of_transformers_loss(tiny_dirs, family):
+    """Groups of 1 row (a prompt with more rows than that alone), 3 rows (prompt by prompt) and 32 (all together,
+    prompts of different lengths left padded); Qwen2's "The" is one token: nothing of it to prefill."""
     folder = tiny_dirs[family]
     model, tok = load_model(folder, dtype=torch.float32, device="cpu"), load_tokenizer(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = ["The quick brown fox", "Rivers"]
+    prompts = ["The quick brown fox", "Rivers", "The"]
+    assert family == "llama" or len(tok.encode("The")) == 1
     eos = tok.eos_id
-    rows = [[[5, 9, 12], [7], [eos]], [[3, 4, 5, 6, 7, 8, eos], [11, 2]]]  # lengths differ: left padding is used
-    got = continuation_perplexities(model, tok, prompts, rows, batch_size=3)  # 4 scored rows: two batches
-    assert got[0][2] is None  # immediate EOS: nothing to score
+    rows = [[[5, 9, 12], [7], [eos]], [[3, 4, 5, 6, 7, 8, eos], [11, 2]], [[4, 4], [6], [9, 8, 7]]]
+    for batch_size in (1, 3, 32):
+        got = continuation_perplexities(model, tok, prompts, rows, batch_size=batch_size)
+        assert got[0][2] is None  # immediate EOS: nothing to score
+        for p, prompt in enumerate(prompts):
+            for s, row in enumerate(rows[p]):
+                cont = row[:-1] if row[-1] == eos else row  # the trailing EOS is not scored
+                if cont:
+                    # fp32 on both sides, cached and padded vs one unpadded row: 1e-5 relative is float rounding
+                    want = transformers_perplexity(hf, tok, prompt, cont)
+                    assert got[p][s] == pytest.approx(want, rel=1e-5), (batch_size, p, s)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fluency_from_the_sampling_pass_equals_rescoring(tiny_dirs, family):
+    """The fluency of the model's own samples, from the log-probabilities of its sampling pass, and that of the same
+    samples under a separate copy of the model (its rescoring, one prefill a prompt) both equal each continuation's
+    perplexity as exp of transformers' loss, within 1e-5 relative (fp32 float rounding)."""
+    folder = tiny_dirs[family]
+    model, tok = load_model(folder, dtype=torch.float32, device="cpu"), load_tokenizer(folder)
+    copy = load_model(folder, dtype=torch.float32, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = ["The quick brown fox", "Rivers", "The"]
+    kw = dict(samples=4, max_new_tokens=6, seed=1, batch_prompts=2)
+    own = toxicity.toxicity_eval(model, tok, prompts, zero_scores, **kw)
+    other = toxicity.toxicity_eval(model, tok, prompts, zero_scores, reference=copy, **kw)
+    rows = list(toxicity.sampled_continuations(model, tok, prompts, 4, 6, 0.9, 1.0, 1, 2))  # the same samples
+    scored = 0
     for p, prompt in enumerate(prompts):
         for s, row in enumerate(rows[p]):
-            cont = row[:-1] if row[-1] == eos else row  # the trailing EOS is not scored
+            cont = row[:-1] if row and row[-1] == tok.eos_id else row
+            a, b = own["records"][p]["fluency_perplexities"][s], other["records"][p]["fluency_perplexities"][s]
             if not cont:
+                assert a is None and b is None
                 continue
-            ids = torch.tensor([tok.encode(prompt) + cont])
-            labels = ids.clone()
-            labels[0, : ids.shape[1] - len(cont)] = -100  # the prompt is context only
-            with torch.no_grad():
-                loss = hf(ids, labels=labels).loss  # mean NLL of the continuation tokens
-            # fp32 on both sides, padded batch vs one unpadded row: agreement to 1e-5 relative is float rounding
-            assert got[p][s] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+            want = transformers_perplexity(hf, tok, prompt, cont)
+            assert (a, b) == (pytest.approx(want, rel=1e-5), pytest.approx(want, rel=1e-5)), (p, s)
+            scored += 1
+    assert scored >= 10
 
 
 def test_fluency_metrics_mean_median_and_empty_count():
@@ -65,7 +105,9 @@ def test_toxicity_eval_reports_fluency_diversity_and_the_examples_fluency(tiny_l
                                  max_new_tokens=4, seed=7, reference_name="tiny")  # fmt: skip
     ppl = [r["fluency_perplexities"] for r in res["records"]]
     rows = list(toxicity.sampled_continuations(model, tok, prompts, 3, 4, 0.9, 1.0, 7))  # the same samples
-    assert ppl == continuation_perplexities(model, tok, prompts, rows)  # reference None: the model itself
+    # reference None: the model itself, its sampling pass's log-probabilities against a rescoring (float rounding)
+    rescored = continuation_perplexities(model, tok, prompts, rows)
+    assert ppl == [pytest.approx(r, rel=1e-5) for r in rescored]
     assert res["fluency_reference"] == "tiny"
     assert fluency_metrics(ppl) == {k: res[k] for k in fluency_metrics(ppl)}
     assert diversity_metrics([r["continuations"] for r in res["records"]]) == {
@@ -73,6 +115,28 @@ def test_toxicity_eval_reports_fluency_diversity_and_the_examples_fluency(tiny_l
     }
     for example, row in zip(res["examples"], ppl, strict=True):
         assert example["max_fluency_perplexity"] == row[2]  # the scorer's largest score is the third sample's
+
+
+def test_smollm2_fluency_equals_transformers_loss():
+    """SmolLM2-135M, a 49,152-token vocabulary: the fluency of the model's own samples (from the sampling pass) and of
+    the same samples under a separate copy (rescored, one prefill a prompt) equal exp of transformers' loss per
+    continuation within 3e-5 relative (fp32 over different batch shapes and cache paths: measured up to 1.1e-5 on
+    the demo's 150 samples; a float32 log-softmax over a [B, V, T] layout is 7e-5 to 1.6e-4 below it there)."""
+    folder = prepare_smollm2()
+    model = ref.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    copy = ref.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    tok = ref.load_tokenizer("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    prompts = ["The weather today is", "She opened the door and", "My favourite food is"]
+    kw = dict(samples=4, max_new_tokens=20, seed=0)
+    own = toxicity.toxicity_eval(model, tok, prompts, zero_scores, **kw)
+    other = toxicity.toxicity_eval(model, tok, prompts, zero_scores, reference=copy, **kw)
+    rows = list(toxicity.sampled_continuations(model, tok, prompts, 4, 20, 0.9, 1.0, 0))  # the same samples
+    for p, prompt in enumerate(prompts):
+        for s, row in enumerate(rows[p]):
+            want = transformers_perplexity(hf, tok, prompt, row[:-1] if row[-1] == tok.eos_id else row)
+            got = own["records"][p]["fluency_perplexities"][s], other["records"][p]["fluency_perplexities"][s]
+            assert got == (pytest.approx(want, rel=3e-5), pytest.approx(want, rel=3e-5)), (p, s)
 
 
 def test_broken_model_shows_a_fluency_jump():

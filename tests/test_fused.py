@@ -78,11 +78,12 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     fn = lambda h, u, m: losses.cosine_forget_loss(h, u, m)  # a fresh function: fresh cache entry
     cfn = fused(fn)
     h, u, mask = padded_batch()
+    eager = fn(h, u, mask).item()
     with pytest.warns(UserWarning, match="torch.compile of .* failed"):
-        assert cfn(h, u, mask).item() == pytest.approx(1.0, abs=1e-7)
+        assert cfn(h, u, mask).item() == eager
     with warnings.catch_warnings(record=True) as caught:  # one warning only: later calls run eager quietly
         warnings.simplefilter("always")
-        assert cfn(h, u, mask).item() == pytest.approx(1.0, abs=1e-7)
+        assert cfn(h, u, mask).item() == eager
     assert not [w for w in caught if "torch.compile of" in str(w.message)]
 
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from ref.checkpoint import load_model
-from ref.generate import RepeatedCache, generate, next_token, probabilities, sample_continuations, top_p_filter
+from ref.generate import (
+    RepeatedCache,
+    draw,
+    exponential_race,
+    generate,
+    next_token,
+    probabilities,
+    sample_continuations,
+    top_p_filter,
+)
 from ref.model import KVCache
 from ref.tokenizer import load_tokenizer
 
@@ -186,3 +195,54 @@ def test_repeated_cache_rows_and_room(tiny_llama):
         cache.update(0, new, new)
     with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
         sample_continuations(model, tok, PROMPTS[:2], 2, 2, seeds=[0])
+
+
+def test_draw_is_torch_multinomial():
+    """draw takes the same random numbers as torch.multinomial(probs, 1) and returns the same tokens, on tables of
+    1 to 30 rows over 2 to 5000 tokens, from one-token rows to rows with every token possible; the generators end
+    in the same state."""
+    g = torch.Generator().manual_seed(0)
+    rows = 0
+    for trial in range(60):
+        n, V = int(torch.randint(1, 31, (1,), generator=g)), int(torch.randint(2, 5001, (1,), generator=g))
+        logits = torch.randn(n, V, generator=g) * 10 * float(torch.rand(1, generator=g))
+        keep = torch.rand(n, V, generator=g) < float(torch.rand(1, generator=g))
+        keep[:, 0] |= ~keep.any(-1)
+        probs = logits.softmax(-1) * keep
+        probs /= probs.sum(-1, keepdim=True)
+        theirs_gen, ours_gen = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        theirs = torch.multinomial(probs, 1, generator=theirs_gen).squeeze(-1)
+        assert torch.equal(draw(probs, ours_gen), theirs), trial
+        assert torch.equal(ours_gen.get_state(), theirs_gen.get_state())
+        rows += n
+    assert rows > 500
+
+
+def test_exponential_race_with_a_zero_uniform():
+    """u = 0 gives q = 0: a token of probability 0 then has 0 / 0 = NaN, which argmax takes for the maximum (row 1),
+    and one of positive probability has an infinite ratio (row 2); rows without a 0 take the largest p / q."""
+    probs = torch.zeros(3, 6)
+    probs[:, 2], probs[:, 4] = 0.3, 0.7
+    u = torch.full((3, 6), 0.5, dtype=torch.float64)
+    u[0, 2] = 0.9  # q(2) = 2.30, q(4) = 0.69: ratios 0.13 and 1.01
+    u[1, 5] = 0.0
+    u[2, 2] = 0.0
+    whole = (probs / (-torch.log1p(-u)).float()).argmax(-1)
+    assert exponential_race(probs, u).tolist() == whole.tolist() == [4, 5, 2]
+
+
+def test_sampled_logprobs_are_the_models_log_softmax(tiny_llama):
+    """with_logprobs: the same tokens, and each token's log-probability equals log_softmax of the logits of the
+    whole sequence recomputed without a cache (fp32: 1e-5 absolute is float rounding over different batch shapes)."""
+    _, model, tok = tiny_llama
+    seeds = [3, 4, 5]
+    tokens, logprobs = sample_continuations(model, tok, PROMPTS[:3], 4, 7, 1.0, 0.9, seeds, with_logprobs=True)
+    assert tokens == sample_continuations(model, tok, PROMPTS[:3], 4, 7, 1.0, 0.9, seeds)
+    for prompt, rows, lps in zip(PROMPTS, tokens, logprobs, strict=False):
+        for row, lp in zip(rows, lps, strict=True):
+            ids = torch.tensor([tok.encode(prompt) + row])
+            with torch.no_grad():
+                full = model(ids).logits[0, -len(row) - 1 : -1].log_softmax(-1)
+            want = full.gather(-1, torch.tensor(row)[:, None]).squeeze(-1)
+            assert len(lp) == len(row)
+            torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)

@@ -168,6 +168,7 @@ def test_both_goals_write_the_layout_of_design_section_3(tmp_path, fake_hub):
             "forget": ["forget/paradetox-toxic.jsonl"],
             "retain": "retain/wikitext.jsonl",
             "probe": "probe/paradetox.jsonl",
+            "probe_source": hub.PARADETOX_PROBE_SOURCE,
             "eval_prompts": "prompts/rtp-challenging.jsonl",
             "eval_retain": ["mc/mmlu.jsonl"],
             "eval_perplexity": ["retain/wikitext-validation.jsonl"],
