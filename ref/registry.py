@@ -23,7 +23,7 @@ def _arch(model_type: str, vocab: int, hidden: int, inter: int, layers: int, hea
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, **extra)  # fmt: skip
 
 
-# Architecture facts from the checkpoints' config.json files (docs/DESIGN.md section 2). Olmo-3's vocabulary is the
+# Architecture facts from the checkpoints' config.json files (docs/design.md section 2). Olmo-3's vocabulary is the
 # padded 100352 of the OLMo 2 family's dolma2 tokenizer.
 REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
