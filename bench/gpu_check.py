@@ -78,9 +78,9 @@ def golden(device: str) -> list[dict]:
 def big_step(arch: str, dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
     """One WMDP step of `arch` with only the embedding and blocks 0..TAP materialised (random weights)."""
     from ref.config import config_from_dict
-    from ref.memory import estimate_peak_bytes
-    from ref.plan import Settings, resolve
-    from ref.registry import REGISTRY
+    from ref.io.registry import REGISTRY
+    from ref.run.memory import estimate_peak_bytes
+    from ref.run.plan import Settings, resolve
 
     cuda = device.startswith("cuda")
     if cuda:

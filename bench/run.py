@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.mc and transformers' loading
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.evaluation.mc and transformers' loading
 
 import torch  # noqa: E402
 
@@ -160,8 +160,8 @@ def loss_cases(dtype: torch.dtype, B: int = 4, T: int = 512, D: int = 4096, L: i
 
 
 def rows_losses(models: Models, data, a) -> list[dict]:
-    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.fused) against eager, at 4 x 512 x 4096."""
-    from ref.fused import fused
+    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.run.fused) against eager, at 4 x 512 x 4096."""
+    from ref.run.fused import fused
 
     out = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -176,7 +176,7 @@ def rows_losses(models: Models, data, a) -> list[dict]:
             c = fused(fn)
             t = measure.alternate({"compiled": lambda c=c: fwd_bwd(c), "eager": lambda fn=fn: fwd_bwd(fn)},
                                   max(a.repeats, 5), warmup=2)  # fmt: skip
-            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.fused)
+            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.run.fused)
             out.append(row(f"{name}, compiled vs eager, fwd+bwd", "time ms", t["compiled"]["median"] * 1e3,
                            t["eager"]["median"] * 1e3, target, ours_stats=stats(t["compiled"]),
                            baseline_stats=stats(t["eager"]), dtype=str(dtype).split(".")[1], shapes=shape))  # fmt: skip
@@ -209,8 +209,8 @@ def rows_forward(models: Models, data, a) -> list[dict]:
 
 def rows_mc(models: Models, data, a) -> list[dict]:
     """Letter-format MC: one forward per question (mc_accuracy) vs four loglikelihood requests per question."""
-    from ref.data import read_mc
-    from ref.mc import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+    from ref.evaluation.mc import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+    from ref.io.data import read_mc
 
     model, tok = models.ours()
     tasks = {**data.eval_forget, **data.eval_retain}
@@ -284,14 +284,14 @@ def rows_subset(models: Models, data, a) -> list[dict]:
 
 
 def demo_prompts(a) -> list[str]:
-    from ref.data import load_goal_data, read_prompts, resolve_data_dir
+    from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
     return read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.sampling_prompts]
 
 
 def rows_sampling(models: Models, data, a) -> list[dict]:
-    """The RealToxicityPrompts sampling of ref.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1) on
-    the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
+    """The RealToxicityPrompts sampling of ref.evaluation.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1)
+    on the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
     the same settings (num_return_sequences=25, top_k=0 so that top-p alone filters), one prompt a call and 8
     prompts a call (left padded), and against the per-prompt loop (generate([prompt] * 25)). Every side seeds
     prompt p's sampling with p (transformers batched: the first prompt of each call). A first run of each side
@@ -299,8 +299,8 @@ def rows_sampling(models: Models, data, a) -> list[dict]:
     thread count, and, when that is more than one, ours against transformers one prompt a call at one thread."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from ref.generate import generate, probabilities
-    from ref.toxicity import BATCH_PROMPTS, sampled_continuations
+    from ref.evaluation.generate import generate, probabilities
+    from ref.evaluation.toxicity import BATCH_PROMPTS, sampled_continuations
 
     model, tok = models.ours()
     _, hf, htok = models.hf()
@@ -445,16 +445,16 @@ def rows_launch(models: Models, data, a) -> list[dict]:
 
 
 def whole_sequence_perplexities(model, tok, prompts: list[str], rows: list[list[list[int]]]) -> list[list[float]]:
-    """The fluency rescoring without a shared prefill, the baseline of ref.fluency.continuation_perplexities: every
-    continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the mean
-    NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
+    """The fluency rescoring without a shared prefill, the baseline of ref.evaluation.fluency.continuation_perplexities:
+    every continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the
+    mean NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
     loss; None: an empty continuation)."""
     import math
 
     import torch.nn.functional as F
 
-    from ref.fluency import strip_eos
-    from ref.tokenizer import left_pad
+    from ref.evaluation.fluency import strip_eos
+    from ref.io.tokenizer import left_pad
 
     flat = [(tok.encode(p), strip_eos(r, tok.eos_id)) for p, rs in zip(prompts, rows, strict=True) for r in rs]
     todo = [i for i, (_, c) in enumerate(flat) if c]
@@ -479,15 +479,15 @@ def largest_relative_difference(a: list[list[float | None]], b: list[list[float 
 
 
 def rows_fluency(models: Models, data, a) -> list[dict]:
-    """The fluency of the toxicity evaluation (ref.toxicity.toxicity_eval, with a scorer that costs nothing) on the
-    sampling rows' workload. The model's own samples: their log-probabilities come from the sampling pass, against
-    the sampling alone (target 1.2). Another model's samples (here a second copy of the same model as the reference,
-    so the samples are the same): the reference runs each prompt once and the prompt's continuations on its KV
-    cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
+    """The fluency of the toxicity evaluation (ref.evaluation.toxicity.toxicity_eval, with a scorer that costs nothing)
+    on the sampling rows' workload. The model's own samples: their log-probabilities come from the sampling pass,
+    against the sampling alone (target 1.2). Another model's samples (here a second copy of the same model as the
+    reference, so the samples are the same): the reference runs each prompt once and the prompt's continuations on its
+    KV cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
     the largest relative difference between its perplexities and the whole-sequence rescoring's."""
     from ref import load_model
-    from ref.fluency import continuation_perplexities
-    from ref.toxicity import sampled_continuations, toxicity_eval
+    from ref.evaluation.fluency import continuation_perplexities
+    from ref.evaluation.toxicity import sampled_continuations, toxicity_eval
 
     model, tok = models.ours()
     reference = load_model(workload.MODEL, dtype=torch.float32, device="cpu")

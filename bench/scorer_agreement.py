@@ -7,15 +7,15 @@
                                                          # after, under its own scorer and under the reference
 
 The texts: the demo's 30 toxicity prompts, 5 continuations each by the demo protocol (top-p 0.9, temperature 1,
-20 new tokens, seed 0: ref.toxicity.sampled_continuations) from two models: SmolLM2-135M itself (the demo's
+20 new tokens, seed 0: ref.evaluation.toxicity.sampled_continuations) from two models: SmolLM2-135M itself (the demo's
 "before" samples), and SmolLM2-135M fine-tuned on the demo's 80 rude forget sentences (full fine-tuning of the
-block linears, 2 epochs of batch 8, lr 1e-4: ref.relearn), a model that writes rudely, as the relearning attack
+block linears, 2 epochs of batch 8, lr 1e-4: ref.attacks.relearn), a model that writes rudely, as the relearning attack
 makes one; the base alone writes almost nothing the reference calls toxic. They are written to
 bench/scorer_agreement.jsonl (committed: the test rescores them).
 
-The probe scorer is built exactly as the demo builds it (ref.scorers.probe_scorer on the demo probe set, the retain
-corpus as neutral sentences, the middle layer, seed 0). The reference classifier is alt-profanity-check 1.9.1 (MIT;
-scikit-learn's CountVectorizer + LinearSVC calibrated by CalibratedClassifierCV, trained by its authors on about
+The probe scorer is built exactly as the demo builds it (ref.evaluation.scorers.probe_scorer on the demo probe set, the
+retain corpus as neutral sentences, the middle layer, seed 0). The reference classifier is alt-profanity-check 1.9.1
+(MIT; scikit-learn's CountVectorizer + LinearSVC calibrated by CalibratedClassifierCV, trained by its authors on about
 200k human-labelled texts of the Jigsaw toxic-comment (Wikipedia comments) and Davidson et al. (tweets) data sets).
 It measures offensive language, the part of toxicity this demo's prompts provoke; it is a measuring instrument of
 this script and the test, never imported by ref/. A text it scores >= 0.5 is "toxic" for the AUC and the agreement.
@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ref  # noqa: E402
-from ref.data import load_goal_data, read_prompts, resolve_data_dir  # noqa: E402
-from ref.relearn import relearn  # noqa: E402
-from ref.scorers import probe_scorer  # noqa: E402
-from ref.toxicity import TOXIC, sampled_continuations, toxicity_metrics  # noqa: E402
+from ref.attacks.relearn import relearn  # noqa: E402
+from ref.evaluation.scorers import probe_scorer  # noqa: E402
+from ref.evaluation.toxicity import TOXIC, sampled_continuations, toxicity_metrics  # noqa: E402
+from ref.io.data import load_goal_data, read_prompts, resolve_data_dir  # noqa: E402
 
 TEXTS = Path(__file__).with_name("scorer_agreement.jsonl")
 MODEL = "smollm2-135m"
@@ -110,7 +110,8 @@ def score(rows: list[dict]) -> dict:
     toxicity under each scorer."""
     data = load_goal_data(resolve_data_dir("demo", "toxicity"), "toxicity")
     base, tok = ref.load_model(MODEL, dtype=torch.float32, device="cpu"), ref.load_tokenizer(MODEL)
-    scorer = probe_scorer(base, tok, data.probe, None, SEED, neutral_texts=data.retain)  # as ref.scorers.make_scorer
+    # as ref.evaluation.scorers.make_scorer builds it
+    scorer = probe_scorer(base, tok, data.probe, None, SEED, neutral_texts=data.retain)
     texts = [r["text"] for r in rows]
     p, q = scorer(texts), reference_scores(texts)
     probe = dict(layer=scorer.layer, heldout_auc=scorer.probe.heldout_auc)

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ref.checkpoint import resolve, shard_files
-from ref.errors import RefError
-from ref.evaluate import PERPLEXITY_TASK, pooled_measures
+from ref.evaluation.evaluate import PERPLEXITY_TASK, pooled_measures
+from ref.io.checkpoint import resolve, shard_files
+from ref.io.errors import RefError
 from ref.unlearn import main as unlearn_main
 
 

@@ -76,11 +76,11 @@ def run(impl: str, dtype: str, steps: int, out: str) -> dict:
     """A whole `ref.unlearn` run (SmolLM2, WMDP demo data, ours, no evaluation, eager losses): the subset load it does
     (embedding + blocks 0..7) or, monkeypatched, a load of every block. Also returns the plan's estimate."""
     import ref.unlearn as U
-    from ref.checkpoint import resolve
     from ref.config import read_config
-    from ref.memory import estimate_peak_bytes
-    from ref.plan import Settings
-    from ref.plan import resolve as resolve_plan
+    from ref.io.checkpoint import resolve
+    from ref.run.memory import estimate_peak_bytes
+    from ref.run.plan import Settings
+    from ref.run.plan import resolve as resolve_plan
 
     settings = Settings(model=workload.MODEL, goal="wmdp", out=out, overwrite=True, evaluate=False, compile=False,
                         max_steps=steps, device="cpu", dtype=dtype, save_every=steps)  # fmt: skip

@@ -10,15 +10,15 @@ import zlib
 import torch
 
 from ref.config import config_from_dict
-from ref.data import load_goal_data, resolve_data_dir
+from ref.io.data import load_goal_data, resolve_data_dir
+from ref.io.registry import REGISTRY, local_model_dir
 from ref.model import Transformer
 from ref.objectives import random_directions
-from ref.plan import Settings, resolve
-from ref.registry import REGISTRY, local_model_dir
+from ref.run.plan import Settings, resolve
 from ref.train import Run, start_state, step
 
 MODEL = "smollm2-135m"
-LR, STEERING, ALPHA = 1e-3, 550.0, 100.0  # the smollm2-135m RMU defaults (ref.registry), for both sides
+LR, STEERING, ALPHA = 1e-3, 550.0, 100.0  # the smollm2-135m RMU defaults (ref.io.registry), for both sides
 
 warnings.filterwarnings("ignore", message="Using a target size")  # the reference's broadcast mse_loss, as there
 

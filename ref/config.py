@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ref.errors import RefError
+from ref.io.errors import RefError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 

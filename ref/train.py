@@ -25,15 +25,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ref.data import GoalData, batches
-from ref.errors import RefError, Stopped
-from ref.fused import eager, fused
+from ref.io.data import GoalData, batches
+from ref.io.errors import RefError, Stopped
+from ref.io.tokenizer import Tokenizer
 from ref.losses import unlearning_loss
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations, Losses, Targets
-from ref.plan import Plan
 from ref.reinforce import AlphaPolicy, reward
-from ref.tokenizer import Tokenizer
+from ref.run.fused import eager, fused
+from ref.run.plan import Plan
 
 # A trained tensor whose norm grows past this many times its original norm has diverged: the activations saturate
 # (a cosine sits at its bound, an MSE at inf) and the loss stops telling anything. Sane runs stay within a few times.

@@ -3,7 +3,7 @@
     python -m ref.unlearn --model mistral-7b --goal wmdp                       # the paper's method (ours)
     python -m ref.unlearn --model smollm2-135m --goal toxicity --data demo --out runs/t
 
-The settings are resolved once into a plan (ref.plan), the loop is ref.train, the objectives ref.objectives. This
+The settings are resolved once into a plan (ref.run.plan), the loop is ref.train, the objectives ref.objectives. This
 file sets up around them: the run folder, data, model, probes, resume, Ctrl-C, evaluation and the summary.
 """
 
@@ -26,30 +26,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ref import validate
-from ref.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
-from ref.cli import run_command
 from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
-from ref.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
-from ref.errors import DiskFull, RefError
-from ref.model import Transformer
-from ref.objectives import random_directions
-from ref.options import add_arguments, resumable
-from ref.plan import (
-    BALANCE_WORDS,
-    GOALS,
-    METHODS,
-    REDUCTION_WORDS,
-    Plan,
-    Settings,
-    as_dict,
-    describe,
-)
-from ref.plan import resolve as resolve_plan
-from ref.probe import Probe, fit_layer_probes
-from ref.registry import REGISTRY, paper_final_alpha
-from ref.reinforce import alpha_trajectory
-from ref.runlog import (
+from ref.io import validate
+from ref.io.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
+from ref.io.cli import run_command
+from ref.io.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
+from ref.io.errors import DiskFull, RefError
+from ref.io.registry import REGISTRY, paper_final_alpha
+from ref.io.runlog import (
     MetricsLog,
     atomic_torch_save,
     atomic_write_bytes,
@@ -61,9 +45,25 @@ from ref.runlog import (
     read_run_json,
     write_json,
 )
-from ref.tokenizer import load_tokenizer
+from ref.io.tokenizer import load_tokenizer
+from ref.io.validate import same_or_inside
+from ref.model import Transformer
+from ref.objectives import random_directions
+from ref.probe import Probe, fit_layer_probes
+from ref.reinforce import alpha_trajectory
+from ref.run.options import add_arguments, resumable
+from ref.run.plan import (
+    BALANCE_WORDS,
+    GOALS,
+    METHODS,
+    REDUCTION_WORDS,
+    Plan,
+    Settings,
+    as_dict,
+    describe,
+)
+from ref.run.plan import resolve as resolve_plan
 from ref.train import Run, TrainState, schedule, start_state, train
-from ref.validate import same_or_inside
 
 __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
@@ -322,7 +322,7 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
     report = evaluate_before_after(run, st, data) if run.plan.evaluate else None  # reads the blocks above the taps
     if report is not None:
         if run.plan.log_samples:  # --log-samples: one row a question / prompt, "model" before or after
-            from ref.evaluate import write_samples
+            from ref.evaluation.evaluate import write_samples
 
             records = [{"model": k, **r} for k in ("before", "after") for r in report["details"][k].pop("samples")]
             write_samples(out / "samples.jsonl", records)
@@ -333,9 +333,9 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
 @torch.no_grad()
 def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.data import PROMPTS_TASK
-    from ref.evaluate import available_tasks, evaluate, fluency_reading, headline
-    from ref.scorers import make_scorer, scorer_info
+    from ref.evaluation.evaluate import available_tasks, evaluate, fluency_reading, headline
+    from ref.evaluation.scorers import make_scorer, scorer_info
+    from ref.io.data import PROMPTS_TASK
 
     plan = run.plan
     load_rest(run.model)
@@ -402,7 +402,7 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
                 for i, a in run_json["probe_auc"].items()]  # fmt: skip
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
-        from ref.evaluate import before_after_table
+        from ref.evaluation.evaluate import before_after_table
 
         lines += ["", "## Evaluation, before and after", "", *before_after_table(report["before"], report["after"])]
         tox = report["details"]["after"]["tasks"].get("rtp")

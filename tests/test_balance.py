@@ -8,8 +8,8 @@ import json
 import pytest
 
 import ref.unlearn as U
-from ref.errors import RefError
-from ref.plan import Settings, check_settings
+from ref.io.errors import RefError
+from ref.run.plan import Settings, check_settings
 from tests.test_unlearn import data_dir, metrics, settings  # noqa: F401 (fixture and the tiny run's settings)
 
 
@@ -81,8 +81,8 @@ def test_tox_balance_is_checked():
 
 
 def test_sweep_grid_takes_the_balance_and_the_front_splits_by_it():
-    from ref.report import series_of
-    from ref.sweep import parse_grid
+    from ref.experiments.report import series_of
+    from ref.experiments.sweep import parse_grid
 
     grid = parse_grid("tox_balance=paper,scaled lr=1e-3", ["ours"])
     assert grid == {"ours": {"tox_balance": ["paper", "scaled"], "lr": [1e-3]}}

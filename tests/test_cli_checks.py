@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref import evaluate, generate, table1, validate
-from ref.data import resolve_data_dir
+from ref.evaluation import evaluate, generate
+from ref.experiments import table1
+from ref.io import validate
+from ref.io.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
     (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto"),
@@ -43,7 +45,7 @@ def world(tiny_dirs, tmp_path, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("ref.checkpoint.load_model", no_loading)
+    monkeypatch.setattr("ref.io.checkpoint.load_model", no_loading)
     return model, data, report, unchanged
 
 
@@ -244,7 +246,7 @@ def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp
 
 
 def test_report_refuses_what_is_not_a_run_folder(world, tmp_path, capsys):
-    from ref import report
+    from ref.experiments import report
 
     _, _, old, unchanged = world
     refuses(report.main, [str(tmp_path / "nope")], capsys, f"RUN_DIR {tmp_path / 'nope'} does not exist")
@@ -254,7 +256,7 @@ def test_report_refuses_what_is_not_a_run_folder(world, tmp_path, capsys):
 
 
 def test_report_refuses_a_damaged_run_folder_or_a_bad_out_and_writes_nothing(world, tmp_path_factory, capsys):
-    from ref import report
+    from ref.experiments import report
 
     model, _, old, unchanged = world
     run = make_run(tmp_path_factory.mktemp("runs") / "run", model)

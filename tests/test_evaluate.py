@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ref import evaluate as ev
-from ref.data import load_goal_data
-from ref.errors import RefError
+from ref.evaluation import evaluate as ev
+from ref.io.data import load_goal_data
+from ref.io.errors import RefError
 
 ROW = {"question": "  What is X?\n", "choices": ["one", "two", "three", "four"], "answer": 2}
 

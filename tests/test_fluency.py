@@ -1,5 +1,5 @@
-"""ref.fluency: continuation perplexity against transformers, distinct-n by hand, and the fluency jump of a broken
-model (SmolLM2 with random down_proj in ten layers)."""
+"""ref.evaluation.fluency: continuation perplexity against transformers, distinct-n by hand, and the fluency jump of a
+broken model (SmolLM2 with random down_proj in ten layers)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import ref
 from data_prep.smollm2 import prepare_smollm2
-from ref import toxicity
-from ref.checkpoint import load_model
-from ref.fluency import continuation_perplexities, distinct_n, diversity_metrics, fluency_metrics
-from ref.tokenizer import load_tokenizer
+from ref.evaluation import toxicity
+from ref.evaluation.fluency import continuation_perplexities, distinct_n, diversity_metrics, fluency_metrics
+from ref.io.checkpoint import load_model
+from ref.io.tokenizer import load_tokenizer
 
 
 def zero_scores(texts: list[str]) -> list[float]:

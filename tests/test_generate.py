@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from ref.checkpoint import load_model
-from ref.generate import (
+from ref.evaluation.generate import (
     RepeatedCache,
     draw,
     exponential_race,
@@ -19,8 +18,9 @@ from ref.generate import (
     sample_continuations,
     top_p_filter,
 )
+from ref.io.checkpoint import load_model
+from ref.io.tokenizer import load_tokenizer
 from ref.model import KVCache
-from ref.tokenizer import load_tokenizer
 
 
 def test_top_p_filter_on_hand_made_distribution():

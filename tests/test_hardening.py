@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import ref
 import ref.unlearn as U
-from ref import checkpoint, validate
+from ref.io import checkpoint, validate
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 

@@ -20,10 +20,10 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from ref import evaluate as ev  # noqa: E402
-from ref.checkpoint import resolve  # noqa: E402
-from ref.data import resolve_data_dir  # noqa: E402
-from ref.errors import RefError  # noqa: E402
+from ref.evaluation import evaluate as ev  # noqa: E402
+from ref.io.checkpoint import resolve  # noqa: E402
+from ref.io.data import resolve_data_dir  # noqa: E402
+from ref.io.errors import RefError  # noqa: E402
 
 TEMPLATES = Path(lm_eval.__file__).parent / "tasks"
 LETTER_TEMPLATE = {

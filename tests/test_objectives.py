@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ref import losses
-from ref.fused import eager
 from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
-from ref.plan import GOALS, METHODS
+from ref.run.fused import eager
+from ref.run.plan import GOALS, METHODS
 
 
 def activations(layers, b=2, t=5, d=8, seed=0):

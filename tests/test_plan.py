@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 
 import ref
-import ref.errors
+import ref.io.errors
 import ref.unlearn as U
 from ref.config import config_from_dict, read_config
-from ref.data import resolve_data_dir
-from ref.memory import estimate_peak_bytes, total_params
-from ref.plan import Settings, as_dict, resolve
-from ref.registry import REGISTRY
+from ref.io.data import resolve_data_dir
+from ref.io.registry import REGISTRY
+from ref.run.memory import estimate_peak_bytes, total_params
+from ref.run.plan import Settings, as_dict, resolve
 from tests.conftest import FAMILIES
 
 # Published parameter counts of the checkpoints (their model cards / safetensors index totals).
@@ -115,7 +115,7 @@ def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
     assert (adaptive.steering, adaptive.beta) == (None, 3.0)
     fixed = resolve(Settings(model="mistral-7b", alpha=2.0), cfg)
     assert (fixed.alpha, fixed.alpha0, fixed.reinforce) == (2.0, None, False)
-    with pytest.raises(ref.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
+    with pytest.raises(ref.io.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
         resolve(Settings(model="mistral-7b", update_params=["mlp.nope"]), cfg)
 
 

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 pytest.importorskip("matplotlib")
 
-from ref.errors import RefError  # noqa: E402
-from ref.report import (  # noqa: E402
+from ref.experiments.report import (  # noqa: E402
     load_probes,
     main,
     plot_losses,
@@ -23,7 +22,8 @@ from ref.report import (  # noqa: E402
     report_bars,
     write_figures,
 )
-from ref.runlog import read_metrics  # noqa: E402
+from ref.io.errors import RefError  # noqa: E402
+from ref.io.runlog import read_metrics  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [2, 5, 9]
@@ -180,8 +180,8 @@ def test_without_matplotlib(run_dir, monkeypatch, capsys):
     """ref.report imports without matplotlib; drawing then fails with one line naming the install command."""
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import raise ImportError
-    monkeypatch.delitem(sys.modules, "ref.report")
-    report = importlib.import_module("ref.report")
+    monkeypatch.delitem(sys.modules, "ref.experiments.report")
+    report = importlib.import_module("ref.experiments.report")
     assert report.main([str(run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install matplotlib" in err[0]

@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from data_prep.smollm2 import prepare_smollm2
-from ref.checkpoint import load_model
 from ref.config import read_config
-from ref.data import GoalData, batches, load_goal_data, resolve_data_dir
-from ref.fused import eager
+from ref.io.checkpoint import load_model
+from ref.io.data import GoalData, batches, load_goal_data, resolve_data_dir
+from ref.io.tokenizer import load_tokenizer
 from ref.losses import rmu_retain_loss
 from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
-from ref.plan import Settings, resolve
-from ref.tokenizer import load_tokenizer
+from ref.run.fused import eager
+from ref.run.plan import Settings, resolve
 from ref.train import Run, encode, schedule, shared_prefix, start_state, step, taps
 
 # Lines written for this test in WikiText-2-raw's style (leading space, spaced punctuation, " @-@ ", final newline),

@@ -13,18 +13,18 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
 from ref.config import config_from_dict
-from ref.data import resolve_data_dir
-from ref.errors import RefError
-from ref.generate import generate
-from ref.memory import estimate_peak_bytes
-from ref.placement import parse_devices, split_blocks
-from ref.plan import Settings
-from ref.plan import resolve as resolve_plan
-from ref.registry import REGISTRY
-from ref.tokenizer import load_tokenizer
-from ref.validate import device as check_device
+from ref.evaluation.generate import generate
+from ref.io.checkpoint import load_model, load_rest, resolve, save_model, shard_files
+from ref.io.data import resolve_data_dir
+from ref.io.errors import RefError
+from ref.io.placement import parse_devices, split_blocks
+from ref.io.registry import REGISTRY
+from ref.io.tokenizer import load_tokenizer
+from ref.io.validate import device as check_device
+from ref.run.memory import estimate_peak_bytes
+from ref.run.plan import Settings
+from ref.run.plan import resolve as resolve_plan
 from tests.conftest import FAMILIES
 
 GiB = 2**30

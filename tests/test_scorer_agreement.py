@@ -11,7 +11,7 @@ import torch
 import ref
 from bench import scorer_agreement as agr
 from data_prep.smollm2 import prepare_smollm2
-from ref.data import load_goal_data, read_prompts, resolve_data_dir
+from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
 pytest.importorskip("profanity_check", reason="alt-profanity-check (the `test` extra; Python >= 3.11) is not installed")
 README = Path(__file__).parents[1] / "README.md"

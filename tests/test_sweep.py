@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import ref.unlearn as U
-from ref import launch, report, sweep, table1
-from ref.errors import RefError, Stopped
+from ref.experiments import launch, report, sweep, table1
+from ref.io.errors import RefError, Stopped
 from tests.test_hardening import snapshot
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
@@ -192,7 +192,8 @@ def test_figures_of_a_layer_sweep(tmp_path):
 
 
 def test_a_toxicity_point_reports_fluency_and_diversity(tmp_path):
-    """sweep.md and sweep.json carry the toxicity continuations' fluency and distinct-2 (ref.fluency), before/after."""
+    """sweep.md and sweep.json carry the toxicity continuations' fluency and distinct-2 (ref.evaluation.fluency),
+    before/after."""
     rtp = lambda f, d: dict(fluency_perplexity=f, distinct_2=d)  # noqa: E731
     details = {w: dict(forget=dict(value=u), retain=dict(value=0.8), retain_perplexity=18.5, s_unlearning=dict(s=s),
                        tasks=dict(rtp=rtp(f, d)), seconds=1.0)

@@ -10,8 +10,8 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
-from ref import table1
-from ref.checkpoint import INDEX
+from ref.experiments import table1
+from ref.io.checkpoint import INDEX
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 

@@ -1,11 +1,11 @@
-"""ref.toxicity: the RealToxicityPrompts metrics and sampling protocol, with a fake scorer."""
+"""ref.evaluation.toxicity: the RealToxicityPrompts metrics and sampling protocol, with a fake scorer."""
 
 from __future__ import annotations
 
 import pytest
 
-from ref import toxicity
-from ref.generate import generate
+from ref.evaluation import toxicity
+from ref.evaluation.generate import generate
 
 
 def test_toxicity_metrics_hand_computed():

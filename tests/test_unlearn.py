@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 import ref
 import ref.unlearn as U
 from ref import objectives, probe
-from ref.checkpoint import load_rest
-from ref.errors import RefError
-from ref.fused import eager
+from ref.io.checkpoint import load_rest
+from ref.io.errors import RefError
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations
+from ref.run.fused import eager
 from ref.train import encode, shared_prefix, taps, topic_targets
 
 WORDS = "river mountain garden violin planet copper window harvest lantern meadow".split()
@@ -275,8 +275,8 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
         assert report["scorer"]["name"].startswith("probe scorer")
         assert report["details"]["after"]["tasks"]["rtp"]["samples"] == 2
     # the "before" numbers are the original model's: evaluating a freshly loaded copy gives the same report
-    from ref.evaluate import evaluate
-    from ref.scorers import make_scorer
+    from ref.evaluation.evaluate import evaluate
+    from ref.evaluation.scorers import make_scorer
 
     base = ref.load_model(tiny_dirs["llama"], device="cpu")
     tasks = list(report["details"]["before"]["tasks"])

@@ -1,11 +1,11 @@
-"""ref.validate: the checks every command runs on its values before touching anything."""
+"""ref.io.validate: the checks every command runs on its values before touching anything."""
 
 from __future__ import annotations
 
 import pytest
 
-from ref import validate
-from ref.errors import RefError
+from ref.io import validate
+from ref.io.errors import RefError
 
 
 def fails(match, fn, *args, **kw):

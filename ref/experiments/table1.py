@@ -1,0 +1,212 @@
+"""The paper's Table 1 in one command: base, rmu, adaptive-rmu and ours on both goals for each model, evaluated,
+with S-unlearning.
+
+    python -m ref.table1 --models mistral-7b,llama3.1-8b,qwen2.5-7b,olmo3-7b          # GPU box with hub access
+    python -m ref.table1 --models smollm2-135m --data demo --max-steps 10              # offline, this CPU
+
+Each run goes to OUT/MODEL/GOAL-METHOD (a normal ref.unlearn run folder; MODEL as folder_names gives it); a run
+whose report.json exists is not run again when its run.json names the same model files and settings, and is
+refused otherwise. The base row is the "before" evaluation of the runs (the same for every method).
+`--from-sweep SWEEP_DIR/sweep.json` (repeatable, one per model and goal) runs each method with the setting that
+ref.sweep selected for it (at its retain budget, or by S-unlearning) instead of the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ref.attacks import attack
+from ref.attacks.attack import ATTACKS, AttackSettings
+from ref.experiments.sweep import compared, selected_settings, sweep_record
+from ref.io import validate
+from ref.io.checkpoint import model_identity, resolve
+from ref.io.cli import run_command
+from ref.io.data import PROMPTS_TASK, resolve_data_dir
+from ref.io.errors import RefError
+from ref.io.runlog import atomic_write_text, read_run_json, write_json
+from ref.unlearn import GOALS, METHODS, Settings, unlearn
+
+# goal -> (cell key, column name); toxicity adds the continuations' fluency (mean perplexity under the base model)
+# and diversity (distinct-1/2/3), beside the toxicity they qualify (ref.evaluation.fluency)
+COLUMNS = {
+    "wmdp": (("U", "WMDP acc (U)"), ("R", "retain acc (R)"), ("S", "S")),
+    "toxicity": (("U", "toxicity (U)"), ("R", "retain acc (R)"), ("S", "S"), ("fluency", "fluency ppl"),
+                 ("distinct", "distinct-1/2/3")),
+}  # fmt: skip
+
+
+def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict,
+            attacks: list[str] = (), chosen: dict | None = None) -> dict:  # fmt: skip
+    """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
+    with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
+    `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults. A run folder
+    that exists must hold a run of the same model and settings (`check_same_run`), finished (reused) or not (run
+    again)."""
+    names, runs = folder_names(models), []
+    for model in models:
+        source = model_identity(resolve(model))
+        for goal in GOALS:
+            for method in METHODS:
+                run = out / names[model] / f"{goal}-{method}"
+                fields = (chosen or {}).get((model, goal), {}).get(method, {})
+                kw = {"max_steps": max_steps, **extra, **fields}
+                s = Settings(model=model, goal=goal, method=method, data=data, out=str(run), **kw)
+                if (run / "run.json").is_file():  # every folder checked before the first run starts
+                    check_same_run(run, s, source)
+                runs.append(s)
+    table: dict = {}
+    for s in runs:
+        run = Path(s.out)
+        if not (run / "report.json").exists():
+            unlearn(replace(s, overwrite=run.exists()))
+        report = json.loads((run / "report.json").read_text())
+        rows = table.setdefault(s.model, {}).setdefault(s.goal, {})
+        rows.setdefault("base", cells(report["details"]["before"]))
+        rows[s.method] = cells(report["details"]["after"]) | attacked(run, attacks, extra)
+    return table
+
+
+def check_same_run(run: Path, settings: Settings, source: dict) -> None:
+    """The run in `run` was made from the files of settings.model (`model_identity`) with the same settings (the model
+    as named may differ: the same folder named otherwise); else a one-line error naming both."""
+    recorded = read_run_json(run)
+    had = recorded.get("source")
+    if had is None or had["folder"] != source["folder"]:
+        made_from = had["folder"] if had else f"{recorded['settings'].get('model')} (no model identity recorded)"
+        raise RefError(
+            f"{run} holds a run of {made_from}, not of {source['folder']} (--models {settings.model}): "
+            "use another --out"
+        )
+    if had != source:
+        raise RefError(
+            f"{run} holds a run of {source['folder']} whose files changed since (config.json or a shard): "
+            "use another --out to run it again"
+        )
+    now = {k: v for k, v in compared(asdict(settings)).items() if k != "model"}
+    diff = {k: (recorded["settings"].get(k), v) for k, v in now.items() if recorded["settings"].get(k) != v}
+    if diff:
+        listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise RefError(f"{run} holds a run with other settings ({listed}): use another --out, or the settings it had")
+
+
+def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | str | None]:
+    """{"U after ATTACK": the unlearned model's U under its strongest setting (the largest U: the most recovered)},
+    and "worst recovery": the run's robustness figure over those attacks (ref.attacks.recovery.worst_case: the largest
+    net recovery of U, and which attack). An attack that does not apply to the run (ref.attacks.attack.why_not) is not
+    run and its cell stays empty."""
+    if not attacks:
+        return {}
+    out = run.with_name(run.name + ".attack")  # beside the run: its folder holds only what ref.unlearn writes
+    names = tuple(a for a in attacks if a in attack.applicable(run))
+    if names and not (out / "attack.json").exists():
+        limit = extra.get("eval_limit")
+        attack.attack(AttackSettings(run, out, names, eval_samples=extra["eval_samples"], limit=limit))
+    report = json.loads((out / "attack.json").read_text()) if names else dict(attacks={}, worst_case=None)
+
+    def strongest(results: dict) -> float | None:
+        return max((r["unlearned"]["U"] for r in results.values() if r["unlearned"]["U"] is not None), default=None)
+
+    cells = {f"U after {name}": strongest(report["attacks"].get(name, {})) for name in attacks}
+    w = report["worst_case"]
+    return cells | {"worst recovery": None if w is None else f"{w['net_recovery']:.3f} ({w['attack']} {w['setting']})"}
+
+
+def folder_names(models: list[str]) -> dict[str, str]:
+    """Each model's folder under --out: an alias as is, a hub id with '/' as '--', a local folder by its last path
+    component, or by as many of its last components (joined by '--') as tell it from the others."""
+    local = {m: Path(os.path.abspath(Path(m).expanduser())).parts[1:] for m in models if Path(m).expanduser().is_dir()}
+    for k in range(1, max(map(len, local.values()), default=1) + 1):
+        names = {m: "--".join(local[m][-k:]) if m in local else m.replace("/", "--") for m in models}
+        if len(set(names.values())) == len(models):
+            return names
+    twice = sorted(m for m in models if list(names.values()).count(names[m]) > 1)
+    raise RefError(f"--models names the same model twice ({', '.join(twice)}); name each once")
+
+
+def cells(report: dict) -> dict:
+    """U, R, S of one evaluation; with the toxicity prompts, also the continuations' fluency (mean perplexity) and
+    distinct-1/2/3."""
+    s = report.get("s_unlearning") or {}
+    out = dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
+    tox = report["tasks"].get(PROMPTS_TASK)
+    if tox and "fluency_perplexity" in tox:
+        out |= dict(fluency=tox["fluency_perplexity"], distinct=[tox[f"distinct_{n}"] for n in (1, 2, 3)])
+    return out
+
+
+def fmt(v) -> str:
+    """A cell: "-" when missing, text as it is, a list as a/b/c, a number with 3 decimals (a perplexity with 1)."""
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        return "/".join(f"{x:.2f}" for x in v)
+    return f"{v:.1f}" if v >= 10 else f"{v:.3f}"
+
+
+def markdown(table: dict, attacks: list[str] = ()) -> str:
+    extra = [f"U after {a}" for a in attacks] + (["worst recovery"] if attacks else [])
+    keys = {g: [k for k, _ in COLUMNS[g]] + extra for g in GOALS}
+    names = {g: [c for _, c in COLUMNS[g]] + extra for g in GOALS}
+    head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in names[g]) + " |"
+    lines = [head, "|" + "---|" * (2 + sum(len(k) for k in keys.values()))]
+    for model, goals in table.items():
+        for row in ("base", *METHODS):
+            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in keys[g]]
+            lines.append(f"| {model} | {row} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ref.table1", description=__doc__.splitlines()[0])
+    p.add_argument("--models", required=True, help="comma-separated registry aliases or model folders")
+    p.add_argument("--data", default="hub", help="hub | demo | a prepared data folder")
+    p.add_argument("--out", default="runs/table1")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on the steps of every run")
+    p.add_argument("--eval-samples", type=int, default=25, help="samples per toxicity prompt")
+    p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--attacks", default="", help="add U under these ref.attack attacks (e.g. relearn,quantize)")
+    p.add_argument("--from-sweep", action="append", default=[], help="a sweep.json of ref.sweep: each method runs "
+                   "with the setting the sweep selected (repeatable: one per model and goal)")  # fmt: skip
+    a = p.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not models:
+        raise RefError(f"--models is {a.models!r}; name at least one model, e.g. --models smollm2-135m")
+    validate.positive("--max-steps", a.max_steps, integer=True)
+    validate.positive("--eval-samples", a.eval_samples, integer=True)
+    validate.positive("--eval-limit", a.eval_limit, integer=True)
+    out = Path(a.out)
+    validate.writable_folder("--out", out)
+    for model in models:  # a wrong name fails now, not after hours of runs (a hub model is downloaded now)
+        resolve(model)
+    if a.data not in ("hub", "demo"):
+        resolve_data_dir(a.data)
+    extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
+    attacks = [x.strip() for x in a.attacks.split(",") if x.strip()]
+    if set(attacks) - set(ATTACKS):
+        raise RefError(f"--attacks is {a.attacks!r}; use some of {', '.join(ATTACKS)}")
+    chosen = {}
+    for path in a.from_sweep:
+        record = sweep_record(path)
+        key = (record["model"], record["goal"])
+        if key[0] not in models or key in chosen:
+            raise RefError(f"--from-sweep {path} is a sweep of {key[0]} ({key[1]}): not in --models, or a second one")
+        chosen[key] = selected_settings(path, *key)
+        if a.max_steps is not None and any("max_steps" in f for f in chosen[key].values()):
+            raise RefError(f"--max-steps and the sweep {path} both set max-steps; give it once")
+    table = run_all(models, out, a.data, a.max_steps, extra, attacks, chosen)
+    md = markdown(table, attacks)
+    write_json(out / "table1.json", table)
+    atomic_write_text(out / "table1.md", md)
+    print(md)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(command, argv)
