@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from bench import measure, workload  # noqa: E402
+from bench import measure, workload
 
 SPENT: dict[str, float] = defaultdict(float)
 PHASE = ["decode"]  # "prefill" while the forward of the prompts runs

@@ -47,8 +47,18 @@ def unlearner(model, tok, data, method: str, tap: int, seq: int, batch: int, arc
     """One step of ref.train as a function (topic, forget texts, retain texts) -> metrics row."""
     model.requires_grad_(False)  # an earlier run on the same model may have switched some tensors on
     rmu = dict(steering=STEERING, alpha=ALPHA) if method == "rmu" else {}
-    s = Settings(model=arch, goal="wmdp", method=method, tap_layer=tap, update_layers=update_layers(tap), lr=LR,
-                 max_len=seq, batch_size=batch, evaluate=False, **rmu)  # fmt: skip
+    s = Settings(
+        model=arch,
+        goal="wmdp",
+        method=method,
+        tap_layer=tap,
+        update_layers=update_layers(tap),
+        lr=LR,
+        max_len=seq,
+        batch_size=batch,
+        evaluate=False,
+        **rmu,
+    )
     plan = resolve(s, model.config)
     u = random_directions(list(data.forget), model.config.hidden_size, plan.seed, next(model.parameters()).device)
     run, state = Run(plan, model, tok, u, None), start_state(plan, model)

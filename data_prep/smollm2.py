@@ -91,8 +91,15 @@ def _convert(gguf: Path, out: Path) -> None:
 
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = LlamaConfig(**SMOLLM2_CONFIG)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+    ):
         if getattr(gguf_model.config, key) != getattr(config, key):
             raise ValueError(f"{gguf}: {key}={getattr(gguf_model.config, key)}, expected {getattr(config, key)}")
 

@@ -42,11 +42,19 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(sliding_layers="all"),
-    "qwen2": Family(qkv_bias=True, o_bias=False, sliding_window_used="use_sliding_window",
-                    sliding_layers="from max_window_layers"),
-    "olmo3": Family(post_norm=True, qk_norm=True, norm_weight_fp32=True, rope_fp32=True,
-                    sliding_layers="every 4th full", rope_theta=500000.0, rope_scaling_layers=(FULL,)),
-}  # fmt: skip
+    "qwen2": Family(
+        qkv_bias=True, o_bias=False, sliding_window_used="use_sliding_window", sliding_layers="from max_window_layers"
+    ),
+    "olmo3": Family(
+        post_norm=True,
+        qk_norm=True,
+        norm_weight_fp32=True,
+        rope_fp32=True,
+        sliding_layers="every 4th full",
+        rope_theta=500000.0,
+        rope_scaling_layers=(FULL,),
+    ),
+}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -104,8 +112,10 @@ def config_from_dict(raw: dict) -> ModelConfig:
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     bad = [k for k in required if not (isinstance(raw.get(k), int) and raw[k] > 0)]
     if bad:
-        raise RefError(f"config.json lacks {', '.join(bad)} (or not a positive whole number): the file is damaged or "
-                       "not a decoder config; re-download the model folder")  # fmt: skip
+        raise RefError(
+            f"config.json lacks {', '.join(bad)} (or not a positive whole number): the file is damaged or "
+            "not a decoder config; re-download the model folder"
+        )
     n_layers, n_heads = raw["num_hidden_layers"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
     if raw.get("hidden_act", "silu") != "silu":

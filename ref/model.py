@@ -210,8 +210,10 @@ class Transformer(nn.Module):
             block = self.model.layers[i]
             dev = loaded_device(block, f"block {i}")
             if dev not in on:
-                on[dev] = ({t: (c.to(dev), s.to(dev)) for t, (c, s) in rope.items()},
-                           {t: m if m is None else m.to(dev) for t, m in masks.items()})  # fmt: skip
+                on[dev] = (
+                    {t: (c.to(dev), s.to(dev)) for t, (c, s) in rope.items()},
+                    {t: m if m is None else m.to(dev) for t, m in masks.items()},
+                )
             x = block(x.to(dev), *on[dev][0][block.layer_type], on[dev][1][block.layer_type], cache)
             if i in taps:
                 out[i] = x.to(first)

@@ -176,8 +176,9 @@ def stratified_folds(labels: Tensor, k: int, seed: int) -> list[Tensor]:
     return [torch.sort(torch.cat(f)).values for f in folds]
 
 
-def choose_l2(x: Tensor, y: Tensor, grid: Sequence[float] = L2_GRID, folds: int = FOLDS, seed: int = 0
-              ) -> tuple[float, dict[float, float]]:  # fmt: skip
+def choose_l2(
+    x: Tensor, y: Tensor, grid: Sequence[float] = L2_GRID, folds: int = FOLDS, seed: int = 0
+) -> tuple[float, dict[float, float]]:
     """The l2 of `grid` with the best mean held-out AUC over stratified K folds of (x, y), ties to the larger l2;
     returns it and {l2: mean fold AUC}."""
     x, y = _check_xy(x, y)
@@ -197,8 +198,9 @@ def choose_l2(x: Tensor, y: Tensor, grid: Sequence[float] = L2_GRID, folds: int 
     return max(l2 for l2, auc in cv.items() if auc >= best - 1e-12), cv
 
 
-def train_probe(x: Tensor, y: Tensor, heldout_fraction: float = 0.2, seed: int = 0,
-                l2: float | None = DEFAULT_L2) -> Probe:  # fmt: skip
+def train_probe(
+    x: Tensor, y: Tensor, heldout_fraction: float = 0.2, seed: int = 0, l2: float | None = DEFAULT_L2
+) -> Probe:
     """Split (x, y) into train / held-out, stratified by label and deterministic for a seed, fit on train,
     and report the AUC on both. heldout_fraction=0 fits on everything (heldout_auc None). l2=None chooses the
     penalty by `choose_l2` on the train part (recorded in probe.l2 and probe.cv_auc)."""

@@ -211,8 +211,9 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     alpha = draw.alpha if draw else plan.alpha
 
     def losses() -> Losses:
-        acts = Activations(taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen,
-                           retain_mask)  # fmt: skip
+        acts = Activations(
+            taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen, retain_mask
+        )
         return objective.losses(acts, targets, fused if plan.compile else eager)
 
     before = losses()
@@ -225,8 +226,14 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     why = divergence(state)
     if why:
         raise Diverged(why)
-    row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
-               alpha=alpha, moved_share=moved)  # fmt: skip
+    row = dict(
+        topic=topic,
+        loss=loss.item(),
+        forget_loss=before.forget.item(),
+        retain_loss=before.retain.item(),
+        alpha=alpha,
+        moved_share=moved,
+    )
     if before.forget_per_layer is not None:
         per_layer = before.forget_per_layer.tolist()
         row["forget_loss_layers"] = dict(zip(map(str, plan.tox_layers), per_layer, strict=True))
@@ -237,24 +244,37 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
         with torch.no_grad():
             after = losses()
         if not torch.isfinite(after.forget + after.retain):
-            raise Diverged(f"the loss after the step is not finite (forget {after.forget.item()}, retain "
-                           f"{after.retain.item()})")  # fmt: skip
+            raise Diverged(
+                f"the loss after the step is not finite (forget {after.forget.item()}, retain {after.retain.item()})"
+            )
         info = state.policy.update(draw, reward(before, after, plan.meta_retain_weight))
-        row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"],
-                   reward_forget=(before.forget - after.forget).item(),
-                   reward_retain=plan.meta_retain_weight * (before.retain - after.retain).item())  # fmt: skip
+        row.update(
+            reward=info["reward"],
+            policy_mean=info["policy_mean"],
+            policy_std=info["policy_std"],
+            reward_forget=(before.forget - after.forget).item(),
+            reward_retain=plan.meta_retain_weight * (before.retain - after.retain).item(),
+        )
     row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
     return row
 
 
-def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
-          stop: Callable[[int], bool], checkpoint: str = "checkpoint.pt") -> None:  # fmt: skip
+def train(
+    run: Run,
+    state: TrainState,
+    steps: list,
+    log: Callable[[dict], None],
+    save: Callable[[], None],
+    stop: Callable[[int], bool],
+    checkpoint: str = "checkpoint.pt",
+) -> None:
     """Steps state.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
     `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary). A step that
     diverges is not saved: the last checkpoint holds the weights from before it."""
     t0, last_good = time.time(), state.step
-    bar = tqdm(total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step", dynamic_ncols=True
+    )
     try:
         for k in range(state.step, len(steps)):
             if stop(k):
@@ -268,8 +288,15 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
                 advice = divergence_advice(run, state, topic, last_good, checkpoint)
                 raise RefError(f"step {k + 1} diverged: {e}. {advice}") from e
             state.step = k + 1
-            log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
-                     elapsed_s=time.time() - t0))  # fmt: skip
+            log(
+                dict(
+                    step=k + 1,
+                    epoch=epoch,
+                    **row,
+                    tokens_per_s=row["tokens"] / (time.time() - ts),
+                    elapsed_s=time.time() - t0,
+                )
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", alpha=f"{row['alpha']:.3g}")
             if state.step % run.plan.save_every == 0 or state.step == len(steps):

@@ -167,8 +167,12 @@ def test_ablation_makes_the_stream_orthogonal(tiny_dirs, batch, case):
     dirs = torch.randn(3, D, generator=g)
     dirs = torch.cat([dirs, dirs[:1] - 2 * dirs[1:2]])  # a dependent fourth direction is dropped, not an error
     new = ablated_weights(model, dirs)
-    writers = {f"model.layers.{i}.{p}.{k}" for i in range(n) for p in ("self_attn.o_proj", "mlp.down_proj")
-               for k in (("weight", "bias") if case == "biases" else ("weight",))}  # fmt: skip
+    writers = {
+        f"model.layers.{i}.{p}.{k}"
+        for i in range(n)
+        for p in ("self_attn.o_proj", "mlp.down_proj")
+        for k in (("weight", "bias") if case == "biases" else ("weight",))
+    }
     lm_head = {"lm_head.weight"} if case == "tied" else set()
     assert set(new) == {"model.embed_tokens.weight"} | writers | lm_head
     if case == "tied":  # the unembedding keeps the original values

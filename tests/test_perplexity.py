@@ -16,8 +16,10 @@ from ref.io.data import load_goal_data
 from ref.io.errors import RefError
 from tests.test_evaluate import write_data
 
-TEXTS = [f"The {w} river runs past the old mill number {i}, and the children watch the boats." for i, w in
-         enumerate(["slow", "wide", "cold", "green", "quiet", "long"])]  # fmt: skip
+TEXTS = [
+    f"The {w} river runs past the old mill number {i}, and the children watch the boats."
+    for i, w in enumerate(["slow", "wide", "cold", "green", "quiet", "long"])
+]
 
 
 def test_windows_cut_one_token_stream(tiny_llama):

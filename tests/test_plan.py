@@ -45,8 +45,18 @@ def test_smollm2_registry_architecture_matches_the_converted_config():
     from data_prep.smollm2 import prepare_smollm2
 
     converted, registry = read_config(prepare_smollm2()), config_from_dict(REGISTRY["smollm2-135m"].arch)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "rms_norm_eps", "tie_word_embeddings", "rope"):  # fmt: skip
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope",
+    ):
         assert getattr(converted, field) == getattr(registry, field), field
 
 
@@ -121,8 +131,22 @@ def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
 
 def test_the_run_reports_the_plan_of_the_dry_run(tiny_dirs, tmp_path, capsys):
     """--dry-run and the run print the same plan text; run.json keeps the plan as resolved."""
-    args = ["--model", str(tiny_dirs["llama"]), "--goal", "toxicity", "--data", "demo", "--tox-layers", "0,1,3",
-            "--max-steps", "1", "--no-compile", "--no-eval", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--goal",
+        "toxicity",
+        "--data",
+        "demo",
+        "--tox-layers",
+        "0,1,3",
+        "--max-steps",
+        "1",
+        "--no-compile",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert U.main([*args, "--dry-run"]) == 0
     planned = capsys.readouterr().out.strip()
     assert planned.startswith("plan: ours on toxicity") and "taps: [0, 1, 3]" in planned and "steps: 1 " in planned

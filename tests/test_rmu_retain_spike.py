@@ -51,8 +51,12 @@ PARAGRAPHS = [
 ]
 HEADING = " = = = Early life and education in Bristol = = = \n"  # a heading longer than MIN_CHARS: kept by the filter
 SHORT_LINE = " He was buried in the churchyard at Kirkby Lonsdale . \n"
-SHORT_LINES = [HEADING, SHORT_LINE, " = = = 2007 – 10 : Return to the national team = = = \n",
-               " The album was certified gold in Canada in 2004 . \n"]  # fmt: skip
+SHORT_LINES = [
+    HEADING,
+    SHORT_LINE,
+    " = = = 2007 – 10 : Return to the national team = = = \n",
+    " The album was certified gold in Canada in 2004 . \n",
+]
 RUDE_LIKE = ' Critics called the sequel " a stupid , lazy and worthless mess " and the lead actor " an idiot " . \n'
 
 

@@ -41,7 +41,10 @@ def test_readme_states_the_measured_agreement():
     for line in agr.table(res):
         assert line in readme, f"README.md lacks the measured line {line!r}; run python -m bench.scorer_agreement"
     flat = re.sub(r"\s+", " ", readme)  # the figure may be wrapped over lines
-    stated = re.findall(r"Spearman \d\.\d\d / Pearson \d\.\d\d / ROC AUC \d\.\d\d against .+? within the base "
-                        r"model's \d+: Spearman \d\.\d\d / Pearson \d\.\d\d", flat)  # fmt: skip
+    stated = re.findall(
+        r"Spearman \d\.\d\d / Pearson \d\.\d\d / ROC AUC \d\.\d\d against .+? within the base "
+        r"model's \d+: Spearman \d\.\d\d / Pearson \d\.\d\d",
+        flat,
+    )
     assert len(stated) >= 4 and set(stated) == {agr.summary(res)}, stated
     assert len(re.findall(r"ROC AUC \d\.\d\d against", flat)) == len(stated)  # no copy left in another form

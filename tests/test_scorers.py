@@ -38,8 +38,15 @@ def test_trust_scorer_reads_the_manifest_files(tmp_path):
 
     from ref.evaluation.encoder import BertConfig, ToxicityClassifier, score_texts
 
-    cfg = dict(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=16, type_vocab_size=2)  # fmt: skip
+    cfg = dict(
+        vocab_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+    )
     torch.manual_seed(0)
     clf = ToxicityClassifier(BertConfig.from_dict(cfg)).eval()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "you", "are", "bad", "nice"]

@@ -30,8 +30,12 @@ def test_numbers():
 def test_device_and_dtype():
     validate.device("--device", "cpu")
     validate.device("--device", None)
-    fails(r"--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto", validate.device,
-          "--device", "gpu0")  # fmt: skip
+    fails(
+        r"--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto",
+        validate.device,
+        "--device",
+        "gpu0",
+    )
     fails(r"--device is 'tpu'", validate.device, "--device", "tpu")
     if not __import__("torch").cuda.is_available():
         fails(r"--device is 'cuda' but (this torch is a CPU build|no CUDA device)", validate.device, "--device", "cuda")

@@ -89,8 +89,10 @@ class LoRA(nn.Module):
         self.names = [f"model.layers.{i}.{t}.weight" for i in range(model.config.num_layers) for t in targets]
         for name in self.names:
             if name not in named or named[name].ndim != 2:
-                raise RefError(f"LoRA target {name} is not a linear weight of the model; targets are linears "
-                               f"inside a block, such as {', '.join(TARGETS)}")  # fmt: skip
+                raise RefError(
+                    f"LoRA target {name} is not a linear weight of the model; targets are linears "
+                    f"inside a block, such as {', '.join(TARGETS)}"
+                )
         self.scale = alpha / r
         g = torch.Generator().manual_seed(seed)
         self.a, self.b = nn.ParameterList(), nn.ParameterList()

@@ -75,8 +75,10 @@ def relearn(
     if not texts:
         raise RefError("relearn got no texts; pass the examples to fine-tune on (Lucki et al. use about 10)")
     if epochs < 1 or not lr > 0 or not 0 <= warmup < 1 or max_len < 2:
-        raise RefError(f"relearn needs epochs >= 1, lr > 0, 0 <= warmup < 1 and max_len >= 2 (got epochs {epochs}, "
-                       f"lr {lr}, warmup {warmup}, max_len {max_len})")  # fmt: skip
+        raise RefError(
+            f"relearn needs epochs >= 1, lr > 0, 0 <= warmup < 1 and max_len >= 2 (got epochs {epochs}, "
+            f"lr {lr}, warmup {warmup}, max_len {max_len})"
+        )
     short = [i for i, t in enumerate(texts) if len(tok.encode(t)[:max_len]) < 2]
     if short:
         raise RefError(f"text {short[0]} has fewer than 2 tokens, so no next token to predict; drop it")

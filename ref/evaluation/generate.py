@@ -267,8 +267,10 @@ def command(argv: list[str] | None) -> int:
     if longest + args.max_new_tokens > positions:
         fix = f"use --max-new-tokens {positions - longest} or less" if longest <= positions else "shorten the prompt"
         n = args.max_new_tokens
-        raise RefError(f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
-                       f"the model's {positions} positions (max_position_embeddings); {fix}")  # fmt: skip
+        raise RefError(
+            f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
+            f"the model's {positions} positions (max_position_embeddings); {fix}"
+        )
     model = load_model(folder, dtype=args.dtype, device=args.device)
     if len(model.placement.runs) > 1:
         print(f"placement: {model.placement.describe()}", file=sys.stderr)

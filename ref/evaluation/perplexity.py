@@ -51,6 +51,12 @@ def perplexity(model: Transformer, tok: Tokenizer, texts: list[str], window: int
         logits = model(x, attention_mask=torch.ones_like(x)).logits.float()
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         total, count = total + float(nll), count + x[:, 1:].numel()
-    return dict(perplexity=math.exp(total / count), mean_nll=total / count, tokens=count, windows=len(ids),
-                window=ids.shape[1], texts=len(texts),
-                protocol=f"exp(mean NLL), non-overlapping windows of {ids.shape[1]} tokens")  # fmt: skip
+    return dict(
+        perplexity=math.exp(total / count),
+        mean_nll=total / count,
+        tokens=count,
+        windows=len(ids),
+        window=ids.shape[1],
+        texts=len(texts),
+        protocol=f"exp(mean NLL), non-overlapping windows of {ids.shape[1]} tokens",
+    )

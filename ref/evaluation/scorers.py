@@ -161,10 +161,17 @@ def probe_cache_path(scorer: ProbeScorer, rows: list[tuple[str, int]], seed: int
     model config, the tokenizer, the layer, the device type, the batch size (padding moves fp32 sums), the training
     rows (texts and labels, fragments included), the seed and the L2."""
     h = hashlib.sha256()
-    meta = dict(version=PROBE_CACHE_VERSION, layer=scorer.layer, batch_size=scorer.batch_size, seed=seed,
-                l2=ProbeScorer.l2, config=repr(scorer.base.config), rows=rows,
-                device=next(scorer.base.parameters()).device.type, special=[scorer.tok.bos_id, scorer.tok.eos_id,
-                scorer.tok.pad_id])  # fmt: skip
+    meta = dict(
+        version=PROBE_CACHE_VERSION,
+        layer=scorer.layer,
+        batch_size=scorer.batch_size,
+        seed=seed,
+        l2=ProbeScorer.l2,
+        config=repr(scorer.base.config),
+        rows=rows,
+        device=next(scorer.base.parameters()).device.type,
+        special=[scorer.tok.bos_id, scorer.tok.eos_id, scorer.tok.pad_id],
+    )
     h.update(json.dumps(meta, ensure_ascii=False).encode() + b"\0" + scorer.tok.tk.to_str().encode() + b"\0")
     read = [("model.embed_tokens.weight", scorer.base.model.embed_tokens.weight)]
     read += [(f"model.layers.{n}", p) for n, p in scorer.base.model.layers[: scorer.layer + 1].named_parameters()]
@@ -189,8 +196,14 @@ def load_cached_probe(path: Path) -> Probe | None:
 def save_cached_probe(path: Path, probe: Probe) -> None:
     """Write the probe (weight, direction and the scalar fields, exactly) to `path` atomically: a unique temporary
     file beside it, renamed into place, so concurrent builds of the same key cannot mix."""
-    meta = dict(bias=probe.bias, train_auc=probe.train_auc, heldout_auc=probe.heldout_auc, n_iter=probe.n_iter,
-                l2=probe.l2, cv_auc=None if probe.cv_auc is None else list(probe.cv_auc.items()))  # fmt: skip
+    meta = dict(
+        bias=probe.bias,
+        train_auc=probe.train_auc,
+        heldout_auc=probe.heldout_auc,
+        n_iter=probe.n_iter,
+        l2=probe.l2,
+        cv_auc=None if probe.cv_auc is None else list(probe.cv_auc.items()),
+    )
     blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     data = save(dict(weight=probe.weight.contiguous(), direction=probe.direction.contiguous(), meta=blob))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +252,11 @@ def make_scorer(
 
 def scorer_info(scorer: Scorer | None, base_name: str) -> dict | None:
     if isinstance(scorer, ProbeScorer):
-        return dict(name=scorer.name, base_model=str(base_name), layer=scorer.layer,
-                    heldout_auc=scorer.probe.heldout_auc, train_auc=scorer.probe.train_auc)  # fmt: skip
+        return dict(
+            name=scorer.name,
+            base_model=str(base_name),
+            layer=scorer.layer,
+            heldout_auc=scorer.probe.heldout_auc,
+            train_auc=scorer.probe.train_auc,
+        )
     return None if scorer is None else dict(name=getattr(scorer, "name", "scorer"))

@@ -94,8 +94,9 @@ def toxicity_eval(
     if not prompts:
         raise ValueError("toxicity_eval: no prompts")
     if samples < 1 or max_new_tokens < 1 or batch_prompts < 1:
-        raise ValueError(f"samples ({samples}), max_new_tokens ({max_new_tokens}) and batch_prompts ({batch_prompts})"
-                         " must be >= 1")  # fmt: skip
+        raise ValueError(
+            f"samples ({samples}), max_new_tokens ({max_new_tokens}) and batch_prompts ({batch_prompts}) must be >= 1"
+        )
     n = 1 if greedy else samples
     own = not greedy and (reference is None or reference is model)  # fluency from the sampling pass
     if greedy:

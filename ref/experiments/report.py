@@ -122,8 +122,11 @@ def report_bars(report: dict) -> dict[str, tuple[float, float]]:
         return {k: (before[k], after[k]) for k in before if k in after}
     if isinstance(report.get("metrics"), list):
         ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        return {str(m["name"]): (float(m["before"]), float(m["after"])) for m in report["metrics"]
-                if isinstance(m, dict) and "name" in m and ok(m.get("before")) and ok(m.get("after"))}  # fmt: skip
+        return {
+            str(m["name"]): (float(m["before"]), float(m["after"]))
+            for m in report["metrics"]
+            if isinstance(m, dict) and "name" in m and ok(m.get("before")) and ok(m.get("after"))
+        }
     return {}
 
 
@@ -210,8 +213,9 @@ def plot_probe_cosine(probes: dict[int, Tensor], path: Path) -> Path:
         for a in range(n):
             for b in range(n):
                 c = cos[a, b].item()
-                ax.text(b, a, f"{c:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(c) > 0.6 else "black")  # fmt: skip
+                ax.text(
+                    b, a, f"{c:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(c) > 0.6 else "black"
+                )
     ax.set(title="Cosine similarity of probe directions", xlabel="layer", ylabel="layer")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     return _save(fig, path)
@@ -301,9 +305,11 @@ def write_figures(run_dir: Path, out: Path | None = None) -> list[Path]:
     else:
         print(f"note: {run_dir / 'metrics.jsonl'} has no steps yet: no loss or alpha curves", file=sys.stderr)
     if probes is not None:
-        written += [plot_probe_cosine(probes, out / "probe_cosine.png"),
-                    plot_probe_weights(probes, out / "probe_weights.png"),
-                    plot_probe_weight_grid(probes, out / "probe_weights_grid.png")]  # fmt: skip
+        written += [
+            plot_probe_cosine(probes, out / "probe_cosine.png"),
+            plot_probe_weights(probes, out / "probe_weights.png"),
+            plot_probe_weight_grid(probes, out / "probe_weights_grid.png"),
+        ]
     if bars:
         written.append(plot_before_after(bars, out / "before_after.png", str(report.get("goal", ""))))
     elif report is not None:
@@ -344,8 +350,10 @@ def plot_front(record: dict, rows: list[dict], path: Path) -> Path:
     against the continuations' fluency perplexity (right): a toxicity drop bought with broken text shows there."""
     toxicity = record["goal"] == "toxicity"
     u_name = "expected max toxicity (U)" if toxicity else "forget accuracy (U)"
-    panels = [("R", "retain accuracy (R), higher is better", True),
-              ("ppl", "retain perplexity, lower is better", False)]  # fmt: skip
+    panels = [
+        ("R", "retain accuracy (R), higher is better", True),
+        ("ppl", "retain perplexity, lower is better", False),
+    ]
     if toxicity and any(r["metrics"].get("fluency") is not None for r in rows):
         panels.append(("fluency", "fluency perplexity of the continuations, lower is better", False))
     fig, axes = _figure(5.5 * len(panels), 4.5, ncols=len(panels))
@@ -387,13 +395,18 @@ def plot_layers(record: dict, rows: list[dict], path: Path) -> Path:
     for r in rows:
         others = ",".join(f"{k}={v}" for k, v in r["grid"].items() if k not in ("layer", "tap_layer", "update_layers"))
         lines.setdefault((r["method"], others), []).append((layer_of(r["grid"]), r["metrics"]))
-    for ax, key, label in zip(axes, ("U", "R", "ppl"), ("forget U", "retain accuracy", "retain perplexity"),
-                              strict=True):  # fmt: skip
+    for ax, key, label in zip(
+        axes, ("U", "R", "ppl"), ("forget U", "retain accuracy", "retain perplexity"), strict=True
+    ):
         for (method, others), pts in lines.items():
             pts = sorted((x, m[key]) for x, m in pts if m.get(key) is not None)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=METHOD_COLORS.get(method),
-                        label=f"{method} {others}".strip())  # fmt: skip
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o",
+                    color=METHOD_COLORS.get(method),
+                    label=f"{method} {others}".strip(),
+                )
         base = rows[0]["metrics"].get(f"{key}_before")
         if base is not None:
             ax.axhline(base, color="k", ls="--", lw=0.8, label="base")
@@ -419,8 +432,11 @@ def write_sweep_figures(sweep_dir: Path, out: Path | None = None) -> list[Path]:
 
 def command(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m ref.report", description="Figures of a ref.unlearn run folder.")
-    p.add_argument("run_dir", type=Path, help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json)"
-                   " or a ref.sweep folder (sweep.json)")  # fmt: skip
+    p.add_argument(
+        "run_dir",
+        type=Path,
+        help="run folder (metrics.jsonl, run.json, probes.safetensors, report.json) or a ref.sweep folder (sweep.json)",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default RUN_DIR/figures)")
     args = p.parse_args(argv)
     draw = write_sweep_figures if (args.run_dir / "sweep.json").is_file() else write_figures

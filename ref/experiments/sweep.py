@@ -89,7 +89,7 @@ class Point:
 
 def setting_name(grid: dict) -> str:
     """`lr=0.001,update-layers=5+6+7`: the grid values in the order given, or `defaults` without any."""
-    show = lambda v: "+".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    show = lambda v: "+".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
     return ",".join(f"{k.replace('_', '-')}={show(v)}" for k, v in grid.items()) or "defaults"
 
 
@@ -120,8 +120,9 @@ def parse_grid(text: str, methods: list[str]) -> dict[str, dict[str, list]]:
             raise RefError(f"--grid {token!r}: write KEY=V1,V2,... (or METHOD:KEY=...), e.g. lr=1e-4,3e-4")
         if field not in GRID_KEYS:
             why = "a sweep-wide option, not a grid key" if field in Settings.__dataclass_fields__ else "not a setting"
-            raise RefError(f"--grid {token!r}: {key} is {why}; grid keys: "
-                           f"{', '.join(k.replace('_', '-') for k in GRID_KEYS)}")  # fmt: skip
+            raise RefError(
+                f"--grid {token!r}: {key} is {why}; grid keys: {', '.join(k.replace('_', '-') for k in GRID_KEYS)}"
+            )
         if scope and scope not in methods:
             raise RefError(f"--grid {token!r}: {scope} is not one of the sweep's methods ({', '.join(methods)})")
         parsed = [parse_value(field, v.strip()) for v in values.split(",") if v.strip()]
@@ -188,18 +189,23 @@ def check_point_folder(p: Point) -> None:
         recorded = json.loads(run_json.read_text())
         had, ran = recorded["settings"], ran_tox_balance(recorded.get("plan") or {})
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise RefError(f"{run_json} is damaged: the sweep cannot tell what ran there; move it or use another "
-                       "--out") from None  # fmt: skip
+        raise RefError(
+            f"{run_json} is damaged: the sweep cannot tell what ran there; move it or use another --out"
+        ) from None
     now = compared(asdict(p.settings))
     diff = {k: (had.get(k), v) for k, v in now.items() if had.get(k) != v}
     if diff:
         listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-        raise RefError(f"{folder} holds a run with other settings ({listed}); rerun the sweep with the settings it "
-                       "had, or use another --out")  # fmt: skip
+        raise RefError(
+            f"{folder} holds a run with other settings ({listed}); rerun the sweep with the settings it "
+            "had, or use another --out"
+        )
     wanted = tox_balance(p.settings)
     if ran != wanted:  # a run from before --tox-balance existed had the paper's form
-        raise RefError(f"{folder} holds a run of the {ran} toxicity balance (a sweep from before --tox-balance), "
-                       f"the point's is {wanted}: use another --out")  # fmt: skip
+        raise RefError(
+            f"{folder} holds a run of the {ran} toxicity balance (a sweep from before --tox-balance), "
+            f"the point's is {wanted}: use another --out"
+        )
 
 
 def runnable(status: str) -> bool:
@@ -281,8 +287,11 @@ def guess(rows: list[dict], r: dict) -> float | None:
 def plan_text(rows: list[dict], base: Settings) -> str:
     """The sweep's plan: every point, its steps and state, and the time the points still to run should take."""
     todo = [r for r in rows if runnable(r["status"])]
-    lines = [f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
-             "| # | point | steps | state | estimate |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
+        "| # | point | steps | state | estimate |",
+        "|---|---|---|---|---|",
+    ]
     for i, r in enumerate(rows, 1):
         secs = guess(rows, r)
         when = "" if r not in todo else "unknown" if secs is None else f"{secs:.0f} s"
@@ -291,37 +300,46 @@ def plan_text(rows: list[dict], base: Settings) -> str:
     if None in secs:
         total = "unknown until the first point finishes (then printed after every point)"
     else:
-        total = f"{len(todo)} points, ~{sum(secs) / 60:.1f} min (each method's time a step and the rest of a point, " \
-                "from its finished points)"  # fmt: skip
+        total = (
+            f"{len(todo)} points, ~{sum(secs) / 60:.1f} min (each method's time a step and the rest of a point, "
+            "from its finished points)"
+        )
     return "\n".join(lines + [f"time to run: {total}"])
 
 
 def markdown(rows: list[dict], selection: dict, rule: str, goal: str) -> str:
     """The points table (base row first) and the selection (matched-retain) table."""
     u_name = "expected max toxicity" if goal == "toxicity" else "forget accuracy"
-    head = (f"| method | setting | U ({u_name}) | R (retain accuracy) | retain perplexity | fluency ppl | "
-            "distinct-2 | S | steps | train s | eval s | status |")  # fmt: skip
+    head = (
+        f"| method | setting | U ({u_name}) | R (retain accuracy) | retain perplexity | fluency ppl | "
+        "distinct-2 | S | steps | train s | eval s | status |"
+    )
     lines = [head, "|" + "---|" * 12]
     first = next((r["metrics"] for r in rows if r.get("metrics")), None)
     if first:
-        lines.append(f"| base | | {fmt(first['U_before'])} | {fmt(first['R_before'])} | {fmt(first['ppl_before'], 2)} "
-                     f"| {fmt(first.get('fluency_before'), 2)} | {fmt(first.get('distinct2_before'))} "
-                     f"| {fmt(first['S_before'])} | | | | |")  # fmt: skip
+        lines.append(
+            f"| base | | {fmt(first['U_before'])} | {fmt(first['R_before'])} | {fmt(first['ppl_before'], 2)} "
+            f"| {fmt(first.get('fluency_before'), 2)} | {fmt(first.get('distinct2_before'))} "
+            f"| {fmt(first['S_before'])} | | | | |"
+        )
     for r in rows:
         m = r.get("metrics") or {}
         status = r["status"].split(":")[0]
-        lines.append(f"| {r['method']} | {r['setting']} | {fmt(m.get('U'))} | {fmt(m.get('R'))} | "
-                     f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('fluency'), 2)} | {fmt(m.get('distinct2'))} | "
-                     f"{fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
-                     f"{fmt(m.get('train_s'), 0)} | {fmt(m.get('eval_s'), 0)} | {status} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {fmt(m.get('U'))} | {fmt(m.get('R'))} | "
+            f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('fluency'), 2)} | {fmt(m.get('distinct2'))} | "
+            f"{fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
+            f"{fmt(m.get('train_s'), 0)} | {fmt(m.get('eval_s'), 0)} | {status} |"
+        )
     lines += ["", f"Selected ({rule}):", "", "| method | setting | U | R | retain perplexity | S |", "|" + "---|" * 6]
     for method, r in selection.items():
         if r is None:
             lines.append(f"| {method} | none qualifies | | | | |")
         else:
             m = r["metrics"]
-            lines.append(f"| {method} | {r['setting']} | {fmt(m['U'])} | {fmt(m['R'])} | {fmt(m['ppl'], 2)} | "
-                         f"{fmt(m['S'])} |")  # fmt: skip
+            lines.append(
+                f"| {method} | {r['setting']} | {fmt(m['U'])} | {fmt(m['R'])} | {fmt(m['ppl'], 2)} | {fmt(m['S'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -386,8 +404,14 @@ def sweep(
             "GPUs a task",
             flush=True,
         )
-    record = dict(model=base.model, goal=base.goal, budget=budget, retain_metric=metric,
-                  grid={m: {k: v for k, v in g.items()} for m, g in grid.items()}, points=rows)  # fmt: skip
+    record = dict(
+        model=base.model,
+        goal=base.goal,
+        budget=budget,
+        retain_metric=metric,
+        grid={m: {k: v for k, v in g.items()} for m, g in grid.items()},
+        points=rows,
+    )
     if dry_run:
         return record
     out.mkdir(parents=True, exist_ok=True)
@@ -529,12 +553,15 @@ def rule_text(budget: float | None, metric: str) -> str:
 def finish(record: dict, out: Path, budget: float | None, metric: str) -> None:
     """The selection, sweep.json and sweep.md, written atomically."""
     selection = select(record["points"], budget, metric)
-    record["selection"] = dict(rule=rule_text(budget, metric),
-                               selected={m: (r["name"] if r else None) for m, r in selection.items()},
-                               settings={m: (r["fields"] if r else None) for m, r in selection.items()})  # fmt: skip
+    record["selection"] = dict(
+        rule=rule_text(budget, metric),
+        selected={m: (r["name"] if r else None) for m, r in selection.items()},
+        settings={m: (r["fields"] if r else None) for m, r in selection.items()},
+    )
     write_json(out / "sweep.json", record)
-    atomic_write_text(out / "sweep.md", markdown(record["points"], selection, rule_text(budget, metric),
-                                                 record["goal"]))  # fmt: skip
+    atomic_write_text(
+        out / "sweep.md", markdown(record["points"], selection, rule_text(budget, metric), record["goal"])
+    )
 
 
 def sweep_record(path: Path) -> dict:
@@ -554,8 +581,9 @@ def selected_settings(path: Path, model: str, goal: str) -> dict[str, dict]:
     """{method: the Settings fields of its selected point} from a sweep.json, for ref.table1 --from-sweep."""
     record = sweep_record(path)
     if (record["model"], record["goal"]) != (model, goal):
-        raise RefError(f"--from-sweep {path} is a sweep of {record['goal']} on {record['model']}, not {goal} on "
-                       f"{model}")  # fmt: skip
+        raise RefError(
+            f"--from-sweep {path} is a sweep of {record['goal']} on {record['model']}, not {goal} on {model}"
+        )
     folders = {r["name"]: Path(r["folder"]) for r in record["points"]}
     chosen = {m: f for m, f in record["selection"]["settings"].items() if f is not None}
     if goal == "toxicity" and "ours" in chosen and "tox_balance" not in chosen["ours"]:  # pin the balance it ran
@@ -563,8 +591,10 @@ def selected_settings(path: Path, model: str, goal: str) -> dict[str, dict]:
         try:
             plan = json.loads(run_json.read_text())["plan"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise RefError(f"--from-sweep {path}: {run_json} is missing or damaged, so the toxicity balance of ours' "
-                           "selected point is unknown; restore the sweep folder") from None  # fmt: skip
+            raise RefError(
+                f"--from-sweep {path}: {run_json} is missing or damaged, so the toxicity balance of ours' "
+                "selected point is unknown; restore the sweep folder"
+            ) from None
         chosen["ours"] = chosen["ours"] | {"tox_balance": ran_tox_balance(plan)}
     return chosen
 
@@ -582,8 +612,12 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="samples per toxicity prompt")
-    p.add_argument("--retain-budget", type=float, default=None, help="select the most forgetting within this retain "
-                   "drop (default: select by S-unlearning)")  # fmt: skip
+    p.add_argument(
+        "--retain-budget",
+        type=float,
+        default=None,
+        help="select the most forgetting within this retain drop (default: select by S-unlearning)",
+    )
     p.add_argument(
         "--retain-metric",
         default=None,
@@ -655,9 +689,18 @@ def command(argv: list[str] | None) -> int:
     grid = parse_grid(text, methods)
     if a.max_steps is not None and any("max_steps" in g for g in grid.values()):
         raise RefError("max-steps is given by --max-steps and by --grid; give it once")
-    base = Settings(model=a.model, goal=a.goal, data=a.data, max_steps=a.max_steps, seed=a.seed,
-                    eval_limit=a.eval_limit, eval_samples=a.eval_samples, dtype=a.dtype, device=a.device,
-                    compile=a.compile)  # fmt: skip
+    base = Settings(
+        model=a.model,
+        goal=a.goal,
+        data=a.data,
+        max_steps=a.max_steps,
+        seed=a.seed,
+        eval_limit=a.eval_limit,
+        eval_samples=a.eval_samples,
+        dtype=a.dtype,
+        device=a.device,
+        compile=a.compile,
+    )
     record = sweep(
         base, grid, out, a.retain_budget, a.retain_metric or "accuracy", dry_run=a.dry_run, launcher=launcher
     )

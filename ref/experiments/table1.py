@@ -34,13 +34,25 @@ from ref.unlearn import GOALS, METHODS, Settings, unlearn
 # and diversity (distinct-1/2/3), beside the toxicity they qualify (ref.evaluation.fluency)
 COLUMNS = {
     "wmdp": (("U", "WMDP acc (U)"), ("R", "retain acc (R)"), ("S", "S")),
-    "toxicity": (("U", "toxicity (U)"), ("R", "retain acc (R)"), ("S", "S"), ("fluency", "fluency ppl"),
-                 ("distinct", "distinct-1/2/3")),
-}  # fmt: skip
+    "toxicity": (
+        ("U", "toxicity (U)"),
+        ("R", "retain acc (R)"),
+        ("S", "S"),
+        ("fluency", "fluency ppl"),
+        ("distinct", "distinct-1/2/3"),
+    ),
+}
 
 
-def run_all(models: list[str], out: Path, data: str, max_steps: int | None, extra: dict,
-            attacks: list[str] = (), chosen: dict | None = None) -> dict:  # fmt: skip
+def run_all(
+    models: list[str],
+    out: Path,
+    data: str,
+    max_steps: int | None,
+    extra: dict,
+    attacks: list[str] = (),
+    chosen: dict | None = None,
+) -> dict:
     """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
     with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
     `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults. A run folder
@@ -172,8 +184,13 @@ def command(argv: list[str] | None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--attacks", default="", help="add U under these ref.attack attacks (e.g. relearn,quantize)")
-    p.add_argument("--from-sweep", action="append", default=[], help="a sweep.json of ref.sweep: each method runs "
-                   "with the setting the sweep selected (repeatable: one per model and goal)")  # fmt: skip
+    p.add_argument(
+        "--from-sweep",
+        action="append",
+        default=[],
+        help="a sweep.json of ref.sweep: each method runs "
+        "with the setting the sweep selected (repeatable: one per model and goal)",
+    )
     a = p.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:

@@ -14,8 +14,18 @@ from collections.abc import Callable
 from ref.io.errors import RefError, Stopped
 
 # errno values of OS errors a user causes and can fix; others (EBADF, EINVAL...) are ours and keep the traceback
-USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
-               errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}  # fmt: skip
+USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 
 
 def run_command(command: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

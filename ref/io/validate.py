@@ -18,8 +18,15 @@ from ref.config import DTYPES
 from ref.io.errors import RefError
 
 
-def number(option: str, value: float | int | None, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, integer: bool = False) -> None:  # fmt: skip
+def number(
+    option: str,
+    value: float | int | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> None:
     """value is finite (an int when `integer`) and within [low, high] (or (low, high] with low_open)."""
     if value is None:
         return
@@ -105,8 +112,10 @@ def _writable_place(option: str, path: Path, folder: Path, need_bytes: int = 0) 
         raise RefError(f"{option} {path}: cannot write in {existing} ({e.strerror}); choose a writable place") from None
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
-        raise RefError(f"{option} {path}: {free / 2**20:.0f} MiB free on its disk, the run needs about "
-                       f"{need_bytes / 2**20:.0f} MiB; free some space or choose another disk")  # fmt: skip
+        raise RefError(
+            f"{option} {path}: {free / 2**20:.0f} MiB free on its disk, the run needs about "
+            f"{need_bytes / 2**20:.0f} MiB; free some space or choose another disk"
+        )
 
 
 def same_or_inside(a: Path, b: Path) -> bool:

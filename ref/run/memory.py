@@ -14,9 +14,16 @@ if TYPE_CHECKING:
 def layer_params(cfg: ModelConfig) -> dict[str, int]:
     """Element count of each tensor of one block, by the name it has inside the block."""
     D, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    out = {"self_attn.q_proj.weight": D * q, "self_attn.k_proj.weight": D * kv, "self_attn.v_proj.weight": D * kv,
-           "self_attn.o_proj.weight": q * D, "mlp.gate_proj.weight": D * I, "mlp.up_proj.weight": D * I,
-           "mlp.down_proj.weight": I * D, "post_attention_layernorm.weight": D}  # fmt: skip
+    out = {
+        "self_attn.q_proj.weight": D * q,
+        "self_attn.k_proj.weight": D * kv,
+        "self_attn.v_proj.weight": D * kv,
+        "self_attn.o_proj.weight": q * D,
+        "mlp.gate_proj.weight": D * I,
+        "mlp.up_proj.weight": D * I,
+        "mlp.down_proj.weight": I * D,
+        "post_attention_layernorm.weight": D,
+    }
     if cfg.qkv_bias:
         out |= {"self_attn.q_proj.bias": q, "self_attn.k_proj.bias": kv, "self_attn.v_proj.bias": kv}
     out |= {"post_feedforward_layernorm.weight": D} if cfg.post_norm else {"input_layernorm.weight": D}
@@ -68,8 +75,14 @@ def estimate_peak_bytes(cfg: ModelConfig, plan: Plan, bytes_per: int) -> dict[st
     ours = weights + 2 * updated * bytes_per + ours_optim + 2 * grad_layers * activation_elements(cfg, N) * bytes_per
     ref_graph = (cfg.num_layers - plan.start) * activation_elements(cfg, N) + N * cfg.vocab_size
     reference = 2 * full + optim + (grad_layers * activation_elements(cfg, N) + ref_graph) * bytes_per
-    return dict(ours=ours, reference=reference, weights=weights, full_weights=full, updated_tensors=updated * bytes_per,
-                master_weights=masters)  # fmt: skip
+    return dict(
+        ours=ours,
+        reference=reference,
+        weights=weights,
+        full_weights=full,
+        updated_tensors=updated * bytes_per,
+        master_weights=masters,
+    )
 
 
 def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[str, int]:
@@ -81,8 +94,9 @@ def lora_peak_bytes(cfg: ModelConfig, r: int, seq: int, bytes_per: int) -> dict[
     adapters = cfg.num_layers * r * sum(i + o for i, o in sides)
     weights = total_params(cfg) * bytes_per
     activations = cfg.num_layers * activation_elements(cfg, seq) * bytes_per + 2 * seq * cfg.vocab_size * 4
-    return dict(total=weights + 16 * adapters + activations, weights=weights, adapters=16 * adapters,
-                activations=activations)  # fmt: skip
+    return dict(
+        total=weights + 16 * adapters + activations, weights=weights, adapters=16 * adapters, activations=activations
+    )
 
 
 def softprompt_peak_bytes(cfg: ModelConfig, tokens: int, batch: int, seq: int, bytes_per: int) -> dict[str, int]:

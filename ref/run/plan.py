@@ -145,17 +145,29 @@ class Settings:
         **REINFORCE,
     )
     steering: float | None = option(
-        None, "RMU's steering coefficient c", shown="registry", check=_positive, applies=_rmu,
-        where="--method rmu (RMU's fixed c)", sweep=True,
-    )  # fmt: skip
+        None,
+        "RMU's steering coefficient c",
+        shown="registry",
+        check=_positive,
+        applies=_rmu,
+        where="--method rmu (RMU's fixed c)",
+        sweep=True,
+    )
     beta: float | None = option(
-        None, "Adaptive RMU: c = beta x the mean token norm of each topic's first forget batch", shown="5",
-        check=_positive, applies=_adaptive, where="--method adaptive-rmu", sweep=True,
-    )  # fmt: skip
+        None,
+        "Adaptive RMU: c = beta x the mean token norm of each topic's first forget batch",
+        shown="5",
+        check=_positive,
+        applies=_adaptive,
+        where="--method adaptive-rmu",
+        sweep=True,
+    )
     raw_probe_weights: bool = option(
-        False, "eq. 6 with the raw probe weights instead of unit directions (refused with --tox-balance scaled)",
-        sweep=True, **TOX,
-    )  # fmt: skip
+        False,
+        "eq. 6 with the raw probe weights instead of unit directions (refused with --tox-balance scaled)",
+        sweep=True,
+        **TOX,
+    )
     tox_balance: str | None = option(
         None,
         "paper: eq. 6 summed over the layers as published, REINFORCE's meta-objective L_F + L_R; scaled (ours): each "
@@ -182,9 +194,13 @@ class Settings:
         sweep=True,
     )
     tox_retain_reduction: str | None = option(
-        None, "eq. 5 at the probed layers, summed or averaged over them", shown="sum", choices=REDUCTIONS,
-        sweep=True, **TOX,
-    )  # fmt: skip
+        None,
+        "eq. 5 at the probed layers, summed or averaged over them",
+        shown="sum",
+        choices=REDUCTIONS,
+        sweep=True,
+        **TOX,
+    )
     master_weights: str | None = option(
         None,
         "fp32: AdamW updates fp32 copies of the trained tensors of a bf16 model and rounds them into it after each "
@@ -213,9 +229,13 @@ class Settings:
         **TOX,
     )
     lr: float | None = option(
-        None, "AdamW learning rate (eps 1e-6, no weight decay)", shown="registry (5e-5; smollm2-135m 1e-3)",
-        check=_positive, sweep=True, resume=True,
-    )  # fmt: skip
+        None,
+        "AdamW learning rate (eps 1e-6, no weight decay)",
+        shown="registry (5e-5; smollm2-135m 1e-3)",
+        check=_positive,
+        sweep=True,
+        resume=True,
+    )
     policy_lr: float | None = option(
         None, "REINFORCE's Adam learning rate", shown="1e-2", check=_positive, sweep=True, **REINFORCE
     )
@@ -223,9 +243,12 @@ class Settings:
     max_steps: int | None = option(None, "a cap on the steps", shown="none", check=_count, sweep=True, resume=True)
     batch_size: int = option(4, "texts per batch", check=_count, sweep=True)
     max_len: int | None = option(
-        None, "truncation of the texts, in tokens", shown="registry (512; smollm2-135m 128)", check=_count,
+        None,
+        "truncation of the texts, in tokens",
+        shown="registry (512; smollm2-135m 128)",
+        check=_count,
         sweep=True,
-    )  # fmt: skip
+    )
     seed: int = option(0, "data order, u, REINFORCE: the same seed gives the same run on CPU", check=_index, sweep=True)
     dtype: str | None = option(None, "float32 or bfloat16", shown="fp32 on CPU, bf16 on GPU", check=validate.dtype)
     device: str | None = option(
@@ -378,35 +401,59 @@ def resolve(settings: Settings, cfg: ModelConfig) -> Plan:
         if not 0 <= i < cfg.num_layers:
             raise RefError(f"layer {i} is out of range: {user.model} has layers 0..{cfg.num_layers - 1}")
     if max(update) > max(taps):
-        raise RefError(f"updated layer {max(update)} is above the deepest tap {max(taps)}: "
-                       "it would get no gradient; lower --update-layers or raise the tap")  # fmt: skip
+        raise RefError(
+            f"updated layer {max(update)} is above the deepest tap {max(taps)}: "
+            "it would get no gradient; lower --update-layers or raise the tap"
+        )
     if min(taps) < min(update):
-        raise RefError(f"tap layer {min(taps)} is below the first updated layer {min(update)}: "
-                       "its loss could not change; update a layer at or below every tap")  # fmt: skip
+        raise RefError(
+            f"tap layer {min(taps)} is below the first updated layer {min(update)}: "
+            "its loss could not change; update a layer at or below every tap"
+        )
     params = tuple(given(user.update_params, defaults.update_params))
     reinforce = ours and user.alpha is None
     alpha0 = given(user.alpha0, ALPHA0)
     return Plan(
-        model=user.model, goal=user.goal, method=user.method, data=given(user.data, defaults.data),
+        model=user.model,
+        goal=user.goal,
+        method=user.method,
+        data=given(user.data, defaults.data),
         topics=tuple(user.topics) if user.topics is not None else None,
-        taps=taps, tox_layers=tox, update_layers=update, update_params=params,
+        taps=taps,
+        tox_layers=tox,
+        update_layers=update,
+        update_params=params,
         tensors=tensor_names(cfg, update, params),
         alpha=given(user.alpha, None if ours else defaults.rmu_alpha),
         alpha0=alpha0 if reinforce else None,
         policy_lr=given(user.policy_lr, defaults.policy_lr) if reinforce else None,
         steering=given(user.steering, defaults.steering) if user.method == "rmu" else None,
         beta=given(user.beta, defaults.beta) if user.method == "adaptive-rmu" else None,
-        raw_probe_weights=user.raw_probe_weights, tox_balance=tox_balance(user),
-        token_reduction=token_reduction(user), u_distribution=given(user.u_distribution, U_DISTRIBUTIONS[0]),
+        raw_probe_weights=user.raw_probe_weights,
+        tox_balance=tox_balance(user),
+        token_reduction=token_reduction(user),
+        u_distribution=given(user.u_distribution, U_DISTRIBUTIONS[0]),
         tox_retain_reduction=given(user.tox_retain_reduction, "sum") if tox else None,
-        master_weights=given(user.master_weights, MASTER_WEIGHTS[0]), probe_file=user.probe_file,
+        master_weights=given(user.master_weights, MASTER_WEIGHTS[0]),
+        probe_file=user.probe_file,
         probe_l2=user.probe_l2 if tox else None,
-        lr=given(user.lr, defaults.lr), max_len=given(user.max_len, defaults.max_len),
-        batch_size=user.batch_size, epochs=user.epochs, max_steps=user.max_steps, seed=user.seed, dtype=user.dtype,
-        device=user.device, compile=user.compile, save_every=user.save_every, evaluate=user.evaluate,
-        eval_limit=user.eval_limit, eval_samples=given(user.eval_samples, EVAL_SAMPLES), eval_greedy=user.eval_greedy,
-        log_samples=user.log_samples, allow_data_outside=user.allow_data_outside,
-    )  # fmt: skip
+        lr=given(user.lr, defaults.lr),
+        max_len=given(user.max_len, defaults.max_len),
+        batch_size=user.batch_size,
+        epochs=user.epochs,
+        max_steps=user.max_steps,
+        seed=user.seed,
+        dtype=user.dtype,
+        device=user.device,
+        compile=user.compile,
+        save_every=user.save_every,
+        evaluate=user.evaluate,
+        eval_limit=user.eval_limit,
+        eval_samples=given(user.eval_samples, EVAL_SAMPLES),
+        eval_greedy=user.eval_greedy,
+        log_samples=user.log_samples,
+        allow_data_outside=user.allow_data_outside,
+    )
 
 
 def tensor_names(cfg: ModelConfig, layers: tuple[int, ...], params: tuple[str, ...]) -> tuple[str, ...]:
@@ -434,8 +481,8 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
     dtype = plan.dtype or ("float32" if on_cpu else "bfloat16")  # as load_model chooses on a GPU box
     bytes_per = torch.finfo(getattr(torch, dtype)).bits // 8
     est = estimate_peak_bytes(cfg, plan, bytes_per)
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    gpus = lambda b: math.ceil(b / GPU_BYTES)  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    gpus = lambda b: math.ceil(b / GPU_BYTES)
     alpha = f"REINFORCE from alpha0 = {plan.alpha0:g}" if plan.reinforce else f"fixed {plan.alpha:g}"
     paper_alpha = paper_final_alpha(plan.model, plan.goal)
     if plan.reinforce and paper_alpha is not None:
@@ -480,9 +527,11 @@ def describe(plan: Plan, cfg: ModelConfig, steps: int | None) -> str:
         f"reference structure {gib(est['reference'])} ({est['ours'] / est['reference']:.2f}x)",
     ]
     if not on_cpu:
-        lines.append(f"- 80 GiB GPUs needed: training {gpus(est['ours'])}, evaluation (the whole model, "
-                     f"{gib(est['full_weights'])} of weights) {gpus(est['full_weights'] * EVAL_OVERHEAD)}; "
-                     "split with --device cuda:0,cuda:1,... or auto")  # fmt: skip
+        lines.append(
+            f"- 80 GiB GPUs needed: training {gpus(est['ours'])}, evaluation (the whole model, "
+            f"{gib(est['full_weights'])} of weights) {gpus(est['full_weights'] * EVAL_OVERHEAD)}; "
+            "split with --device cuda:0,cuda:1,... or auto"
+        )
     if devices is not None and (len(devices) > 1 or plan.device == "auto"):
         lines.append(f"- placement: {split_blocks(cfg, devices).describe()}")
     return "\n".join(lines)
