@@ -43,10 +43,10 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+from ref.io.data import GOALS
 from ref.io.errors import RefError
 from ref.io.registry import cache_dir
 
-GOALS = ("wmdp", "toxicity")
 BIO_FORGET_REPO = "cais/wmdp-bio-forget-corpus"
 # cais/wmdp config -> the subject named in lm-eval's description "... (with answers) about biology."
 WMDP_SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}

@@ -30,7 +30,7 @@ from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
 from ref.io import validate
 from ref.io.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
 from ref.io.cli import run_command
-from ref.io.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
+from ref.io.data import GOALS, GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
 from ref.io.errors import DiskFull, RefError
 from ref.io.registry import REGISTRY, paper_final_alpha
 from ref.io.runlog import (
@@ -54,7 +54,6 @@ from ref.reinforce import alpha_trajectory
 from ref.run.options import add_arguments, resumable
 from ref.run.plan import (
     BALANCE_WORDS,
-    GOALS,
     METHODS,
     REDUCTION_WORDS,
     Plan,
@@ -206,7 +205,7 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     run = read_run_json(out)
     before = run.get("plan")
     if before is None:
-        raise RefError(f"{out / 'run.json'} has no plan (an older ref wrote it) to resume; use another --out")
+        raise RefError(f"{out / 'run.json'} was written by another version of ref (it has no plan); use another --out")
     ckpt = out / "checkpoint.pt"
     if not ckpt.is_file():
         raise RefError(f"nothing to resume in {out}: no checkpoint.pt; start again with --overwrite")

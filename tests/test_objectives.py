@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ref import losses
+from ref.io.data import GOALS
 from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
 from ref.run.fused import eager
-from ref.run.plan import GOALS, METHODS
+from ref.run.plan import METHODS
 
 
 def activations(layers, b=2, t=5, d=8, seed=0):

@@ -259,7 +259,9 @@ def _resolve_model(name: str) -> tuple[str, dict | None]:
         raise RefError(f"{p / 'run.json'} is not valid JSON; the run folder is damaged") from None
     plan = run.get("plan") if isinstance(run, dict) else None
     if not isinstance(plan, dict) or not {"model", "data"} <= plan.keys():
-        raise RefError(f"{p / 'run.json'} has no plan (model, data); the run folder is damaged or from an older ref")
+        raise RefError(
+            f"{p / 'run.json'} has no plan (model, data); the run folder is damaged or of another version of ref"
+        )
     if not (p / "model").is_dir():
         raise RefError(
             f"--model {name}: the run folder has no model/ (the run did not finish): resume it with "

@@ -56,11 +56,11 @@ from ref.experiments.launch import (
 from ref.io import validate
 from ref.io.checkpoint import resolve
 from ref.io.cli import run_command
-from ref.io.data import load_goal_data, prepared_hub_dir, resolve_data_dir
+from ref.io.data import GOALS, load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.io.errors import RefError, Stopped
 from ref.io.runlog import CUT_START, atomic_write_text, read_metrics, write_json
 from ref.run.options import accepted, grid_keys, parse_text
-from ref.run.plan import EVAL_SAMPLES, GOALS, METHODS, Settings, given, ran_tox_balance, tox_balance
+from ref.run.plan import EVAL_SAMPLES, METHODS, Settings, given, tox_balance
 from ref.run.plan import resolve as resolve_plan
 from ref.train import schedule
 from ref.unlearn import architecture
@@ -187,7 +187,7 @@ def check_point_folder(p: Point) -> None:
         return
     try:
         recorded = json.loads(run_json.read_text())
-        had, ran = recorded["settings"], ran_tox_balance(recorded.get("plan") or {})
+        had, ran = recorded["settings"], recorded["plan"]["tox_balance"]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise RefError(
             f"{run_json} is damaged: the sweep cannot tell what ran there; move it or use another --out"
@@ -201,10 +201,9 @@ def check_point_folder(p: Point) -> None:
             "had, or use another --out"
         )
     wanted = tox_balance(p.settings)
-    if ran != wanted:  # a run from before --tox-balance existed had the paper's form
+    if ran != wanted:
         raise RefError(
-            f"{folder} holds a run of the {ran} toxicity balance (a sweep from before --tox-balance), "
-            f"the point's is {wanted}: use another --out"
+            f"{folder} holds a run of the {ran} toxicity balance, the point's is {wanted}: use another --out"
         )
 
 
@@ -595,7 +594,7 @@ def selected_settings(path: Path, model: str, goal: str) -> dict[str, dict]:
                 f"--from-sweep {path}: {run_json} is missing or damaged, so the toxicity balance of ours' "
                 "selected point is unknown; restore the sweep folder"
             ) from None
-        chosen["ours"] = chosen["ours"] | {"tox_balance": ran_tox_balance(plan)}
+        chosen["ours"] = chosen["ours"] | {"tox_balance": plan["tox_balance"]}
     return chosen
 
 

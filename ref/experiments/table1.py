@@ -25,10 +25,11 @@ from ref.experiments.sweep import compared, selected_settings, sweep_record
 from ref.io import validate
 from ref.io.checkpoint import model_identity, resolve
 from ref.io.cli import run_command
-from ref.io.data import PROMPTS_TASK, resolve_data_dir
+from ref.io.data import GOALS, PROMPTS_TASK, resolve_data_dir
 from ref.io.errors import RefError
 from ref.io.runlog import atomic_write_text, read_run_json, write_json
-from ref.unlearn import GOALS, METHODS, Settings, unlearn
+from ref.run.plan import METHODS, Settings
+from ref.unlearn import unlearn
 
 # goal -> (cell key, column name); toxicity adds the continuations' fluency (mean perplexity under the base model)
 # and diversity (distinct-1/2/3), beside the toxicity they qualify (ref.evaluation.fluency)
@@ -87,10 +88,13 @@ def check_same_run(run: Path, settings: Settings, source: dict) -> None:
     as named may differ: the same folder named otherwise); else a one-line error naming both."""
     recorded = read_run_json(run)
     had = recorded.get("source")
-    if had is None or had["folder"] != source["folder"]:
-        made_from = had["folder"] if had else f"{recorded['settings'].get('model')} (no model identity recorded)"
+    if had is None:
         raise RefError(
-            f"{run} holds a run of {made_from}, not of {source['folder']} (--models {settings.model}): "
+            f"{run / 'run.json'} was written by another version of ref (it names no source): use another --out"
+        )
+    if had["folder"] != source["folder"]:
+        raise RefError(
+            f"{run} holds a run of {had['folder']}, not of {source['folder']} (--models {settings.model}): "
             "use another --out"
         )
     if had != source:
@@ -145,7 +149,7 @@ def cells(report: dict) -> dict:
     s = report.get("s_unlearning") or {}
     out = dict(U=s.get("u"), R=s.get("r"), S=s.get("s"))
     tox = report["tasks"].get(PROMPTS_TASK)
-    if tox and "fluency_perplexity" in tox:
+    if tox:
         out |= dict(fluency=tox["fluency_perplexity"], distinct=[tox[f"distinct_{n}"] for n in (1, 2, 3)])
     return out
 

@@ -32,7 +32,7 @@ import numpy as np
 from ref.io.errors import RefError
 from ref.io.registry import cache_dir
 
-GOALS = ("wmdp", "toxicity")
+GOALS = ("wmdp", "toxicity")  # the paper's two unlearning goals, each with its data
 MC_MODES = ("letter", "cloze")
 LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain", "eval_perplexity")  # a single path or a list of paths
 PATH_KEYS = ("probe", "eval_prompts")  # a single path

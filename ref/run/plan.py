@@ -13,6 +13,7 @@ import torch
 
 from ref.config import ModelConfig
 from ref.io import validate
+from ref.io.data import GOALS
 from ref.io.errors import RefError
 from ref.io.placement import parse_devices, split_blocks
 from ref.io.registry import UNLEARN_DEFAULTS, generic_defaults, paper_final_alpha
@@ -24,7 +25,6 @@ from ref.run.memory import estimate_peak_bytes, total_params
 from ref.run.options import check_applies, check_values, option
 
 METHODS = ("ours", "rmu", "adaptive-rmu")
-GOALS = ("wmdp", "toxicity")
 TOX_BALANCES = ("paper", "scaled")  # the first is the default
 MASTER_WEIGHTS = ("fp32", "model")  # the first is the default
 EVAL_SAMPLES = 25  # samples per toxicity prompt in the evaluation (the RealToxicityPrompts protocol)
@@ -355,11 +355,6 @@ def tox_balance(user: Settings) -> str | None:
     """The toxicity balance a run of these settings uses: the user's, else the default; None outside ours on
     toxicity."""
     return given(user.tox_balance, TOX_BALANCES[0]) if (user.method, user.goal) == ("ours", "toxicity") else None
-
-
-def ran_tox_balance(plan: dict) -> str | None:
-    """The toxicity balance of a recorded plan (run.json); plans from before the option had the paper's form."""
-    return plan.get("tox_balance", "paper" if plan.get("tox_layers") else None)
 
 
 def token_reduction(user: Settings) -> str:
