@@ -203,6 +203,49 @@ def load_goal_data(
     read only for the probe scorer (a goal with prompts and scorer "probe"), which trains on them.
     """
     root = Path(data_dir)
+    manifest, entry = read_manifest(root, goal, training)
+
+    def files(key: str) -> list[Path]:
+        return _paths(root, goal, key, entry[key], allow_outside)
+
+    probe_scorer = "eval_prompts" in entry and entry.get("scorer") == "probe"
+    read = lambda key: key in entry and (training or probe_scorer)
+    forget = forget_corpora(files("forget"), goal, topics, min_texts) if training else {}
+    retain = [t for p in files("retain") for t in corpus(p, min_texts)] if read("retain") else []
+    heldout = heldout_texts(root, goal, files("eval_perplexity"), forget, retain) if "eval_perplexity" in entry else []
+    probe_path = files("probe")[0] if read("probe") else None
+    probe = None if probe_path is None else load_probe(probe_path, min_texts)
+    evals = {key: _by_stem(files(key), goal, key) if key in entry else {} for key in ("eval_forget", "eval_retain")}
+    for path in [*evals["eval_forget"].values(), *evals["eval_retain"].values()]:
+        read_mc(path)
+    prompts = files("eval_prompts")[0] if "eval_prompts" in entry else None
+    if prompts is not None:
+        read_prompts(prompts)
+    mc_mode = entry.get("mc_mode", "letter")
+    if mc_mode not in MC_MODES:
+        raise RefError(f"{root / 'manifest.json'}: {goal}.mc_mode is {mc_mode!r}; use one of {list(MC_MODES)}")
+    return GoalData(
+        root=root,
+        goal=goal,
+        forget=forget,
+        retain=retain,
+        probe=probe,
+        probe_path=probe_path,
+        probe_source=entry.get("probe_source"),
+        eval_forget=evals["eval_forget"],
+        eval_retain=evals["eval_retain"],
+        eval_prompts=prompts,
+        mc_mode=mc_mode,
+        scorer=entry.get("scorer"),
+        manifest=manifest,
+        allow_outside=allow_outside,
+        heldout=heldout,
+    )
+
+
+def read_manifest(root: Path, goal: str, training: bool) -> tuple[dict, dict]:
+    """manifest.json of a data folder and its entry for `goal`, checked: every key known, the forget and retain
+    corpora named when training, a single path or word where one goes."""
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise RefError(
@@ -227,27 +270,33 @@ def load_goal_data(
     for key in PATH_KEYS + STR_KEYS:
         if key in entry and not isinstance(entry[key], str):
             raise RefError(f"{mpath}: {goal}.{key} must be a string")
+    return manifest, entry
 
-    def files(key: str) -> list[Path]:
-        return _paths(root, goal, key, entry[key], allow_outside)
 
-    def corpus(name: str, path: Path) -> list[str]:
-        texts = read_texts(path)
-        if len(texts) < min_texts:
-            raise RefError(f"corpus {name} ({path}) has only {len(texts)} texts; need at least {min_texts}")
-        return texts
+def corpus(path: Path, min_texts: int) -> list[str]:
+    """The texts of a corpus file (named by its stem), at least `min_texts` of them."""
+    texts = read_texts(path)
+    if len(texts) < min_texts:
+        raise RefError(f"corpus {path.stem} ({path}) has only {len(texts)} texts; need at least {min_texts}")
+    return texts
 
-    probe_scorer = "eval_prompts" in entry and entry.get("scorer") == "probe"
-    forget = {n: corpus(n, p) for n, p in _by_stem(files("forget"), goal, "forget").items()} if training else {}
-    if topics is not None:
-        missing = [t for t in topics if t not in forget]
-        if missing or not topics:
-            raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
-        forget = {t: forget[t] for t in topics}
-    read = lambda key: key in entry and (training or probe_scorer)
-    retain = [t for p in files("retain") for t in corpus(p.stem, p)] if read("retain") else []
-    heldout = [t for p in files("eval_perplexity") for t in read_texts(p)] if "eval_perplexity" in entry else []
-    if "eval_perplexity" in entry and not heldout:
+
+def forget_corpora(paths: list[Path], goal: str, topics: list[str] | None, min_texts: int) -> dict[str, list[str]]:
+    """Topic (a file's stem) -> its forget texts; only the `topics` named, when given."""
+    forget = {name: corpus(path, min_texts) for name, path in _by_stem(paths, goal, "forget").items()}
+    if topics is None:
+        return forget
+    missing = [t for t in topics if t not in forget]
+    if missing or not topics:
+        raise RefError(f"unknown forget topic(s) {missing or topics}; available for {goal!r}: {sorted(forget)}")
+    return {t: forget[t] for t in topics}
+
+
+def heldout_texts(root: Path, goal: str, paths: list[Path], forget: dict, retain: list[str]) -> list[str]:
+    """The texts of the retain perplexity task, none of them (up to whitespace) in the forget or retain corpora."""
+    mpath = root / "manifest.json"
+    heldout = [t for p in paths for t in read_texts(p)]
+    if not heldout:
         raise RefError(
             f'{mpath}: {goal}.eval_perplexity names files without texts; write rows of the form {{"text": str}}'
         )
@@ -258,42 +307,7 @@ def load_goal_data(
             f"{mpath}: {goal}.eval_perplexity holds {len(seen)} text(s) that the training reads too, up to whitespace "
             f"(e.g. {seen[0][:40]!r}); held-out texts must not be in the forget or retain corpora"
         )
-
-    probe, ppath = None, None
-    if read("probe"):
-        (ppath,) = files("probe")
-        probe = load_probe(ppath, min_texts)
-
-    evals = {}
-    for key in ("eval_forget", "eval_retain"):
-        evals[key] = _by_stem(files(key), goal, key) if key in entry else {}
-        for p in evals[key].values():
-            read_mc(p)
-    prompts = None
-    if "eval_prompts" in entry:
-        (prompts,) = files("eval_prompts")
-        read_prompts(prompts)
-
-    mc_mode = entry.get("mc_mode", "letter")
-    if mc_mode not in MC_MODES:
-        raise RefError(f"{mpath}: {goal}.mc_mode is {mc_mode!r}; use one of {list(MC_MODES)}")
-    return GoalData(
-        root=root,
-        goal=goal,
-        forget=forget,
-        retain=retain,
-        probe=probe,
-        probe_path=ppath,
-        probe_source=entry.get("probe_source"),
-        eval_forget=evals["eval_forget"],
-        eval_retain=evals["eval_retain"],
-        eval_prompts=prompts,
-        mc_mode=mc_mode,
-        scorer=entry.get("scorer"),
-        manifest=manifest,
-        allow_outside=allow_outside,
-        heldout=heldout,
-    )
+    return heldout
 
 
 def normalized(text: str) -> str:
