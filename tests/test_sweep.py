@@ -165,11 +165,11 @@ def test_interrupted_sweep_finishes_the_missing_points_only(tiny_dirs, data_dir,
     assert set(chosen) == {"rmu", "ours"} and all("lr" in f for f in chosen.values())
     with pytest.raises(RefError, match="is a sweep of wmdp on"):
         sweep.selected_settings(out / "sweep.json", s.model, "toxicity")
-    t1 = tmp_path / "t1"
-    extra = dict(eval_samples=1, eval_limit=2, compile=False, max_len=24, epochs=1)
-    table1.run_all([s.model], t1, s.data, None, extra, chosen={(s.model, "wmdp"): chosen})
+    t1 = table1.Table1Settings((s.model,), tmp_path / "t1", s.data, eval_samples=1, eval_limit=2, compile=False)
+    tiny = dict(max_len=24, epochs=1)  # the tiny run's settings, beside each method's chosen ones
+    table1.run_all(t1, chosen={(s.model, "wmdp"): {m: f | tiny for m, f in chosen.items()}})
     for method, fields in chosen.items():
-        had = json.loads((t1 / Path(s.model).name / f"wmdp-{method}" / "run.json").read_text())["settings"]
+        had = json.loads((t1.out / Path(s.model).name / f"wmdp-{method}" / "run.json").read_text())["settings"]
         assert all(had[k] == v for k, v in fields.items())
 
 

@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from ref.evaluation.mc import LETTERS, bos_added, mc_samples, mc_summary
 from ref.evaluation.perplexity import perplexity
 from ref.evaluation.scorers import Scorer, make_scorer, scorer_info
 from ref.evaluation.toxicity import BATCH_PROMPTS, toxicity_eval
+from ref.io import validate
 from ref.io.cli import run_command
 from ref.io.data import (
+    GOALS,
     MC_MODES,
     PROMPTS_TASK,
     GoalData,
@@ -459,26 +462,51 @@ def _from_lm_eval(paths: list[Path], goal: str, data: GoalData | None, tasks: li
     )
 
 
-def command(argv: list[str] | None) -> int:
-    from ref.config import read_config
-    from ref.io import validate
-    from ref.io.checkpoint import load_model, resolve
-    from ref.io.tokenizer import load_tokenizer
+# -------------------------------------------------------------------------------------------------------- CLI
 
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What `python -m ref.evaluate` runs, as its command line gives it (checked by `check`)."""
+
+    goal: str
+    out: Path  # the report json, written atomically
+    model: str | None = None  # a registry alias, model folder, hub id, or a ref.unlearn run folder
+    tasks: tuple[str, ...] | None = None  # None: all of the goal's
+    data: str | None = None  # hub | demo | DIR; None: the run's data, else hub
+    allow_data_outside: bool = False
+    mc_mode: str | None = None  # None: the manifest's
+    limit: int | None = None
+    greedy: bool = False
+    samples: int = 25
+    max_new_tokens: int = 20
+    batch_size: int = 16
+    prompt_batch: int = BATCH_PROMPTS
+    seed: int = 0
+    scorer_layer: int | None = None  # None: the probe scorer's default, the middle layer
+    base_model: str | None = None  # the frozen base of the probe scorer and the fluency; None: the run's
+    dtype: str | None = None
+    device: str | None = None
+    log_samples: bool = False
+    from_lm_eval: tuple[Path, ...] = ()  # lm-eval's results files: the report is built from them, no model loaded
+
+
+def parser() -> argparse.ArgumentParser:
+    d = EvaluateSettings(goal="wmdp", out=Path("."))  # the defaults
     p = argparse.ArgumentParser(prog="python -m ref.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="registry alias, model folder, hub id, or a ref.unlearn run folder")
-    p.add_argument("--goal", required=True, choices=["wmdp", "toxicity"])
+    p.add_argument("--goal", required=True, choices=GOALS)
     p.add_argument("--tasks", default=None, help="comma-separated MC file stems and/or rtp (default: all of the goal)")
     p.add_argument("--data", default=None, help="hub | demo | DIR (default: the run's data, else hub)")
     p.add_argument("--allow-data-outside", action="store_true", help="let the manifest name files outside the data")
     p.add_argument("--mc-mode", default=None, choices=MC_MODES, help="letter | cloze (default: the manifest's)")
     p.add_argument("--limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--greedy", action="store_true", help="1 greedy sample per prompt (not comparable)")
-    p.add_argument("--samples", type=int, default=25)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16, help="multiple-choice questions a forward")
-    p.add_argument("--prompt-batch", type=int, default=BATCH_PROMPTS, help="toxicity prompts sampled together")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=d.samples)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="multiple-choice questions a forward")
+    p.add_argument("--prompt-batch", type=int, default=d.prompt_batch, help="toxicity prompts sampled together")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scorer-layer", type=int, default=None, help="layer of the probe scorer (default: middle)")
     p.add_argument("--base-model", default=None, help="frozen base model of the probe scorer (default: the run's)")
     p.add_argument("--dtype", default=None)
@@ -488,93 +516,131 @@ def command(argv: list[str] | None) -> int:
         "--from-lm-eval",
         type=Path,
         action="append",
-        default=None,
+        default=[],
         metavar="RESULTS_JSON",
         help="build the report from lm-eval's results file (twice: base, then unlearned)",
     )
     p.add_argument("--out", type=Path, required=True, help="report json (written atomically)")
-    args = p.parse_args(argv)
+    return p
+
+
+def settings_from(a: argparse.Namespace) -> EvaluateSettings:
+    """The command line's EvaluateSettings (`check` checks the values)."""
+    tasks = None if a.tasks is None else tuple(t.strip() for t in a.tasks.split(",") if t.strip())
+    if tasks == ():
+        raise RefError(f"--tasks is {a.tasks!r}; name at least one task, or leave it out for all of the goal's")
+    given = vars(a) | dict(tasks=tasks, from_lm_eval=tuple(a.from_lm_eval))
+    return EvaluateSettings(**{f.name: given[f.name] for f in fields(EvaluateSettings)})  # each field is its option
+
+
+def check(s: EvaluateSettings) -> None:
+    """Every value of `s` in range and --out writable (one RefError line), before anything is loaded."""
     for name in ("samples", "max_new_tokens", "batch_size", "prompt_batch", "limit"):
-        validate.positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
-    validate.number("--seed", args.seed, low=0, integer=True)
-    validate.device("--device", args.device)
-    validate.dtype("--dtype", args.dtype)
-    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if tasks == []:
-        raise RefError(f"--tasks is {args.tasks!r}; name at least one task, or leave it out for all of the goal's")
-    validate.writable_file("--out", args.out)
-    if args.from_lm_eval:
-        return from_lm_eval_command(args, tasks)
-    if args.model is None:
+        validate.positive(f"--{name.replace('_', '-')}", getattr(s, name), integer=True)
+    validate.number("--seed", s.seed, low=0, integer=True)
+    validate.device("--device", s.device)
+    validate.dtype("--dtype", s.dtype)
+    validate.writable_file("--out", s.out)
+
+
+def command(argv: list[str] | None) -> int:
+    s = settings_from(parser().parse_args(argv))
+    check(s)
+    report = evaluate_lm_eval_results(s) if s.from_lm_eval else evaluate_model(s)
+    if "before" in report:  # two lm-eval results files: base, then unlearned
+        print("\n".join(before_after_table(report["before"], report["after"])))
+    else:
+        print_report(report)
+    if "samples_file" in report:
+        print(f"wrote {report['samples_file']}")
+    print(f"wrote {s.out}")
+    return 0
+
+
+def evaluate_model(s: EvaluateSettings) -> dict:
+    """Evaluate s.model (a run folder: its model/) on the goal's tasks; write the report (and the samples with
+    --log-samples). Everything is checked before the model is loaded."""
+    from ref.io.checkpoint import load_model, resolve
+    from ref.io.tokenizer import load_tokenizer
+
+    if s.model is None:
         raise RefError("--model is missing; name the model or run folder to evaluate, or pass --from-lm-eval")
-    if args.log_samples:
-        validate.writable_file("--log-samples", samples_path(args.out))
-    model_path, run = _resolve_model(args.model)
-    model_folder = resolve(model_path)
-    base_name = args.base_model if args.base_model is not None else run["plan"]["model"] if run else model_path
-    if args.scorer_layer is not None:
-        n = read_config(resolve(base_name)).num_layers
-        if not 0 <= args.scorer_layer < n:
-            raise RefError(
-                f"--scorer-layer is {args.scorer_layer}; the scorer's base model {base_name} has {n} "
-                f"layers: use 0 to {n - 1}"
-            )
-    data_arg = args.data if args.data is not None else run["plan"]["data"] if run else "hub"
+    if s.log_samples:
+        validate.writable_file("--log-samples", samples_path(s.out))
+    model_path, run = _resolve_model(s.model)
+    base_name = s.base_model if s.base_model is not None else run["plan"]["model"] if run else model_path
+    check_scorer_layer(s.scorer_layer, base_name)
+    data_arg = s.data if s.data is not None else run["plan"]["data"] if run else "hub"
     data = load_goal_data(
-        resolve_data_dir(data_arg, goal=args.goal), args.goal, allow_outside=args.allow_data_outside, training=False
+        resolve_data_dir(data_arg, goal=s.goal), s.goal, allow_outside=s.allow_data_outside, training=False
     )
-    wanted = check_tasks(data, args.goal, tasks)
-    for what, folder in (("model", model_folder), ("data", data.root)):
-        if validate.same_or_inside(args.out, folder):
-            raise RefError(f"--out {args.out} is inside the {what} folder {folder}; write the report elsewhere")
-    model = load_model(model_path, dtype=args.dtype, device=args.device)
+    wanted = check_tasks(data, s.goal, s.tasks and list(s.tasks))
+    for what, folder in (("model", resolve(model_path)), ("data", data.root)):
+        if validate.same_or_inside(s.out, folder):
+            raise RefError(f"--out {s.out} is inside the {what} folder {folder}; write the report elsewhere")
+    model = load_model(model_path, dtype=s.dtype, device=s.device)
     if len(model.placement.runs) > 1:
         print(f"placement: {model.placement.describe()}", file=sys.stderr)
     tok = load_tokenizer(model_path)
     same = base_name == model_path  # evaluating the base model itself: the probe scorer may share it
     # loaded once, when first needed: the probe scorer's base and the fluency reference
-    base = functools.cache(lambda: model if same else load_model(base_name, dtype=args.dtype, device=args.device))
+    base = functools.cache(lambda: model if same else load_model(base_name, dtype=s.dtype, device=s.device))
     base_tok = load_tokenizer(base_name)
-    scorer = make_scorer(data, args.goal, wanted, base, base_tok, args.scorer_layer, args.seed, args.device)
+    scorer = make_scorer(data, s.goal, wanted, base, base_tok, s.scorer_layer, s.seed, s.device)
     reference = None
     if PROMPTS_TASK in wanted:
-        if base_tok.tk.to_str() != tok.tk.to_str():
-            raise RefError(
-                f"the base model {base_name} has another tokenizer than {args.model}: the fluency of the "
-                "continuations is their token ids' perplexity under the base model; give --base-model of "
-                "the same tokenizer"
-            )
+        check_same_tokenizer(tok, base_tok, s.model, base_name)
         reference = base()
     report = evaluate(
         model,
         tok,
         data,
-        args.goal,
-        tasks,
-        args.limit,
-        args.batch_size,
-        args.samples,
-        args.max_new_tokens,
-        args.greedy,
-        args.seed,
-        scorer,
-        args.mc_mode,
-        args.log_samples,
-        args.prompt_batch,
+        s.goal,
+        tasks=wanted,
+        limit=s.limit,
+        batch_size=s.batch_size,
+        samples=s.samples,
+        max_new_tokens=s.max_new_tokens,
+        greedy=s.greedy,
+        seed=s.seed,
+        scorer=scorer,
+        mc_mode=s.mc_mode,
+        log_samples=s.log_samples,
+        batch_prompts=s.prompt_batch,
         reference=reference,
         reference_name=str(base_name),
     )
-    report["model"] = str(args.model)
+    report["model"] = str(s.model)
     report["scorer"] = scorer_info(scorer, base_name)
-    if args.log_samples:
-        report["samples_file"] = str(samples_path(args.out))
-        write_samples(samples_path(args.out), report.pop("samples"))
-    write_json(Path(args.out), report)
-    print_report(report)
-    if args.log_samples:
-        print(f"wrote {report['samples_file']}")
-    print(f"wrote {args.out}")
-    return 0
+    if s.log_samples:
+        report["samples_file"] = str(samples_path(s.out))
+        write_samples(samples_path(s.out), report.pop("samples"))
+    write_json(Path(s.out), report)
+    return report
+
+
+def check_scorer_layer(layer: int | None, base_name: str) -> None:
+    """--scorer-layer, when given, is a layer of the scorer's base model."""
+    from ref.config import read_config
+    from ref.io.checkpoint import resolve
+
+    if layer is None:
+        return
+    n = read_config(resolve(base_name)).num_layers
+    if not 0 <= layer < n:
+        raise RefError(
+            f"--scorer-layer is {layer}; the scorer's base model {base_name} has {n} layers: use 0 to {n - 1}"
+        )
+
+
+def check_same_tokenizer(tok: Tokenizer, base_tok: Tokenizer, model: str, base_name: str) -> None:
+    """The fluency of the continuations is their token ids' perplexity under the base model: one tokenizer for both."""
+    if base_tok.tk.to_str() != tok.tk.to_str():
+        raise RefError(
+            f"the base model {base_name} has another tokenizer than {model}: the fluency of the "
+            "continuations is their token ids' perplexity under the base model; give --base-model of "
+            "the same tokenizer"
+        )
 
 
 def print_report(report: dict) -> None:
@@ -591,33 +657,28 @@ def print_report(report: dict) -> None:
         print(f"S-unlearning: {report['s_unlearning']['s']:.4f}")
 
 
-def from_lm_eval_command(args: argparse.Namespace, tasks: list[str] | None) -> int:
-    """--from-lm-eval: the report from lm-eval's results file(s); no model is loaded. The options that say how to
-    run a model are refused: lm-eval's run fixed them."""
+def evaluate_lm_eval_results(s: EvaluateSettings) -> dict:
+    """--from-lm-eval: the report from lm-eval's results file(s), written to s.out; no model is loaded. The options
+    that say how to run a model are refused: lm-eval's run fixed them."""
     given = ("model", "limit", "mc_mode", "scorer_layer", "base_model", "dtype", "device", "greedy", "log_samples")
-    ignored = [o for o in given if getattr(args, o) not in (None, False)]
+    ignored = [o for o in given if getattr(s, o) not in (None, False)]
     if ignored:
         names = ", ".join(f"--{o.replace('_', '-')}" for o in ignored)
         raise RefError(
             f"{names} cannot be used with --from-lm-eval: the lm-eval run fixed the model and how it was "
             "scored; leave them out (lm-eval's --log_samples keeps its per-question samples)"
         )
-    if len(args.from_lm_eval) > 2:
+    if len(s.from_lm_eval) > 2:
         raise RefError("--from-lm-eval is given more than twice; give one results file, or two (base, then unlearned)")
     data = None
-    if args.data is not None:  # only for the roles of the tasks; "hub" is not downloaded for that
-        folder = resolve_data_dir(args.data, goal=args.goal) if args.data != "hub" else prepared_hub_dir(args.goal)
+    if s.data is not None:  # only for the roles of the tasks; "hub" is not downloaded for that
+        folder = resolve_data_dir(s.data, goal=s.goal) if s.data != "hub" else prepared_hub_dir(s.goal)
         if folder is None:
             raise RefError("--data hub is not prepared here; leave --data out (WMDP and MMLU have known roles)")
-        data = load_goal_data(folder, args.goal, allow_outside=args.allow_data_outside, training=False)
-    report = _from_lm_eval(args.from_lm_eval, args.goal, data, tasks)
-    write_json(Path(args.out), report)
-    if "before" in report:
-        print("\n".join(before_after_table(report["before"], report["after"])))
-    else:
-        print_report(report)
-    print(f"wrote {args.out}")
-    return 0
+        data = load_goal_data(folder, s.goal, allow_outside=s.allow_data_outside, training=False)
+    report = _from_lm_eval(list(s.from_lm_eval), s.goal, data, s.tasks and list(s.tasks))
+    write_json(Path(s.out), report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

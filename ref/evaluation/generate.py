@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -235,49 +236,93 @@ def sample_continuations(
     return tokens, [values[r] for r in rows_of]
 
 
-def command(argv: list[str] | None) -> int:
-    from ref.config import read_config
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What `python -m ref.generate` runs, as its command line gives it (checked by `check`)."""
+
+    prompts: tuple[str, ...]
+    model: str = "smollm2-135m"  # a registry alias, local model folder, or hub id
+    max_new_tokens: int = 20
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
+    device: str | None = None
+
+
+def parser() -> argparse.ArgumentParser:
+    d = GenerateSettings(prompts=())  # the defaults
+    p = argparse.ArgumentParser(prog="python -m ref.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=d.model, help="registry alias, local model folder, or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def check(s: GenerateSettings) -> None:
+    """Every value of `s` in range (one RefError line), before anything is loaded."""
     from ref.io import validate
+    from ref.io.errors import RefError
+
+    if "" in s.prompts:
+        k = s.prompts.index("") + 1
+        raise RefError(f"--prompt is '' (prompt {k}): an empty prompt has nothing to continue; give some text")
+    validate.number("--max-new-tokens", s.max_new_tokens, low=0, integer=True)
+    validate.number("--temperature", s.temperature, low=0)
+    validate.number("--top-p", s.top_p, low=0, high=1, low_open=True)
+    validate.number("--seed", s.seed, low=0, integer=True)
+    validate.device("--device", s.device)
+    validate.dtype("--dtype", s.dtype)
+
+
+def continuations(s: GenerateSettings) -> list[str]:
+    """Each prompt followed by its continuation; the prompts and the new tokens must fit the model's positions."""
+    from ref.config import read_config
     from ref.io.checkpoint import load_model, resolve
     from ref.io.errors import RefError
     from ref.io.tokenizer import load_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m ref.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="registry alias, local model folder, or hub id")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    if "" in args.prompt:
-        k = args.prompt.index("") + 1
-        raise RefError(f"--prompt is '' (prompt {k}): an empty prompt has nothing to continue; give some text")
-    validate.number("--max-new-tokens", args.max_new_tokens, low=0, integer=True)
-    validate.number("--temperature", args.temperature, low=0)
-    validate.number("--top-p", args.top_p, low=0, high=1, low_open=True)
-    validate.number("--seed", args.seed, low=0, integer=True)
-    validate.device("--device", args.device)
-    validate.dtype("--dtype", args.dtype)
-    folder = resolve(args.model)
+    folder = resolve(s.model)
     tok = load_tokenizer(folder)
-    longest, positions = max(len(tok.encode(t)) for t in args.prompt), read_config(folder).max_position_embeddings
-    if longest + args.max_new_tokens > positions:
+    longest, positions = max(len(tok.encode(t)) for t in s.prompts), read_config(folder).max_position_embeddings
+    if longest + s.max_new_tokens > positions:
         fix = f"use --max-new-tokens {positions - longest} or less" if longest <= positions else "shorten the prompt"
-        n = args.max_new_tokens
+        n = s.max_new_tokens
         raise RefError(
             f"--max-new-tokens is {n}: the longest prompt ({longest} tokens) plus {n} new tokens exceeds "
             f"the model's {positions} positions (max_position_embeddings); {fix}"
         )
-    model = load_model(folder, dtype=args.dtype, device=args.device)
+    model = load_model(folder, dtype=s.dtype, device=s.device)
     if len(model.placement.runs) > 1:
         print(f"placement: {model.placement.describe()}", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    rows = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    for prompt, row in zip(args.prompt, rows, strict=True):
-        print(prompt + tok.decode(row))
+    torch.manual_seed(s.seed)
+    rows = generate(model, tok, list(s.prompts), s.max_new_tokens, s.temperature, s.top_p, s.seed)
+    return [prompt + tok.decode(row) for prompt, row in zip(s.prompts, rows, strict=True)]
+
+
+def command(argv: list[str] | None) -> int:
+    a = parser().parse_args(argv)
+    s = GenerateSettings(
+        prompts=tuple(a.prompt),
+        model=a.model,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+        dtype=a.dtype,
+        device=a.device,
+    )
+    check(s)
+    for text in continuations(s):
+        print(text)
     return 0
 
 

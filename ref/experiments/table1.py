@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ref.attacks import attack
@@ -45,41 +45,50 @@ COLUMNS = {
 }
 
 
-def run_all(
-    models: list[str],
-    out: Path,
-    data: str,
-    max_steps: int | None,
-    extra: dict,
-    attacks: list[str] = (),
-    chosen: dict | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class Table1Settings:
+    """What `python -m ref.table1` runs, as its command line gives it (checked by `check`)."""
+
+    models: tuple[str, ...]  # registry aliases or model folders
+    out: Path = Path("runs/table1")
+    data: str = "hub"  # hub | demo | a prepared data folder
+    max_steps: int | None = None  # a cap on the steps of every run
+    eval_samples: int = 25  # samples per toxicity prompt
+    eval_limit: int | None = None  # the first N questions / prompts of each task
+    compile: bool = True
+    attacks: tuple[str, ...] = ()  # ref.attack attacks whose U each unlearned model gets a column for
+    from_sweep: tuple[Path, ...] = ()  # sweep.json files whose selected settings replace the defaults
+
+
+def run_all(s: Table1Settings, chosen: dict | None = None) -> dict:
     """Run what is missing; return {model: {goal: {row: {U, R, S}}}} with rows base, rmu, adaptive-rmu, ours, and,
-    with `attacks`, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
+    with s.attacks, U of each method's unlearned model under each attack (ref.attack, into RUN.attack/).
     `chosen`: {(model, goal): {method: Settings fields}} (a sweep's selection) replacing the defaults. A run folder
     that exists must hold a run of the same model and settings (`check_same_run`), finished (reused) or not (run
     again)."""
-    names, runs = folder_names(models), []
-    for model in models:
+    names, runs = folder_names(list(s.models)), []
+    for model in s.models:
         source = model_identity(resolve(model))
         for goal in GOALS:
             for method in METHODS:
-                run = out / names[model] / f"{goal}-{method}"
+                run = s.out / names[model] / f"{goal}-{method}"
                 fields = (chosen or {}).get((model, goal), {}).get(method, {})
-                kw = {"max_steps": max_steps, **extra, **fields}
-                s = Settings(model=model, goal=goal, method=method, data=data, out=str(run), **kw)
+                kw = dict(
+                    max_steps=s.max_steps, eval_samples=s.eval_samples, eval_limit=s.eval_limit, compile=s.compile
+                )
+                settings = Settings(model=model, goal=goal, method=method, data=s.data, out=str(run), **kw | fields)
                 if (run / "run.json").is_file():  # every folder checked before the first run starts
-                    check_same_run(run, s, source)
-                runs.append(s)
+                    check_same_run(run, settings, source)
+                runs.append(settings)
     table: dict = {}
-    for s in runs:
-        run = Path(s.out)
+    for settings in runs:
+        run = Path(settings.out)
         if not (run / "report.json").exists():
-            unlearn(replace(s, overwrite=run.exists()))
+            unlearn(replace(settings, overwrite=run.exists()))
         report = json.loads((run / "report.json").read_text())
-        rows = table.setdefault(s.model, {}).setdefault(s.goal, {})
+        rows = table.setdefault(settings.model, {}).setdefault(settings.goal, {})
         rows.setdefault("base", cells(report["details"]["before"]))
-        rows[s.method] = cells(report["details"]["after"]) | attacked(run, attacks, extra)
+        rows[settings.method] = cells(report["details"]["after"]) | attacked(run, s)
     return table
 
 
@@ -109,24 +118,23 @@ def check_same_run(run: Path, settings: Settings, source: dict) -> None:
         raise RefError(f"{run} holds a run with other settings ({listed}): use another --out, or the settings it had")
 
 
-def attacked(run: Path, attacks: list[str], extra: dict) -> dict[str, float | str | None]:
+def attacked(run: Path, s: Table1Settings) -> dict[str, float | str | None]:
     """{"U after ATTACK": the unlearned model's U under its strongest setting (the largest U: the most recovered)},
     and "worst recovery": the run's robustness figure over those attacks (ref.attacks.recovery.worst_case: the largest
     net recovery of U, and which attack). An attack that does not apply to the run (ref.attacks.attack.why_not) is not
     run and its cell stays empty."""
-    if not attacks:
+    if not s.attacks:
         return {}
     out = run.with_name(run.name + ".attack")  # beside the run: its folder holds only what ref.unlearn writes
-    names = tuple(a for a in attacks if a in attack.applicable(run))
+    names = tuple(a for a in s.attacks if a in attack.applicable(run))
     if names and not (out / "attack.json").exists():
-        limit = extra.get("eval_limit")
-        attack.attack(AttackSettings(run, out, names, eval_samples=extra["eval_samples"], limit=limit))
+        attack.attack(AttackSettings(run, out, names, eval_samples=s.eval_samples, limit=s.eval_limit))
     report = json.loads((out / "attack.json").read_text()) if names else dict(attacks={}, worst_case=None)
 
     def strongest(results: dict) -> float | None:
         return max((r["unlearned"]["U"] for r in results.values() if r["unlearned"]["U"] is not None), default=None)
 
-    cells = {f"U after {name}": strongest(report["attacks"].get(name, {})) for name in attacks}
+    cells = {f"U after {name}": strongest(report["attacks"].get(name, {})) for name in s.attacks}
     w = report["worst_case"]
     return cells | {"worst recovery": None if w is None else f"{w['net_recovery']:.3f} ({w['attack']} {w['setting']})"}
 
@@ -178,54 +186,82 @@ def markdown(table: dict, attacks: list[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def command(argv: list[str] | None) -> int:
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Table1Settings(models=())  # the defaults
     p = argparse.ArgumentParser(prog="python -m ref.table1", description=__doc__.splitlines()[0])
     p.add_argument("--models", required=True, help="comma-separated registry aliases or model folders")
-    p.add_argument("--data", default="hub", help="hub | demo | a prepared data folder")
-    p.add_argument("--out", default="runs/table1")
+    p.add_argument("--data", default=d.data, help="hub | demo | a prepared data folder")
+    p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--max-steps", type=int, default=None, help="cap on the steps of every run")
-    p.add_argument("--eval-samples", type=int, default=25, help="samples per toxicity prompt")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per toxicity prompt")
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions / prompts of each task")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--attacks", default="", help="add U under these ref.attack attacks (e.g. relearn,quantize)")
     p.add_argument(
         "--from-sweep",
+        type=Path,
         action="append",
         default=[],
-        help="a sweep.json of ref.sweep: each method runs "
-        "with the setting the sweep selected (repeatable: one per model and goal)",
+        help="a sweep.json of ref.sweep: each method runs with the setting the sweep selected (repeatable: one per "
+        "model and goal)",
     )
-    a = p.parse_args(argv)
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    return p
+
+
+def settings_from(a: argparse.Namespace) -> Table1Settings:
+    """The command line's Table1Settings (`check` checks the values)."""
+    models = tuple(m.strip() for m in a.models.split(",") if m.strip())
     if not models:
         raise RefError(f"--models is {a.models!r}; name at least one model, e.g. --models smollm2-135m")
-    validate.positive("--max-steps", a.max_steps, integer=True)
-    validate.positive("--eval-samples", a.eval_samples, integer=True)
-    validate.positive("--eval-limit", a.eval_limit, integer=True)
-    out = Path(a.out)
-    validate.writable_folder("--out", out)
-    for model in models:  # a wrong name fails now, not after hours of runs (a hub model is downloaded now)
-        resolve(model)
-    if a.data not in ("hub", "demo"):
-        resolve_data_dir(a.data)
-    extra = dict(eval_samples=a.eval_samples, eval_limit=a.eval_limit, compile=a.compile)
-    attacks = [x.strip() for x in a.attacks.split(",") if x.strip()]
+    attacks = tuple(x.strip() for x in a.attacks.split(",") if x.strip())
     if set(attacks) - set(ATTACKS):
         raise RefError(f"--attacks is {a.attacks!r}; use some of {', '.join(ATTACKS)}")
+    given = vars(a) | dict(models=models, attacks=attacks, from_sweep=tuple(a.from_sweep))
+    return Table1Settings(**{f.name: given[f.name] for f in fields(Table1Settings)})  # each field is its option
+
+
+def check(s: Table1Settings) -> None:
+    """Every value of `s` in range, --out writable, every model and the data found (one RefError line)."""
+    validate.positive("--max-steps", s.max_steps, integer=True)
+    validate.positive("--eval-samples", s.eval_samples, integer=True)
+    validate.positive("--eval-limit", s.eval_limit, integer=True)
+    validate.writable_folder("--out", s.out)
+    for model in s.models:  # a wrong name fails now, not after hours of runs (a hub model is downloaded now)
+        resolve(model)
+    if s.data not in ("hub", "demo"):
+        resolve_data_dir(s.data)
+
+
+def sweep_choices(s: Table1Settings) -> dict:
+    """{(model, goal): {method: Settings fields}}: the setting each --from-sweep sweep selected for each method."""
     chosen = {}
-    for path in a.from_sweep:
+    for path in s.from_sweep:
         record = sweep_record(path)
         key = (record["model"], record["goal"])
-        if key[0] not in models or key in chosen:
+        if key[0] not in s.models or key in chosen:
             raise RefError(f"--from-sweep {path} is a sweep of {key[0]} ({key[1]}): not in --models, or a second one")
         chosen[key] = selected_settings(path, *key)
-        if a.max_steps is not None and any("max_steps" in f for f in chosen[key].values()):
+        if s.max_steps is not None and any("max_steps" in f for f in chosen[key].values()):
             raise RefError(f"--max-steps and the sweep {path} both set max-steps; give it once")
-    table = run_all(models, out, a.data, a.max_steps, extra, attacks, chosen)
-    md = markdown(table, attacks)
-    write_json(out / "table1.json", table)
-    atomic_write_text(out / "table1.md", md)
+    return chosen
+
+
+def table1(s: Table1Settings) -> dict:
+    """Check `s`, run what is missing and write table1.json and table1.md into s.out; returns the table."""
+    check(s)
+    table = run_all(s, sweep_choices(s))
+    md = markdown(table, list(s.attacks))
+    write_json(s.out / "table1.json", table)
+    atomic_write_text(s.out / "table1.md", md)
     print(md)
+    return table
+
+
+def command(argv: list[str] | None) -> int:
+    table1(settings_from(parser().parse_args(argv)))
     return 0
 
 
