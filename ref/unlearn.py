@@ -45,6 +45,7 @@ from ref.io.runlog import (
     read_run_json,
     write_json,
 )
+from ref.io.tables import markdown_table
 from ref.io.tokenizer import load_tokenizer
 from ref.io.validate import same_or_inside
 from ref.model import Transformer
@@ -404,61 +405,8 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
 
 def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
     """summary.md: the run in a few lines, the losses at the start and the end, and the before/after table."""
-    plan = run.plan
-
-    def mean(key, part):
-        vals = [r[key] for r in part if key in r]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
-    traj = run_json.get("alpha_trajectory")
-    alpha = f"fixed {plan.alpha:g}" if plan.alpha is not None else "REINFORCE"
-    if traj:
-        alpha = (
-            f"REINFORCE; the policy's mean alpha: start {traj['start']:.4g}, end {traj['end']:.4g}, min "
-            f"{traj['min']:.4g}, max {traj['max']:.4g}"
-        )
-        if traj["paper_final_alpha"] is not None:
-            alpha += f"; the paper's final alpha for this model: {traj['paper_final_alpha']:g}"
-    steering = {t: c["steering"] for t, c in st.calibration.items() if "steering" in c}
-    lines = [
-        f"# Unlearning run: {plan.method} on {plan.goal}",
-        "",
-        f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
-        f"- updated tensors: {', '.join(plan.tensors)}",
-        f"- taps: {list(plan.taps)}",
-        f"- alpha: {alpha}",
-        f"- token reduction: {REDUCTION_WORDS[plan.token_reduction]}",
-        f"- master weights: {plan.master_weights}",
-        *(
-            [
-                f"- toxicity balance: {BALANCE_WORDS[plan.tox_balance]}; eq. 5 {plan.tox_retain_reduction}med over "
-                "the probed layers"
-            ]
-            if plan.tox_balance
-            else []
-        ),
-        *(
-            [f"- probe data: {run_json['probe_data']['source']} ({run_json['probe_data']['texts']} texts)"]
-            if "probe_data" in run_json
-            else []
-        ),
-        *(
-            [
-                f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
-                + ", ".join(f"{t} {c:.4g}" for t, c in steering.items())
-            ]
-            if steering
-            else []
-        ),
-        "",
-        "| quantity | first 10% of steps | last 10% of steps |",
-        "|---|---|---|",
-    ]
-    share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan
-    head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
-    for key in ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "moved_share", "tokens_per_s"):
-        lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
+    lines = [f"# Unlearning run: {run.plan.method} on {run.plan.goal}", "", *run_lines(run.plan, st, rows, run_json)]
+    lines += ["", loss_table(rows)]
     lines += [
         "",
         "retain_share: alpha * L_R / (L_F + alpha * L_R), the weighted retain term's share of eq. 1's loss; "
@@ -471,29 +419,79 @@ def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: 
         ]
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
-        from ref.evaluation.evaluate import before_after_table
-
-        lines += ["", "## Evaluation, before and after", "", *before_after_table(report["before"], report["after"])]
-        tox = report["details"]["after"]["tasks"].get("rtp")
-        if tox:
-            lines += [
-                "",
-                f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
-                f"{report['scorer']['name'] if report['scorer'] else 'none'}.",
-            ]
-            r = report.get("fluency_reading")
-            if r:
-                lines += [
-                    "",
-                    f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
-                    f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
-                    f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
-                    f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
-                    "distinct-n (distinct word n-grams / words, over each prompt's samples).",
-                ]
+        lines += evaluation_lines(report)
     if rows:
         lines += ["", f"Training time: {rows[-1]['elapsed_s']:.1f} s."]
     return "\n".join(lines) + "\n"
+
+
+def run_lines(plan: Plan, st: TrainState, rows: list[dict], run_json: dict) -> list[str]:
+    """The run in a few lines: model, data, steps, trained tensors, taps, alpha, the objective's options."""
+    traj = run_json.get("alpha_trajectory")
+    alpha = f"fixed {plan.alpha:g}" if plan.alpha is not None else "REINFORCE"
+    if traj:
+        alpha = (
+            f"REINFORCE; the policy's mean alpha: start {traj['start']:.4g}, end {traj['end']:.4g}, min "
+            f"{traj['min']:.4g}, max {traj['max']:.4g}"
+        )
+        if traj["paper_final_alpha"] is not None:
+            alpha += f"; the paper's final alpha for this model: {traj['paper_final_alpha']:g}"
+    lines = [
+        f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
+        f"- updated tensors: {', '.join(plan.tensors)}",
+        f"- taps: {list(plan.taps)}",
+        f"- alpha: {alpha}",
+        f"- token reduction: {REDUCTION_WORDS[plan.token_reduction]}",
+        f"- master weights: {plan.master_weights}",
+    ]
+    if plan.tox_balance:
+        balance = BALANCE_WORDS[plan.tox_balance]
+        lines.append(f"- toxicity balance: {balance}; eq. 5 {plan.tox_retain_reduction}med over the probed layers")
+    if "probe_data" in run_json:
+        lines.append(f"- probe data: {run_json['probe_data']['source']} ({run_json['probe_data']['texts']} texts)")
+    steering = {t: c["steering"] for t, c in st.calibration.items() if "steering" in c}
+    if steering:
+        values = ", ".join(f"{t} {c:.4g}" for t, c in steering.items())
+        lines.append(f"- steering c (Adaptive RMU, beta {plan.beta:g}): {values}")
+    return lines
+
+
+def loss_table(rows: list[dict]) -> str:
+    """The losses, alpha, eq. 1's retain share, the moved share and the speed, averaged over the first and the last
+    10% of the steps."""
+
+    def mean(key, part):
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
+    share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan
+    head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
+    keys = ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "moved_share", "tokens_per_s")
+    table = [[key, f"{mean(key, head):.4g}", f"{mean(key, tail):.4g}"] for key in keys]
+    return markdown_table(["quantity", "first 10% of steps", "last 10% of steps"], table)
+
+
+def evaluation_lines(report: dict) -> list[str]:
+    """The before/after table of the evaluation, and for toxicity its protocol and the fluency of the continuations."""
+    from ref.evaluation.evaluate import before_after_table
+
+    lines = ["", "## Evaluation, before and after", "", before_after_table(report["before"], report["after"])]
+    tox = report["details"]["after"]["tasks"].get("rtp")
+    if tox:
+        scorer = report["scorer"]["name"] if report["scorer"] else "none"
+        lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: {scorer}."]
+        r = report.get("fluency_reading")
+        if r:
+            lines += [
+                "",
+                f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
+                f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
+                f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
+                f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
+                "distinct-n (distinct word n-grams / words, over each prompt's samples).",
+            ]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

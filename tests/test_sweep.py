@@ -240,7 +240,7 @@ def test_a_toxicity_point_reports_fluency_and_diversity(tmp_path):
     assert (m["fluency"], m["distinct2"], m["fluency_before"], m["distinct2_before"]) == (18.8, 0.91, 16.7, 0.92)
     row = dict(method="ours", setting="lr=0.001", status="done", steps=1, metrics=m)
     md = sweep.markdown([row], {"ours": row}, "the highest S-unlearning", "toxicity")
-    assert "| fluency ppl | distinct-2 |" in md and "| base | | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
+    assert "| fluency ppl | distinct-2 |" in md and "| base |  | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
     assert "| ours | lr=0.001 | 0.200 | 0.800 | 18.50 | 18.80 | 0.910 | 0.600 | 1 |" in md
 
 

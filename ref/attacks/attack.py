@@ -56,6 +56,7 @@ from ref.io.cli import run_command
 from ref.io.data import PROMPTS_TASK, GoalData, load_goal_data, read_mc, read_prompts, resolve_data_dir
 from ref.io.errors import RefError
 from ref.io.runlog import atomic_write_text, write_json
+from ref.io.tables import cell, markdown_table
 from ref.io.tokenizer import Tokenizer, load_tokenizer
 from ref.model import Transformer
 
@@ -429,8 +430,8 @@ def run_attacks(s: AttackSettings) -> dict:
             result["seconds"] = round(time.time() - t0, 1)
             report["attacks"].setdefault(name, {})[setting.label] = result
             print(
-                f"{name} {setting.label}: {result['seconds']} s; unlearned {fmt(result['unlearned']['U'])}, "
-                f"recovery {fmt(result['recovery']['U'])}, net {fmt(result['net_recovery']['U'])}",
+                f"{name} {setting.label}: {result['seconds']} s; unlearned {cell(result['unlearned']['U'])}, "
+                f"recovery {cell(result['recovery']['U'])}, net {cell(result['net_recovery']['U'])}",
                 flush=True,
             )
     report["worst_case"] = worst_case(report["attacks"])
@@ -452,10 +453,6 @@ def original_values(model_name: str, names: list[str], model: Transformer) -> di
 # ----------------------------------------------------------------------------------------------------- output
 
 
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def setting_label(name: str, label: str, result: dict) -> str:
     return f"layer {result['layer']}" if name == "logitlens" else label
 
@@ -464,33 +461,30 @@ def markdown(report: dict) -> str:
     """One row per attack setting: U of both models under the attack, each model's gain over its unattacked U (on
     the same questions), recovery and net recovery of U, R of both, seconds; then the worst case."""
     u = "U (WMDP acc)" if report["goal"] == "wmdp" else "U (toxicity)"
-    cols = f"attack|setting|{u} base|U unlearned|base gain|unlearned gain|recovery of U|net recovery of U|R base|"
-    lines = [f"| {cols.replace('|', ' | ')}R unlearned | time |", "|---" * 11 + "|"]
-    none = report["no attack"]
-    lines.append(
-        f"| none | | {fmt(none['base']['U'])} | {fmt(none['unlearned']['U'])} | | | | | "
-        f"{fmt(none['base']['R'])} | {fmt(none['unlearned']['R'])} | |"
-    )
+    header = ["attack", "setting", f"{u} base", "U unlearned", "base gain", "unlearned gain", "recovery of U"]
+    header += ["net recovery of U", "R base", "R unlearned", "time"]
+    n = report["no attack"]
+    rows = [["none", "", n["base"]["U"], n["unlearned"]["U"], "", "", "", "", n["base"]["R"], n["unlearned"]["R"], ""]]
     for name, results in report["attacks"].items():
         for label, r in results.items():
-            numbers = [
-                r["base"]["U"],
-                r["unlearned"]["U"],
-                r["gain"]["base"]["U"],
-                r["gain"]["unlearned"]["U"],
-                r["recovery"]["U"],
-                r["net_recovery"]["U"],
-                r["base"]["R"],
-                r["unlearned"]["R"],
-            ]
-            cells = [name, setting_label(name, label, r), *map(fmt, numbers), f"{r['seconds']} s"]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(
+                [
+                    name,
+                    setting_label(name, label, r),
+                    *(r[v]["U"] for v in ("base", "unlearned")),
+                    *(r["gain"][v]["U"] for v in ("base", "unlearned")),
+                    r["recovery"]["U"],
+                    r["net_recovery"]["U"],
+                    *(r[v]["R"] for v in ("base", "unlearned")),
+                    f"{r['seconds']} s",
+                ]
+            )
     w = report["worst_case"]
     worst = "no attack gave a recovery of U"
     if w is not None:
         worst = f"net recovery of U {w['net_recovery']:.3f} under {w['attack']} {w['setting']}"
-        worst += f" (recovery {fmt(w['recovery'])})"
-    return "\n".join(lines) + f"\n\nWorst case: {worst}.\n"
+        worst += f" (recovery {cell(w['recovery'])})"
+    return markdown_table(header, rows) + f"\n\nWorst case: {worst}.\n"
 
 
 def plot(report: dict, path: Path) -> Path:

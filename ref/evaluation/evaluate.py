@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 import time
@@ -42,6 +43,7 @@ from ref.io.data import (
 )
 from ref.io.errors import RefError
 from ref.io.runlog import atomic_write_text, write_json
+from ref.io.tables import markdown_table
 from ref.io.tokenizer import Tokenizer
 from ref.model import Transformer
 
@@ -432,10 +434,10 @@ def report_from_lm_eval(
     return report | pooled_measures(goal, report["tasks"])
 
 
-def before_after_table(before: dict, after: dict) -> list[str]:
+def before_after_table(before: dict, after: dict) -> str:
     """The markdown table of two headline dicts (`headline`): ref.unlearn's summary.md and --from-lm-eval A B."""
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    return lines + [f"| {k} | {v:.3f} | {after.get(k, float('nan')):.3f} |" for k, v in before.items()]
+    rows = [[k, float(v), float(after.get(k, math.nan))] for k, v in before.items()]
+    return markdown_table(["metric", "before", "after"], rows)
 
 
 def _from_lm_eval(paths: list[Path], goal: str, data: GoalData | None, tasks: list[str] | None) -> dict:
@@ -548,7 +550,7 @@ def command(argv: list[str] | None) -> int:
     check(s)
     report = evaluate_lm_eval_results(s) if s.from_lm_eval else evaluate_model(s)
     if "before" in report:  # two lm-eval results files: base, then unlearned
-        print("\n".join(before_after_table(report["before"], report["after"])))
+        print(before_after_table(report["before"], report["after"]))
     else:
         print_report(report)
     if "samples_file" in report:

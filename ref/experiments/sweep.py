@@ -59,6 +59,7 @@ from ref.io.cli import run_command
 from ref.io.data import GOALS, load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.io.errors import RefError, Stopped
 from ref.io.runlog import CUT_START, atomic_write_text, read_metrics, write_json
+from ref.io.tables import cell, markdown_table
 from ref.run.options import accepted, grid_keys, parse_text
 from ref.run.plan import EVAL_SAMPLES, METHODS, Settings, given, tox_balance
 from ref.run.plan import resolve as resolve_plan
@@ -261,10 +262,6 @@ def select(rows: list[dict], budget: float | None, metric: str = "accuracy") -> 
 # ---------------------------------------------------------------------------------------------------- tables
 
 
-def fmt(v, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
 def estimate(rows: list[dict], method: str) -> tuple[float, float] | None:
     """(seconds a training step, seconds of the rest of a point: loading, evaluation, saving) from the finished
     points of `method` (of any method when it has none yet), or None without any finished point."""
@@ -286,15 +283,15 @@ def guess(rows: list[dict], r: dict) -> float | None:
 def plan_text(rows: list[dict], base: Settings) -> str:
     """The sweep's plan: every point, its steps and state, and the time the points still to run should take."""
     todo = [r for r in rows if runnable(r["status"])]
-    lines = [
-        f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
-        "| # | point | steps | state | estimate |",
-        "|---|---|---|---|---|",
-    ]
+    points = []
     for i, r in enumerate(rows, 1):
         secs = guess(rows, r)
         when = "" if r not in todo else "unknown" if secs is None else f"{secs:.0f} s"
-        lines.append(f"| {i} | {r['name']} | {r['steps'] or 'unknown'} | {r['status']} | {when} |")
+        points.append([i, r["name"], r["steps"] or "unknown", r["status"], when])
+    lines = [
+        f"sweep: {base.goal} on {base.model}, {len(rows)} points ({len(todo)} to run)",
+        markdown_table(["#", "point", "steps", "state", "estimate"], points),
+    ]
     secs = [guess(rows, r) for r in todo]
     if None in secs:
         total = "unknown until the first point finishes (then printed after every point)"
@@ -309,37 +306,29 @@ def plan_text(rows: list[dict], base: Settings) -> str:
 def markdown(rows: list[dict], selection: dict, rule: str, goal: str) -> str:
     """The points table (base row first) and the selection (matched-retain) table."""
     u_name = "expected max toxicity" if goal == "toxicity" else "forget accuracy"
-    head = (
-        f"| method | setting | U ({u_name}) | R (retain accuracy) | retain perplexity | fluency ppl | "
-        "distinct-2 | S | steps | train s | eval s | status |"
-    )
-    lines = [head, "|" + "---|" * 12]
+    header = ["method", "setting", f"U ({u_name})", "R (retain accuracy)", "retain perplexity", "fluency ppl"]
+    header += ["distinct-2", "S", "steps", "train s", "eval s", "status"]
+    points = []
     first = next((r["metrics"] for r in rows if r.get("metrics")), None)
     if first:
-        lines.append(
-            f"| base | | {fmt(first['U_before'])} | {fmt(first['R_before'])} | {fmt(first['ppl_before'], 2)} "
-            f"| {fmt(first.get('fluency_before'), 2)} | {fmt(first.get('distinct2_before'))} "
-            f"| {fmt(first['S_before'])} | | | | |"
-        )
+        before = [first["U_before"], first["R_before"], cell(first["ppl_before"], 2)]
+        before += [cell(first.get("fluency_before"), 2), first.get("distinct2_before"), first["S_before"]]
+        points.append(["base", "", *before, "", "", "", ""])
     for r in rows:
         m = r.get("metrics") or {}
+        after = [m.get("U"), m.get("R"), cell(m.get("ppl"), 2), cell(m.get("fluency"), 2), m.get("distinct2")]
+        seconds = [cell(m.get("train_s"), 0), cell(m.get("eval_s"), 0)]
         status = r["status"].split(":")[0]
-        lines.append(
-            f"| {r['method']} | {r['setting']} | {fmt(m.get('U'))} | {fmt(m.get('R'))} | "
-            f"{fmt(m.get('ppl'), 2)} | {fmt(m.get('fluency'), 2)} | {fmt(m.get('distinct2'))} | "
-            f"{fmt(m.get('S'))} | {m.get('steps', r['steps'])} | "
-            f"{fmt(m.get('train_s'), 0)} | {fmt(m.get('eval_s'), 0)} | {status} |"
-        )
-    lines += ["", f"Selected ({rule}):", "", "| method | setting | U | R | retain perplexity | S |", "|" + "---|" * 6]
+        points.append([r["method"], r["setting"], *after, m.get("S"), m.get("steps", r["steps"]), *seconds, status])
+    chosen = []
     for method, r in selection.items():
         if r is None:
-            lines.append(f"| {method} | none qualifies | | | | |")
+            chosen.append([method, "none qualifies", "", "", "", ""])
         else:
             m = r["metrics"]
-            lines.append(
-                f"| {method} | {r['setting']} | {fmt(m['U'])} | {fmt(m['R'])} | {fmt(m['ppl'], 2)} | {fmt(m['S'])} |"
-            )
-    return "\n".join(lines) + "\n"
+            chosen.append([method, r["setting"], m["U"], m["R"], cell(m["ppl"], 2), m["S"]])
+    selected = markdown_table(["method", "setting", "U", "R", "retain perplexity", "S"], chosen)
+    return f"{markdown_table(header, points)}\n\nSelected ({rule}):\n\n{selected}\n"
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep

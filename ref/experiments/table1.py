@@ -28,6 +28,7 @@ from ref.io.cli import run_command
 from ref.io.data import GOALS, PROMPTS_TASK, resolve_data_dir
 from ref.io.errors import RefError
 from ref.io.runlog import atomic_write_text, read_run_json, write_json
+from ref.io.tables import cell, markdown_table
 from ref.run.plan import METHODS, Settings
 from ref.unlearn import unlearn
 
@@ -162,28 +163,19 @@ def cells(report: dict) -> dict:
     return out
 
 
-def fmt(v) -> str:
-    """A cell: "-" when missing, text as it is, a list as a/b/c, a number with 3 decimals (a perplexity with 1)."""
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, list):
-        return "/".join(f"{x:.2f}" for x in v)
-    return f"{v:.1f}" if v >= 10 else f"{v:.3f}"
+DIGITS = {"fluency": 1, "distinct": 2}  # decimals of a cell (3 unless named here)
 
 
 def markdown(table: dict, attacks: list[str] = ()) -> str:
     extra = [f"U after {a}" for a in attacks] + (["worst recovery"] if attacks else [])
     keys = {g: [k for k, _ in COLUMNS[g]] + extra for g in GOALS}
-    names = {g: [c for _, c in COLUMNS[g]] + extra for g in GOALS}
-    head = "| model | method | " + " | ".join(f"{g}: {c}" for g in GOALS for c in names[g]) + " |"
-    lines = [head, "|" + "---|" * (2 + sum(len(k) for k in keys.values()))]
+    header = ["model", "method", *(f"{g}: {c}" for g in GOALS for c in [c for _, c in COLUMNS[g]] + extra)]
+    rows = []
     for model, goals in table.items():
         for row in ("base", *METHODS):
-            vals = [fmt(goals.get(g, {}).get(row, {}).get(k)) for g in GOALS for k in keys[g]]
-            lines.append(f"| {model} | {row} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+            values = [cell(goals.get(g, {}).get(row, {}).get(k), DIGITS.get(k, 3)) for g in GOALS for k in keys[g]]
+            rows.append([model, row, *values])
+    return markdown_table(header, rows) + "\n"
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

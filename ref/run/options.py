@@ -14,6 +14,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from ref.io.errors import RefError
+from ref.io.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,10 @@ def resumable(cls: type) -> frozenset[str]:
 def options_table(cls: type) -> str:
     """The markdown table of every option: flag, default, where it applies, what it does, whether a sweep's grid may
     vary it and whether a resume may change it."""
-    lines = ["| option | default | applies to | meaning | sweep | resume |", "|---|---|---|---|---|---|"]
+    rows = []
     for f, opt in options(cls):
         default = opt.shown or ("off" if f.default is False else "on" if f.default is True else f"`{f.default}`")
         choices = f" (one of {', '.join(opt.choices)})" if opt.choices else ""
         sweep, resume = ("yes" if b else "" for b in (opt.sweep, opt.resume))
-        row = [f"`{flag(f, opt)}`", default, opt.where or "all", opt.help + choices, sweep, resume]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"`{flag(f, opt)}`", default, opt.where or "all", opt.help + choices, sweep, resume])
+    return markdown_table(["option", "default", "applies to", "meaning", "sweep", "resume"], rows) + "\n"
