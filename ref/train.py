@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ref.io.data import GoalData, batches
 from ref.io.errors import RefError, Stopped

@@ -13,10 +13,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import tqdm
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 from ref.attacks.lora import LoRA
 from ref.io.data import batches

@@ -15,9 +15,9 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import tqdm
 from torch import Tensor
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ref.evaluation.mc import LETTERS, cloze_prompt, encode_pair, mc_prompt
 from ref.io.errors import RefError

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from huggingface_hub.utils import tqdm
 
 from ref.io.errors import RefError
 from ref.io.tokenizer import Tokenizer, left_pad

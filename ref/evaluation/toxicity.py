@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tqdm import tqdm
+from huggingface_hub.utils import tqdm
 
 from ref.evaluation.fluency import continuation_perplexities, diversity_metrics, fluency_metrics, logprob_perplexities
 from ref.evaluation.generate import generate, sample_continuations
