@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ref.config import read_config
+from ref.config import ModelConfig, read_config
 from ref.experiments.claim import CLAIM_FILES
 from ref.experiments.launch import (
     LAUNCHERS,
@@ -61,7 +61,7 @@ from ref.io.errors import RefError, Stopped
 from ref.io.runlog import CUT_START, atomic_write_text, read_metrics, write_json
 from ref.io.tables import cell, markdown_table
 from ref.run.options import accepted, grid_keys, parse_text
-from ref.run.plan import EVAL_SAMPLES, METHODS, Settings, given, tox_balance
+from ref.run.plan import EVAL_SAMPLES, METHODS, Plan, Settings, given, tox_balance
 from ref.run.plan import resolve as resolve_plan
 from ref.train import schedule
 from ref.unlearn import architecture
@@ -352,12 +352,54 @@ def sweep(
     check_sweep_folder(out)
     cfg = architecture(base.model) if dry_run else read_config(resolve(base.model))  # a dry run downloads nothing
     points = expand(base, grid, out, cfg.num_layers)
+    rows, plans = checked_points(points, base, out, cfg, dry_run)
+    print(plan_text(rows, base), flush=True)
+    if launcher.kind == "slurm":  # a task asks for what the largest point needs, unless told
+        gpus = max(gpus_needed(plan, cfg) for plan in plans)
+        launcher = replace(launcher, gpus_per_task=given(launcher.gpus_per_task, gpus))
+        print(
+            f"slurm: a job array of {sum(runnable(r['status']) for r in rows)} tasks, {launcher.gpus_per_task} "
+            "GPUs a task",
+            flush=True,
+        )
+    record = dict(
+        model=base.model,
+        goal=base.goal,
+        budget=budget,
+        retain_metric=metric,
+        grid={m: {k: v for k, v in g.items()} for m, g in grid.items()},
+        points=rows,
+    )
+    if dry_run:
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    finish(record, out, budget, metric)  # before any point runs: --status and --collect read it
+    spread = launcher.kind == "slurm" and launcher.gpus_per_task > 1 and base.device is None
+    device = "auto" if spread else None  # a point over several GPUs: its blocks placed over them
+    todo = [p for p, r in zip(points, rows, strict=True) if runnable(r["status"])]
+    try:
+        tasks = [Task(p.name, p.settings, str(log_path(out, p.name)), device) for p in todo]
+        run_points(tasks, out, launcher, budget, metric, stop_after)
+    except KeyboardInterrupt:
+        collect(out, budget, metric)
+        raise Stopped(STOPPED[launcher.kind].format(out=out)) from None
+    except Exception:  # the sequential launcher stops at a point's error, as a single run does
+        collect(out, budget, metric)
+        raise
+    return collect(out, budget, metric)
+
+
+def checked_points(
+    points: list[Point], base: Settings, out: Path, cfg: ModelConfig, dry_run: bool
+) -> tuple[list[dict], list[Plan]]:
+    """Every point checked before the first one runs (its plan, its folder, its data): its row of sweep.json (the
+    measures of a finished one included) and its plan."""
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise RefError("--grid gives two points the same settings; remove the repeat")
     data_cache: dict = {}
     rows, plans = [], []
-    for p in points:  # everything checked before the first point runs
+    for p in points:
         try:
             plan = resolve_plan(p.settings, cfg)
         except RefError as e:
@@ -383,48 +425,19 @@ def sweep(
     for r in rows:
         if r["status"] == "done":
             r["metrics"] = measures(Path(r["folder"]))
-    print(plan_text(rows, base), flush=True)
-    if launcher.kind == "slurm":  # a task asks for what the largest point needs, unless told
-        gpus = max(gpus_needed(plan, cfg) for plan in plans)
-        launcher = replace(launcher, gpus_per_task=given(launcher.gpus_per_task, gpus))
-        print(
-            f"slurm: a job array of {sum(runnable(r['status']) for r in rows)} tasks, {launcher.gpus_per_task} "
-            "GPUs a task",
-            flush=True,
-        )
-    record = dict(
-        model=base.model,
-        goal=base.goal,
-        budget=budget,
-        retain_metric=metric,
-        grid={m: {k: v for k, v in g.items()} for m, g in grid.items()},
-        points=rows,
-    )
-    if dry_run:
-        return record
-    out.mkdir(parents=True, exist_ok=True)
-    finish(record, out, budget, metric)  # before any point runs: --status and --collect read it
-    spread = launcher.kind == "slurm" and launcher.gpus_per_task > 1 and base.device is None
-    device = "auto" if spread else None  # a point over several GPUs: its blocks placed over them
-    tasks = [
-        Task(p.name, p.settings, str(log_path(out, p.name)), device)
-        for p, r in zip(points, rows, strict=True)
-        if runnable(r["status"])
-    ]
-    try:
-        if launcher.kind == "local":
-            run_local(tasks, launcher)
-        elif launcher.kind == "slurm":
-            run_slurm(tasks, out, launcher)
-        else:
-            run_here(tasks, out, budget, metric, stop_after)
-    except KeyboardInterrupt:
-        collect(out, budget, metric)
-        raise Stopped(STOPPED[launcher.kind].format(out=out)) from None
-    except Exception:  # the sequential launcher stops at a point's error, as a single run does
-        collect(out, budget, metric)
-        raise
-    return collect(out, budget, metric)
+    return rows, plans
+
+
+def run_points(
+    tasks: list[Task], out: Path, launcher: Launcher, budget: float | None, metric: str, stop_after: int | None
+) -> None:
+    """The tasks through the launcher: in this process, in local workers, or as a SLURM job array."""
+    if launcher.kind == "local":
+        run_local(tasks, launcher)
+    elif launcher.kind == "slurm":
+        run_slurm(tasks, out, launcher)
+    else:
+        run_here(tasks, out, budget, metric, stop_after)
 
 
 # What Ctrl-C leaves, by launcher.
@@ -587,7 +600,7 @@ def selected_settings(path: Path, model: str, goal: str) -> dict[str, dict]:
     return chosen
 
 
-def command(argv: list[str] | None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ref.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=Settings.model, help="registry alias, local model folder, or hub id")
     p.add_argument("--goal", default=Settings.goal, choices=GOALS)
@@ -658,7 +671,11 @@ def command(argv: list[str] | None) -> int:
         default=None,
         help="one line for each point of SWEEP_DIR: done, running where, failed why, not started",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def command(argv: list[str] | None) -> int:
+    a = parser().parse_args(argv)
     if a.status:
         print("\n".join(status_lines(Path(a.status))))
         return 0
