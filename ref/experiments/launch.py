@@ -34,9 +34,9 @@ from ref.io.cli import run_command
 from ref.io.errors import RefError
 from ref.io.placement import parse_devices
 from ref.io.runlog import CUT_START, holds_files, write_json
+from ref.run.divergence import Diverged
 from ref.run.memory import estimate_peak_bytes
 from ref.run.plan import EVAL_OVERHEAD, GPU_BYTES, Plan, Settings
-from ref.train import Diverged
 from ref.unlearn import unlearn
 
 LAUNCHERS = ("sequential", "local", "slurm")
