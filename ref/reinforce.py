@@ -135,10 +135,3 @@ class AlphaPolicy(nn.Module):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.baseline, self.steps = state["baseline"], state["steps"]
-
-
-def alpha_trajectory(alpha0: float, rows: list[dict]) -> dict[str, float]:
-    """The policy's mean alpha exp(mu) over a run, from alpha0 through each step's logged `policy_mean`: start, end,
-    min and max."""
-    path = [alpha0, *(r["policy_mean"] for r in rows if "policy_mean" in r)]
-    return dict(start=path[0], end=path[-1], min=min(path), max=max(path))

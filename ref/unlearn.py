@@ -51,7 +51,6 @@ from ref.io.validate import same_or_inside
 from ref.model import Transformer
 from ref.objectives import random_directions
 from ref.probe import Probe, fit_layer_probes
-from ref.reinforce import alpha_trajectory
 from ref.run.options import add_arguments, resumable
 from ref.run.plan import (
     BALANCE_WORDS,
@@ -320,6 +319,13 @@ def stop_on_ctrl_c() -> Iterator:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def alpha_trajectory(alpha0: float, rows: list[dict]) -> dict[str, float]:
+    """The policy's mean alpha exp(mu) over a run, from alpha0 through each step's logged `policy_mean`: start, end,
+    min and max."""
+    path = [alpha0, *(r["policy_mean"] for r in rows if "policy_mean" in r)]
+    return dict(start=path[0], end=path[-1], min=min(path), max=max(path))
 
 
 def versions() -> dict:
