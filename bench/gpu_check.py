@@ -92,7 +92,7 @@ def golden(device: str) -> list[dict]:
 
 def big_step(arch: str, dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
     """One WMDP step of `arch` with only the embedding and blocks 0..TAP materialised (random weights)."""
-    from ref.config import config_from_dict
+    from ref.io.config_json import config_from_dict
     from ref.io.registry import REGISTRY
     from ref.run.memory import estimate_peak_bytes
     from ref.run.plan import Settings, resolve

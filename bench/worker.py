@@ -93,8 +93,8 @@ def run(impl: str, dtype: str, steps: int, out: str) -> dict:
     """A whole `ref.unlearn` run (SmolLM2, WMDP demo data, ours, no evaluation, eager losses): the subset load it does
     (embedding + blocks 0..7) or, monkeypatched, a load of every block. Also returns the plan's estimate."""
     import ref.unlearn as U
-    from ref.config import read_config
     from ref.io.checkpoint import resolve
+    from ref.io.config_json import read_config
     from ref.run.memory import estimate_peak_bytes
     from ref.run.plan import Settings
     from ref.run.plan import resolve as resolve_plan

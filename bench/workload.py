@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-from ref.config import config_from_dict
+from ref.io.config_json import config_from_dict
 from ref.io.data import load_goal_data, resolve_data_dir
 from ref.io.registry import REGISTRY, local_model_dir
 from ref.model import Transformer

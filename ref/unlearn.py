@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
+from ref.config import DTYPES, ModelConfig
 from ref.io import validate
 from ref.io.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
 from ref.io.cli import run_command
+from ref.io.config_json import config_from_dict, read_config
 from ref.io.data import GOALS, GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
 from ref.io.errors import DiskFull, RefError
 from ref.io.registry import REGISTRY, paper_final_alpha

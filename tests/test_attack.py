@@ -162,7 +162,7 @@ def test_every_attack_end_to_end(tiny_runs, data_dir, attack_data, tmp_path, cap
 
 
 def test_the_default_set_is_every_attack_that_applies(tiny_dirs, tiny_runs, data_dir):  # noqa: F811
-    from ref.config import read_config
+    from ref.io.config_json import read_config
 
     assert attack.applicable(tiny_runs / "wmdp") == attack.ATTACKS
     assert attack.applicable(tiny_runs / "toxicity") == ("relearn", "ablate", "quantize", "prune")
@@ -254,7 +254,7 @@ def test_a_missing_or_unfinished_run_folder_is_named(tiny_runs, tmp_path, capsys
 def test_dry_run_estimates_the_training_attacks(tiny_dirs, capsys):
     import ref
     from ref.attacks.lora import LoRA
-    from ref.config import read_config
+    from ref.io.config_json import read_config
     from ref.run.memory import logit_lens_peak_bytes, lora_peak_bytes, softprompt_peak_bytes, total_params
 
     model = ref.load_model(tiny_dirs["llama"], device="cpu")

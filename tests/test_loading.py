@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ref
-from ref.config import config_from_dict, read_config
 from ref.io.checkpoint import resolve, save_model
+from ref.io.config_json import config_from_dict, read_config
 from ref.io.errors import RefError
 from ref.model import Transformer
 from ref.rope import inverse_frequencies

@@ -13,7 +13,7 @@ import pytest
 import ref
 import ref.io.errors
 import ref.unlearn as U
-from ref.config import config_from_dict, read_config
+from ref.io.config_json import config_from_dict, read_config
 from ref.io.data import resolve_data_dir
 from ref.io.registry import REGISTRY
 from ref.run.memory import estimate_peak_bytes, total_params

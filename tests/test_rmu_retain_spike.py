@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from data_prep.smollm2 import prepare_smollm2
-from ref.config import read_config
 from ref.io.checkpoint import load_model
+from ref.io.config_json import read_config
 from ref.io.data import GoalData, batches, load_goal_data, resolve_data_dir
 from ref.io.tokenizer import load_tokenizer
 from ref.losses import rmu_retain_loss

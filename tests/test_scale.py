@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref.config import config_from_dict
 from ref.evaluation.generate import generate
 from ref.io.checkpoint import load_model, load_rest, resolve, save_model, shard_files
+from ref.io.config_json import config_from_dict
 from ref.io.data import resolve_data_dir
 from ref.io.errors import RefError
 from ref.io.placement import parse_devices, split_blocks

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ref.attacks.recovery import gain, net_recovery, recovery, worst_case
-from ref.config import ModelConfig, read_config
+from ref.config import ModelConfig
 from ref.evaluation.evaluate import available_tasks, headline, pooled_measures
 from ref.evaluation.mc import mc_accuracy, split_shots
 from ref.evaluation.scorers import make_scorer
@@ -53,6 +53,7 @@ from ref.evaluation.toxicity import toxicity_eval
 from ref.io import validate
 from ref.io.checkpoint import load_model, resolve, shard_files
 from ref.io.cli import run_command
+from ref.io.config_json import read_config
 from ref.io.data import PROMPTS_TASK, GoalData, load_goal_data, read_mc, read_prompts, resolve_data_dir
 from ref.io.errors import RefError
 from ref.io.runlog import atomic_write_text, write_json

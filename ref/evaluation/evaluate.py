@@ -623,8 +623,8 @@ def evaluate_model(s: EvaluateSettings) -> dict:
 
 def check_scorer_layer(layer: int | None, base_name: str) -> None:
     """--scorer-layer, when given, is a layer of the scorer's base model."""
-    from ref.config import read_config
     from ref.io.checkpoint import resolve
+    from ref.io.config_json import read_config
 
     if layer is None:
         return

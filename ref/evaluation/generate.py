@@ -285,8 +285,8 @@ def check(s: GenerateSettings) -> None:
 
 def continuations(s: GenerateSettings) -> list[str]:
     """Each prompt followed by its continuation; the prompts and the new tokens must fit the model's positions."""
-    from ref.config import read_config
     from ref.io.checkpoint import load_model, resolve
+    from ref.io.config_json import read_config
     from ref.io.errors import RefError
     from ref.io.tokenizer import load_tokenizer
 

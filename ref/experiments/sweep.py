@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ref.config import ModelConfig, read_config
+from ref.config import ModelConfig
 from ref.experiments.claim import CLAIM_FILES
 from ref.experiments.launch import (
     LAUNCHERS,
@@ -56,6 +56,7 @@ from ref.experiments.launch import (
 from ref.io import validate
 from ref.io.checkpoint import resolve
 from ref.io.cli import run_command
+from ref.io.config_json import read_config
 from ref.io.data import GOALS, load_goal_data, prepared_hub_dir, resolve_data_dir
 from ref.io.errors import RefError, Stopped
 from ref.io.runlog import CUT_START, atomic_write_text, read_metrics, write_json

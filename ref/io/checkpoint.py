@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ref.config import DTYPES, read_config
+from ref.config import DTYPES
+from ref.io.config_json import read_config
 from ref.io.errors import DiskFull, RefError, disk_full
 from ref.io.placement import Placement, placement
 from ref.io.registry import REGISTRY, local_model_dir
