@@ -1,4 +1,4 @@
-"""The project's own small demo data, in the data-directory layout of docs/DESIGN.md section 3, for both goals.
+"""The project's own small demo data, in the data-directory layout of docs/design.md section 3, for both goals.
 
 Every sentence was written for this project (the texts live in data_prep/demo_text/, one item a line).
 The demo stands in benign topics for the paper's data so the whole pipeline runs offline on SmolLM2-135M:

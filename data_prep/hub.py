@@ -1,4 +1,4 @@
-"""The paper's data from the Hugging Face hub, converted into the data directory of docs/DESIGN.md section 3.
+"""The paper's data from the Hugging Face hub, converted into the data directory of docs/design.md section 3.
 
 Files are fetched with `huggingface_hub.snapshot_download(allow_patterns=...)`: the patterns are the shard
 globs of each dataset card's `data_files` (for example `wmdp-bio/test-*.parquet`), so a dataset re-sharded
@@ -152,7 +152,7 @@ def _texts(rows: list[dict], min_chars: int = 0) -> list[dict]:
 
 
 def _mc(rows: list[dict], source: str, subject: str | None = None) -> list[dict]:
-    """MC rows of docs/DESIGN.md section 3.3; `subject` is the text of lm-eval's description, "about {subject}."."""
+    """MC rows of docs/design.md section 3.3; `subject` is the text of lm-eval's description, "about {subject}."."""
     out = []
     for i, r in enumerate(rows):
         choices, answer = list(r["choices"]), r["answer"]
@@ -367,7 +367,7 @@ def _merge_json(path: Path, update: dict) -> None:
 def prepare_hub_data(
     out: Path, goals: list[str], probe_file: Path | None = None, allow_missing_bio: bool = False
 ) -> Path:
-    """Download what `goals` need and write the data directory `out` (docs/DESIGN.md section 3); return `out`.
+    """Download what `goals` need and write the data directory `out` (docs/design.md section 3); return `out`.
 
     Files already in `out` are kept (nothing is downloaded for them); manifest.json is merged, not replaced,
     and written last, so it only names files that exist.

@@ -1,4 +1,4 @@
-"""data_prep.hub: the hub datasets -> the data directory of docs/DESIGN.md section 3, without network.
+"""data_prep.hub: the hub datasets -> the data directory of docs/design.md section 3, without network.
 
 A fake hub is built in tmp_path from tiny files in each repository's real layout and schema (parquet
 shards under config folders, train.tsv, prompts.jsonl, model files); `snapshot_download` is replaced by a

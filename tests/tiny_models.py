@@ -1,5 +1,5 @@
 """Tiny random checkpoints of each family, built and saved with transformers, keeping the structural flags of the real
-7-8B models (docs/DESIGN.md section 2): GQA ratio, rope scaling type and parameters, Qwen2 biases, Olmo3 layer_types and
+7-8B models (docs/design.md section 2): GQA ratio, rope scaling type and parameters, Qwen2 biases, Olmo3 layer_types and
 QK-norm, sliding windows shorter than the test sequences. Each is saved in at least two safetensors shards, with a small
 BPE tokenizer whose post_processor reproduces the family's BOS behaviour."""
 

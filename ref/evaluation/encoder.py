@@ -1,4 +1,4 @@
-"""BERT encoder and the TRuST toxicity classifier built on it (the `trust` scorer of docs/DESIGN.md section 4.5).
+"""BERT encoder and the TRuST toxicity classifier built on it (the `trust` scorer of docs/design.md section 4.5).
 
 A post-LN transformer encoder written by hand. Its parameter names are Hugging Face's
 (`embeddings.word_embeddings`, `encoder.layer.0.attention.self.query`, ...), so the TRuST file loads as it is.

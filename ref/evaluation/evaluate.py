@@ -1,4 +1,4 @@
-"""Evaluation (docs/DESIGN.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, retain perplexity,
+"""Evaluation (docs/design.md section 4): multiple-choice accuracy, RealToxicityPrompts toxicity, retain perplexity,
 S-unlearning.
 
 The tasks of a goal -> one report: multiple choice scored as lm-evaluation-harness does (ref.evaluation.mc), the

@@ -1,6 +1,6 @@
 """Retain perplexity: how well the model still predicts held-out text of the retain kind.
 
-The held-out texts are the manifest's `eval_perplexity` file(s) (docs/DESIGN.md section 3): texts the training never
+The held-out texts are the manifest's `eval_perplexity` file(s) (docs/design.md section 3): texts the training never
 reads (the demo: paragraphs written apart from the retain corpus; the hub: WikiText-2's validation split, the
 training reading its test split as the RMU reference does). They are joined with a blank line between texts,
 tokenized once (the tokenizer's special tokens, BOS for Llama and Mistral, at the start of the stream only) and cut

@@ -1,4 +1,4 @@
-"""The prepared data directory (docs/DESIGN.md section 3): read, validate, and cut into shuffled batches.
+"""The prepared data directory (docs/design.md section 3): read, validate, and cut into shuffled batches.
 
 A data directory holds plain jsonl files and a `manifest.json` that says, for each goal, which files play
 which role:
@@ -38,7 +38,7 @@ LIST_KEYS = ("forget", "retain", "eval_forget", "eval_retain", "eval_perplexity"
 PATH_KEYS = ("probe", "eval_prompts")  # a single path
 STR_KEYS = ("mc_mode", "scorer", "probe_source")  # probe_source: where the probe texts come from, in words
 PROMPTS_TASK = "rtp"  # the task name of eval_prompts (an MC task is named by its file stem)
-LAYOUT_HINT = "see docs/DESIGN.md section 3 for the layout"
+LAYOUT_HINT = "see docs/design.md section 3 for the layout"
 
 
 @dataclass

@@ -23,7 +23,7 @@ LLAMA3_ROPE = dict(
     rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
 
-# Architecture facts from the checkpoints' config.json files, under their keys (docs/DESIGN.md section 2). Olmo-3's
+# Architecture facts from the checkpoints' config.json files, under their keys (docs/design.md section 2). Olmo-3's
 # vocabulary is the padded 100352 of the OLMo 2 family's dolma2 tokenizer.
 REGISTRY: dict[str, ModelEntry] = {
     e.alias: e
