@@ -15,8 +15,8 @@ are attacked the same way and evaluated on the run's tasks.
 - softprompt (Schwinn et al. 2024, arXiv 2402.09063): k input embeddings trained on a T split of the forget
   questions with the model frozen, scored on the V split (ref.attacks.softprompt).
 - logitlens (Lucki et al.): the questions scored on each layer's residual stream through the final norm and LM head
-  (ref.attacks.logit_lens); the table's row is the layer where the unlearned model answers best, logitlens.png every
-  layer.
+  (ref.attacks.logit_lens); the table's row is the layer where the unlearned model answers best, logitlens.png
+  every layer.
 - prune (Lucki et al., after Wei et al. 2024): zero the weights important for the forget texts and not for the
   retain texts (ref.attacks.prune).
 
