@@ -34,8 +34,19 @@ def forward_with_cache(model, inputs: dict, module: torch.nn.Module, no_grad: bo
 
 
 class BaselineRMU:
-    def __init__(self, updated, frozen, tok, tap: int, update_layers: list[int], lr: float, steering: float,
-                 alpha: float, max_len: int, lean: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        updated,
+        frozen,
+        tok,
+        tap: int,
+        update_layers: list[int],
+        lr: float,
+        steering: float,
+        alpha: float,
+        max_len: int,
+        lean: bool = False,
+    ):
         self.updated, self.frozen, self.tok, self.max_len, self.alpha = (
             updated.train(),
             frozen.eval(),

@@ -28,10 +28,10 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bench import measure, workload  # noqa: E402
-from bench.run import BATCH, SEQ, TAP, rows_random, table  # noqa: E402
+from bench import measure, workload
+from bench.run import BATCH, SEQ, TAP, rows_random, table
 
 GiB = 2**30
 BF16_ATOL = 0.1
@@ -40,8 +40,16 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Cats and dogs", "Unl
 
 def check(name: str, metric: str, ours: float, limit: float, **info) -> dict:
     """A row of the table where `ours` must stay at or below `limit` (ratio = ours / limit)."""
-    return dict(name=name, metric=metric, ours=ours, baseline=limit, ratio=ours / limit if limit else 0.0,
-                target=1.0, passed=ours <= limit, **info)  # fmt: skip
+    return dict(
+        name=name,
+        metric=metric,
+        ours=ours,
+        baseline=limit,
+        ratio=ours / limit if limit else 0.0,
+        target=1.0,
+        passed=ours <= limit,
+        **info,
+    )
 
 
 def golden(device: str) -> list[dict]:
@@ -69,18 +77,25 @@ def golden(device: str) -> list[dict]:
                 ours = load_model(folder, dtype="bfloat16", device=device)(ids, mask).logits.float()[real]
             d_ours, d_theirs = (ours - truth).abs().max().item(), (theirs - truth).abs().max().item()
             d_pair = (ours - theirs).abs().max().item()
-            rows.append(check(f"golden bf16 {family}: |ours - transformers fp32|", "max abs", d_ours,
-                              1.5 * d_theirs + 1e-2, transformers_bf16_vs_fp32=d_theirs))  # fmt: skip
+            rows.append(
+                check(
+                    f"golden bf16 {family}: |ours - transformers fp32|",
+                    "max abs",
+                    d_ours,
+                    1.5 * d_theirs + 1e-2,
+                    transformers_bf16_vs_fp32=d_theirs,
+                )
+            )
             rows.append(check(f"golden bf16 {family}: |ours - transformers bf16|", "max abs", d_pair, BF16_ATOL))
     return rows
 
 
 def big_step(arch: str, dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
     """One WMDP step of `arch` with only the embedding and blocks 0..TAP materialised (random weights)."""
-    from ref.config import config_from_dict
-    from ref.memory import estimate_peak_bytes
-    from ref.plan import Settings, resolve
-    from ref.registry import REGISTRY
+    from ref.io.config_json import config_from_dict
+    from ref.io.registry import REGISTRY
+    from ref.run.memory import estimate_peak_bytes
+    from ref.run.plan import Settings, resolve
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -95,13 +110,26 @@ def big_step(arch: str, dtype: torch.dtype, device: str, repeats: int) -> list[d
     cfg = config_from_dict(REGISTRY[arch].arch)
     s = Settings(model=arch, tap_layer=TAP, update_layers=workload.update_layers(TAP), max_len=SEQ, batch_size=BATCH)
     est = estimate_peak_bytes(cfg, resolve(s, cfg), torch.finfo(dtype).bits // 8)["ours"] / GiB
-    info = dict(dtype=str(dtype).removeprefix("torch."), shapes=dict(arch=arch, blocks_loaded=TAP + 1, batch=BATCH,
-                seq=SEQ, tap_layer=TAP, weights="random"))  # fmt: skip
-    rows = [dict(name=f"{arch}: WMDP step, blocks 0..{TAP} on one device", metric="time s", ours=t["median"],
-                 baseline=float("nan"), ratio=float("nan"), target=None, passed=None, **info)]  # fmt: skip
+    info = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        shapes=dict(arch=arch, blocks_loaded=TAP + 1, batch=BATCH, seq=SEQ, tap_layer=TAP, weights="random"),
+    )
+    rows = [
+        dict(
+            name=f"{arch}: WMDP step, blocks 0..{TAP} on one device",
+            metric="time s",
+            ours=t["median"],
+            baseline=float("nan"),
+            ratio=float("nan"),
+            target=None,
+            passed=None,
+            **info,
+        )
+    ]
     if cuda:
-        rows.append(check(f"{arch}: same step, peak GPU memory vs 80 GiB", "peak GiB", peak, 80.0, estimate_GiB=est,
-                          **info))  # fmt: skip
+        rows.append(
+            check(f"{arch}: same step, peak GPU memory vs 80 GiB", "peak GiB", peak, 80.0, estimate_GiB=est, **info)
+        )
     return rows
 
 
@@ -120,12 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     t0, rows = time.perf_counter(), []
-    info = dict(machine=measure.machine(), commit=measure.commit(),
-                gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else None)  # fmt: skip
-    for part, fn in (("golden", lambda: golden(a.device)),
-                     ("step", lambda: rows_random(argparse.Namespace(arch=a.step_arch, dtype=a.dtype, device=a.device,
-                                                                     repeats=a.repeats))),
-                     ("big", lambda: big_step(a.big_arch, getattr(torch, a.dtype), a.device, a.repeats))):  # fmt: skip
+    info = dict(
+        machine=measure.machine(),
+        commit=measure.commit(),
+        gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+    )
+    for part, fn in (
+        ("golden", lambda: golden(a.device)),
+        (
+            "step",
+            lambda: rows_random(
+                argparse.Namespace(arch=a.step_arch, dtype=a.dtype, device=a.device, repeats=a.repeats)
+            ),
+        ),
+        ("big", lambda: big_step(a.big_arch, getattr(torch, a.dtype), a.device, a.repeats)),
+    ):
         t1 = time.perf_counter()
         rows += fn()
         print(f"[gpu-check] {part}: {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)

@@ -83,8 +83,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    out = dict(cpu=cpu, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-               python=platform.python_version())  # fmt: skip
+    out = dict(
+        cpu=cpu,
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -1,14 +1,15 @@
 """Where the time of the toxicity sampling goes: the bench's sampling workload (8 demo prompts x 25 samples x 20
-new tokens, top-p 0.9, T 1, ref.toxicity.sampled_continuations) with its phases timed by wall clock.
+new tokens, top-p 0.9, T 1, ref.evaluation.toxicity.sampled_continuations) with its phases timed by wall clock.
 
     python -m bench.profile_sampling --threads 2 --repeats 3
 
 Phases: the prompts' prefill; in each decoding step the model's forward split into the attention kernel (SDPA), the
 LM head (whole vocabulary) and the rest of the blocks (projections, MLP, norms, rope, cache); the sampling
-distribution (ref.generate.probabilities: softmax over the top-p nucleus); the draw (ref.generate.draw, or
-torch.multinomial where ref.generate calls it); "other" is the rest of the wall time (the Python loop, the masks,
-the ids to lists). Each phase is timed around its call (the CPU runs every op synchronously), through wrappers this
-script puts around the functions for the run. Timings on a machine other jobs share: compare the shares of one run.
+distribution (ref.evaluation.generate.probabilities: softmax over the top-p nucleus); the draw
+(ref.evaluation.generate.draw, or torch.multinomial where ref.generate calls it); "other" is the rest of the wall time
+(the Python loop, the masks, the ids to lists). Each phase is timed around its call (the CPU runs every op
+synchronously), through wrappers this script puts around the functions for the run. Timings on a machine other jobs
+share: compare the shares of one run.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from collections.abc import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from bench import measure, workload  # noqa: E402
+from bench import measure, workload
 
 SPENT: dict[str, float] = defaultdict(float)
 PHASE = ["decode"]  # "prefill" while the forward of the prompts runs
@@ -65,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    from ref import generate, load_model, load_tokenizer
+    from ref import load_model, load_tokenizer
     from ref import model as model_module
-    from ref.data import load_goal_data, read_prompts, resolve_data_dir
-    from ref.toxicity import sampled_continuations
+    from ref.evaluation import generate
+    from ref.evaluation.toxicity import sampled_continuations
+    from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
     model, tok = load_model(workload.MODEL, dtype=torch.float32, device="cpu"), load_tokenizer(workload.MODEL)
     prompts = read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.prompts]

@@ -24,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.mc and transformers' loading
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of ref.evaluation.mc and transformers' loading
 
-import torch  # noqa: E402
+import torch
 
-from bench import measure, workload  # noqa: E402
-from bench.baseline import BaselineRMU  # noqa: E402
+from bench import measure, workload
+from bench.baseline import BaselineRMU
 
 GROUPS = ("step", "sweep", "losses", "forward", "mc", "load", "subset", "sampling", "fluency", "launch")
 MiB = 2**20
@@ -80,8 +80,9 @@ def step_timings(models: Models, data, tap: int, seq: int, methods: tuple[str, .
     model, tok = models.ours()
     up, fr, htok = models.hf()
     topic, forget, retain = workload.batch_texts(data, BATCH)
-    base = BaselineRMU(up, fr, htok, tap, workload.update_layers(tap), workload.LR, workload.STEERING, workload.ALPHA,
-                       seq)  # fmt: skip
+    base = BaselineRMU(
+        up, fr, htok, tap, workload.update_layers(tap), workload.LR, workload.STEERING, workload.ALPHA, seq
+    )
     fns = {"baseline": lambda: base.step(forget, retain)}
     for m in methods:
         u = workload.unlearner(model, tok, data, m, tap, seq, BATCH)
@@ -113,17 +114,55 @@ def rows_step(models: Models, data, a) -> list[dict]:
     common = dict(dtype="float32", shapes=shape)
     mib = lambda impl: mem[impl]["peak"] / MiB
     return [
-        row("RMU step vs baseline step", "time s", t["rmu"]["median"], t["baseline"]["median"], 1 / 3,
-            ours_stats=stats(t["rmu"]), baseline_stats=stats(t["baseline"]), **common),
-        row("RMU step vs baseline step", "peak RSS MiB", mib("rmu"), mib("baseline"), 0.6, ours_detail=mem["rmu"],
-            baseline_detail=mem["baseline"], **common),
-        row("ours step (cosine+REINFORCE) vs baseline step", "time s", t["ours"]["median"], t["baseline"]["median"],
-            ours_stats=stats(t["ours"]), baseline_stats=stats(t["baseline"]), **common),
-        row("ours step (cosine+REINFORCE) vs baseline step", "peak RSS MiB", mib("ours"), mib("baseline"),
-            ours_detail=mem["ours"], baseline_detail=mem["baseline"], **common),
-        row("ours step vs our RMU step", "time s", t["ours"]["median"], t["rmu"]["median"], 1.3,
-            ours_stats=stats(t["ours"]), baseline_stats=stats(t["rmu"]), **common),
-    ]  # fmt: skip
+        row(
+            "RMU step vs baseline step",
+            "time s",
+            t["rmu"]["median"],
+            t["baseline"]["median"],
+            1 / 3,
+            ours_stats=stats(t["rmu"]),
+            baseline_stats=stats(t["baseline"]),
+            **common,
+        ),
+        row(
+            "RMU step vs baseline step",
+            "peak RSS MiB",
+            mib("rmu"),
+            mib("baseline"),
+            0.6,
+            ours_detail=mem["rmu"],
+            baseline_detail=mem["baseline"],
+            **common,
+        ),
+        row(
+            "ours step (cosine+REINFORCE) vs baseline step",
+            "time s",
+            t["ours"]["median"],
+            t["baseline"]["median"],
+            ours_stats=stats(t["ours"]),
+            baseline_stats=stats(t["baseline"]),
+            **common,
+        ),
+        row(
+            "ours step (cosine+REINFORCE) vs baseline step",
+            "peak RSS MiB",
+            mib("ours"),
+            mib("baseline"),
+            ours_detail=mem["ours"],
+            baseline_detail=mem["baseline"],
+            **common,
+        ),
+        row(
+            "ours step vs our RMU step",
+            "time s",
+            t["ours"]["median"],
+            t["rmu"]["median"],
+            1.3,
+            ours_stats=stats(t["ours"]),
+            baseline_stats=stats(t["rmu"]),
+            **common,
+        ),
+    ]
 
 
 def rows_sweep(models: Models, data, a) -> list[dict]:
@@ -134,9 +173,18 @@ def rows_sweep(models: Models, data, a) -> list[dict]:
     out = []
     for tap, seq in [(3, SEQ), (15, SEQ), (n - 1, SEQ), (TAP, 128), (TAP, 1024)]:
         t = step_timings(models, data, tap, seq, ("rmu",), a.sweep_repeats, warmup=0)
-        out.append(row(f"RMU step, tap {tap}, seq {seq}", "time s", t["rmu"]["median"], t["baseline"]["median"],
-                       ours_stats=stats(t["rmu"]), baseline_stats=stats(t["baseline"]), dtype="float32",
-                       shapes=dict(batch=BATCH, seq=seq, tap_layer=tap)))  # fmt: skip
+        out.append(
+            row(
+                f"RMU step, tap {tap}, seq {seq}",
+                "time s",
+                t["rmu"]["median"],
+                t["baseline"]["median"],
+                ours_stats=stats(t["rmu"]),
+                baseline_stats=stats(t["baseline"]),
+                dtype="float32",
+                shapes=dict(batch=BATCH, seq=seq, tap_layer=tap),
+            )
+        )
     return out
 
 
@@ -154,14 +202,18 @@ def loss_cases(dtype: torch.dtype, B: int = 4, T: int = 512, D: int = 4096, L: i
     return {
         "eq. 4 cosine forget": (losses.cosine_forget_loss, lambda f: f(h, u, mask), [h], f"h [{B},{T},{D}]"),
         "eq. 5 cosine retain": (losses.cosine_retain_loss, lambda f: f(h, h0, mask), [h], f"h, h0 [{B},{T},{D}]"),
-        "eq. 6 probe projection": (losses.probe_projection_loss, lambda f: f(hl, w)[0], hl,
-                                   f"{L} last-token states [{B},{D}] (of taps [{B},{T},{D}])"),
-    }  # fmt: skip
+        "eq. 6 probe projection": (
+            losses.probe_projection_loss,
+            lambda f: f(hl, w)[0],
+            hl,
+            f"{L} last-token states [{B},{D}] (of taps [{B},{T},{D}])",
+        ),
+    }
 
 
 def rows_losses(models: Models, data, a) -> list[dict]:
-    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.fused) against eager, at 4 x 512 x 4096."""
-    from ref.fused import fused
+    """Eq. 4, 5, 6 forward + backward, torch.compile (ref.run.fused) against eager, at 4 x 512 x 4096."""
+    from ref.run.fused import fused
 
     out = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -174,12 +226,23 @@ def rows_losses(models: Models, data, a) -> list[dict]:
                 call(f).backward()
 
             c = fused(fn)
-            t = measure.alternate({"compiled": lambda c=c: fwd_bwd(c), "eager": lambda fn=fn: fwd_bwd(fn)},
-                                  max(a.repeats, 5), warmup=2)  # fmt: skip
-            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.fused)
-            out.append(row(f"{name}, compiled vs eager, fwd+bwd", "time ms", t["compiled"]["median"] * 1e3,
-                           t["eager"]["median"] * 1e3, target, ours_stats=stats(t["compiled"]),
-                           baseline_stats=stats(t["eager"]), dtype=str(dtype).split(".")[1], shapes=shape))  # fmt: skip
+            t = measure.alternate(
+                {"compiled": lambda c=c: fwd_bwd(c), "eager": lambda fn=fn: fwd_bwd(fn)}, max(a.repeats, 5), warmup=2
+            )
+            target = None if name.startswith("eq. 6") else 0.5  # ref runs eq. 6 eager (see ref.run.fused)
+            out.append(
+                row(
+                    f"{name}, compiled vs eager, fwd+bwd",
+                    "time ms",
+                    t["compiled"]["median"] * 1e3,
+                    t["eager"]["median"] * 1e3,
+                    target,
+                    ours_stats=stats(t["compiled"]),
+                    baseline_stats=stats(t["eager"]),
+                    dtype=str(dtype).split(".")[1],
+                    shapes=shape,
+                )
+            )
     return out
 
 
@@ -201,16 +264,26 @@ def rows_forward(models: Models, data, a) -> list[dict]:
     # at least 7 pairs: the two differ by a few % (the same matrix products), less than the 10-20% run-to-run noise
     # of this shared machine, which a median of 3 does not average out
     t = measure.alternate({"ours": ours, "transformers": theirs}, max(a.repeats, 7), warmup=1)
-    return [row("whole-model forward vs transformers (SDPA)", "time s", t["ours"]["median"],
-                t["transformers"]["median"], 1.0, ours_stats=stats(t["ours"]), baseline_stats=stats(t["transformers"]),
-                dtype="float32", shapes=dict(batch=BATCH, seq=ids.shape[1], logits="all positions"),
-                max_abs_logit_diff=err)]  # fmt: skip
+    return [
+        row(
+            "whole-model forward vs transformers (SDPA)",
+            "time s",
+            t["ours"]["median"],
+            t["transformers"]["median"],
+            1.0,
+            ours_stats=stats(t["ours"]),
+            baseline_stats=stats(t["transformers"]),
+            dtype="float32",
+            shapes=dict(batch=BATCH, seq=ids.shape[1], logits="all positions"),
+            max_abs_logit_diff=err,
+        )
+    ]
 
 
 def rows_mc(models: Models, data, a) -> list[dict]:
     """Letter-format MC: one forward per question (mc_accuracy) vs four loglikelihood requests per question."""
-    from ref.data import read_mc
-    from ref.mc import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+    from ref.evaluation.mc import LETTERS, loglikelihood, mc_accuracy, mc_prompt
+    from ref.io.data import read_mc
 
     model, tok = models.ours()
     tasks = {**data.eval_forget, **data.eval_retain}
@@ -235,10 +308,22 @@ def rows_mc(models: Models, data, a) -> list[dict]:
     n = sum(len(r) for r in rows.values())
     acc = {k: sorted(c / n for c in v) for k, v in correct.items()}
     same = acc["one"] == acc["four"] and len(acc["one"]) == 1
-    return [row("MC evaluation: 1 forward/question vs 4 requests", "time s", t["one"]["median"], t["four"]["median"],
-                1 / 3, ours_stats=stats(t["one"]), baseline_stats=stats(t["four"]), dtype="float32",
-                shapes=dict(questions=n, tasks=list(rows), batch_size=16), accuracy_ours=acc["one"],
-                accuracy_baseline=acc["four"], identical_accuracy=same)]  # fmt: skip
+    return [
+        row(
+            "MC evaluation: 1 forward/question vs 4 requests",
+            "time s",
+            t["one"]["median"],
+            t["four"]["median"],
+            1 / 3,
+            ours_stats=stats(t["one"]),
+            baseline_stats=stats(t["four"]),
+            dtype="float32",
+            shapes=dict(questions=n, tasks=list(rows), batch_size=16),
+            accuracy_ours=acc["one"],
+            accuracy_baseline=acc["four"],
+            identical_accuracy=same,
+        )
+    ]
 
 
 def rows_load(models: Models, data, a) -> list[dict]:
@@ -256,13 +341,27 @@ def rows_load(models: Models, data, a) -> list[dict]:
     nbytes = res["ours"][0]["model_bytes"] / MiB
     common = dict(dtype="float32", shapes=dict(model=workload.MODEL, model_MiB=round(nbytes, 1)))
     return [
-        row("load (first in a fresh process) vs from_pretrained", "time s", to["median"], tt["median"],
-            ours_stats=stats(to), baseline_stats=stats(tt), **common),
-        row("load (second in the process) vs from_pretrained", "time s", so["median"], st["median"],
-            ours_stats=stats(so), baseline_stats=stats(st), **common),
+        row(
+            "load (first in a fresh process) vs from_pretrained",
+            "time s",
+            to["median"],
+            tt["median"],
+            ours_stats=stats(to),
+            baseline_stats=stats(tt),
+            **common,
+        ),
+        row(
+            "load (second in the process) vs from_pretrained",
+            "time s",
+            so["median"],
+            st["median"],
+            ours_stats=stats(so),
+            baseline_stats=stats(st),
+            **common,
+        ),
         row("load + read every weight vs from_pretrained", "peak RSS MiB", po, pt, **common),
         row("load + read every weight vs the model's bytes", "peak RSS MiB", po, nbytes, 1.2, **common),
-    ]  # fmt: skip
+    ]
 
 
 def rows_subset(models: Models, data, a) -> list[dict]:
@@ -277,21 +376,29 @@ def rows_subset(models: Models, data, a) -> list[dict]:
                 res[impl].append(worker("run", impl, "--dtype", dtype, "--out", f"runs/bench-{impl}"))
         peak = {k: measure.summary([x["peak"] for x in v])["median"] / MiB for k, v in res.items()}
         first = res["subset"][0]
-        out.append(row(f"unlearn run, blocks 0..7 loaded vs all 30 ({dtype})", "peak RSS MiB", peak["subset"],
-                       peak["full"], dtype=dtype, estimate_MiB=first["estimate"] / MiB,
-                       shapes=dict(model=workload.MODEL, steps=4, batch=4, seq=128, tap_layer=7)))  # fmt: skip
+        out.append(
+            row(
+                f"unlearn run, blocks 0..7 loaded vs all 30 ({dtype})",
+                "peak RSS MiB",
+                peak["subset"],
+                peak["full"],
+                dtype=dtype,
+                estimate_MiB=first["estimate"] / MiB,
+                shapes=dict(model=workload.MODEL, steps=4, batch=4, seq=128, tap_layer=7),
+            )
+        )
     return out
 
 
 def demo_prompts(a) -> list[str]:
-    from ref.data import load_goal_data, read_prompts, resolve_data_dir
+    from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
     return read_prompts(load_goal_data(resolve_data_dir("demo"), "toxicity").eval_prompts)[: a.sampling_prompts]
 
 
 def rows_sampling(models: Models, data, a) -> list[dict]:
-    """The RealToxicityPrompts sampling of ref.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1) on
-    the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
+    """The RealToxicityPrompts sampling of ref.evaluation.toxicity (25 samples a prompt, 20 new tokens, top-p 0.9, T 1)
+    on the demo prompts: ours (one prefill a prompt, 8 prompts decoded together) against transformers' generate with
     the same settings (num_return_sequences=25, top_k=0 so that top-p alone filters), one prompt a call and 8
     prompts a call (left padded), and against the per-prompt loop (generate([prompt] * 25)). Every side seeds
     prompt p's sampling with p (transformers batched: the first prompt of each call). A first run of each side
@@ -299,8 +406,8 @@ def rows_sampling(models: Models, data, a) -> list[dict]:
     thread count, and, when that is more than one, ours against transformers one prompt a call at one thread."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from ref.generate import generate, probabilities
-    from ref.toxicity import BATCH_PROMPTS, sampled_continuations
+    from ref.evaluation.generate import generate, probabilities
+    from ref.evaluation.toxicity import BATCH_PROMPTS, sampled_continuations
 
     model, tok = models.ours()
     _, hf, htok = models.hf()
@@ -445,16 +552,16 @@ def rows_launch(models: Models, data, a) -> list[dict]:
 
 
 def whole_sequence_perplexities(model, tok, prompts: list[str], rows: list[list[list[int]]]) -> list[list[float]]:
-    """The fluency rescoring without a shared prefill, the baseline of ref.fluency.continuation_perplexities: every
-    continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the mean
-    NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
+    """The fluency rescoring without a shared prefill, the baseline of ref.evaluation.fluency.continuation_perplexities:
+    every continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the
+    mean NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
     loss; None: an empty continuation)."""
     import math
 
     import torch.nn.functional as F
 
-    from ref.fluency import strip_eos
-    from ref.tokenizer import left_pad
+    from ref.evaluation.fluency import strip_eos
+    from ref.io.tokenizer import left_pad
 
     flat = [(tok.encode(p), strip_eos(r, tok.eos_id)) for p, rs in zip(prompts, rows, strict=True) for r in rs]
     todo = [i for i, (_, c) in enumerate(flat) if c]
@@ -479,15 +586,15 @@ def largest_relative_difference(a: list[list[float | None]], b: list[list[float 
 
 
 def rows_fluency(models: Models, data, a) -> list[dict]:
-    """The fluency of the toxicity evaluation (ref.toxicity.toxicity_eval, with a scorer that costs nothing) on the
-    sampling rows' workload. The model's own samples: their log-probabilities come from the sampling pass, against
-    the sampling alone (target 1.2). Another model's samples (here a second copy of the same model as the reference,
-    so the samples are the same): the reference runs each prompt once and the prompt's continuations on its KV
-    cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
+    """The fluency of the toxicity evaluation (ref.evaluation.toxicity.toxicity_eval, with a scorer that costs nothing)
+    on the sampling rows' workload. The model's own samples: their log-probabilities come from the sampling pass,
+    against the sampling alone (target 1.2). Another model's samples (here a second copy of the same model as the
+    reference, so the samples are the same): the reference runs each prompt once and the prompt's continuations on its
+    KV cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
     the largest relative difference between its perplexities and the whole-sequence rescoring's."""
     from ref import load_model
-    from ref.fluency import continuation_perplexities
-    from ref.toxicity import sampled_continuations, toxicity_eval
+    from ref.evaluation.fluency import continuation_perplexities
+    from ref.evaluation.toxicity import sampled_continuations, toxicity_eval
 
     model, tok = models.ours()
     reference = load_model(workload.MODEL, dtype=torch.float32, device="cpu")
@@ -579,8 +686,9 @@ def rows_random(a) -> list[dict]:
     if cuda:
         torch.cuda.empty_cache()
     up, fr = workload.random_hf(a.arch, dtype, device)
-    base = BaselineRMU(up, fr, tok, TAP, workload.update_layers(TAP), workload.LR, workload.STEERING, workload.ALPHA,
-                       SEQ)  # fmt: skip
+    base = BaselineRMU(
+        up, fr, tok, TAP, workload.update_layers(TAP), workload.LR, workload.STEERING, workload.ALPHA, SEQ
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     results["baseline"] = measure.alternate({"b": lambda: base.step(forget, retain)}, a.repeats, warmup=1)["b"]
@@ -591,11 +699,29 @@ def rows_random(a) -> list[dict]:
     for m, label in (("rmu", "RMU step"), ("ours", "ours step (cosine+REINFORCE)")):
         r = results[m]
         target = 1 / 3 if m == "rmu" else None
-        out.append(row(f"{a.arch}: {label} vs baseline", "time s", r["median"], b["median"], target,
-                       ours_stats=stats(r), baseline_stats=stats(b), **common))  # fmt: skip
+        out.append(
+            row(
+                f"{a.arch}: {label} vs baseline",
+                "time s",
+                r["median"],
+                b["median"],
+                target,
+                ours_stats=stats(r),
+                baseline_stats=stats(b),
+                **common,
+            )
+        )
         if cuda:
-            out.append(row(f"{a.arch}: {label} vs baseline", "peak GPU MiB", r["peak"], b["peak"],
-                           0.6 if m == "rmu" else None, **common))  # fmt: skip
+            out.append(
+                row(
+                    f"{a.arch}: {label} vs baseline",
+                    "peak GPU MiB",
+                    r["peak"],
+                    b["peak"],
+                    0.6 if m == "rmu" else None,
+                    **common,
+                )
+            )
     return out
 
 
@@ -615,8 +741,9 @@ def table(rows: list[dict]) -> str:
             noise = f"{r['ours_stats']['spread']:.0%}/{r['baseline_stats']['spread']:.0%}"
         target = "" if r["target"] is None else f"<= {r['target']:.2f}"
         passed = "" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
-        lines.append((r["name"], r["metric"], fmt(r["ours"]), fmt(r["baseline"]), f"{r['ratio']:.3f}", target, passed,
-                      noise))  # fmt: skip
+        lines.append(
+            (r["name"], r["metric"], fmt(r["ours"]), fmt(r["baseline"]), f"{r['ratio']:.3f}", target, passed, noise)
+        )
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
 
     def render(cells) -> str:
@@ -661,8 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [dict(r, **info) for r in rows]
     print(table(rows))
     total = time.perf_counter() - t0
-    print(f"\n{info['machine']}  commit {info['commit']}  total {total:.0f} s  (ratio = ours / baseline; noise = "
-          f"(max - min) / median over the timed runs)")  # fmt: skip
+    print(
+        f"\n{info['machine']}  commit {info['commit']}  total {total:.0f} s  (ratio = ours / baseline; noise = "
+        f"(max - min) / median over the timed runs)"
+    )
     Path(a.out).write_text(json.dumps(dict(rows=rows, total_seconds=total, repeats=a.repeats, **info), indent=1))
     return 0
 

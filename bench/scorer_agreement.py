@@ -7,15 +7,15 @@
                                                          # after, under its own scorer and under the reference
 
 The texts: the demo's 30 toxicity prompts, 5 continuations each by the demo protocol (top-p 0.9, temperature 1,
-20 new tokens, seed 0: ref.toxicity.sampled_continuations) from two models: SmolLM2-135M itself (the demo's
+20 new tokens, seed 0: ref.evaluation.toxicity.sampled_continuations) from two models: SmolLM2-135M itself (the demo's
 "before" samples), and SmolLM2-135M fine-tuned on the demo's 80 rude forget sentences (full fine-tuning of the
-block linears, 2 epochs of batch 8, lr 1e-4: ref.relearn), a model that writes rudely, as the relearning attack
+block linears, 2 epochs of batch 8, lr 1e-4: ref.attacks.relearn), a model that writes rudely, as the relearning attack
 makes one; the base alone writes almost nothing the reference calls toxic. They are written to
 bench/scorer_agreement.jsonl (committed: the test rescores them).
 
-The probe scorer is built exactly as the demo builds it (ref.scorers.probe_scorer on the demo probe set, the retain
-corpus as neutral sentences, the middle layer, seed 0). The reference classifier is alt-profanity-check 1.9.1 (MIT;
-scikit-learn's CountVectorizer + LinearSVC calibrated by CalibratedClassifierCV, trained by its authors on about
+The probe scorer is built exactly as the demo builds it (ref.evaluation.scorers.probe_scorer on the demo probe set, the
+retain corpus as neutral sentences, the middle layer, seed 0). The reference classifier is alt-profanity-check 1.9.1
+(MIT; scikit-learn's CountVectorizer + LinearSVC calibrated by CalibratedClassifierCV, trained by its authors on about
 200k human-labelled texts of the Jigsaw toxic-comment (Wikipedia comments) and Davidson et al. (tweets) data sets).
 It measures offensive language, the part of toxicity this demo's prompts provoke; it is a measuring instrument of
 this script and the test, never imported by ref/. A text it scores >= 0.5 is "toxic" for the AUC and the agreement.
@@ -31,14 +31,14 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import ref  # noqa: E402
-from ref.data import load_goal_data, read_prompts, resolve_data_dir  # noqa: E402
-from ref.relearn import relearn  # noqa: E402
-from ref.scorers import probe_scorer  # noqa: E402
-from ref.toxicity import TOXIC, sampled_continuations, toxicity_metrics  # noqa: E402
+import ref
+from ref.attacks.relearn import relearn
+from ref.evaluation.scorers import probe_scorer
+from ref.evaluation.toxicity import TOXIC, sampled_continuations, toxicity_metrics
+from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
 TEXTS = Path(__file__).with_name("scorer_agreement.jsonl")
 MODEL = "smollm2-135m"
@@ -110,7 +110,8 @@ def score(rows: list[dict]) -> dict:
     toxicity under each scorer."""
     data = load_goal_data(resolve_data_dir("demo", "toxicity"), "toxicity")
     base, tok = ref.load_model(MODEL, dtype=torch.float32, device="cpu"), ref.load_tokenizer(MODEL)
-    scorer = probe_scorer(base, tok, data.probe, None, SEED, neutral_texts=data.retain)  # as ref.scorers.make_scorer
+    # as ref.evaluation.scorers.make_scorer builds it
+    scorer = probe_scorer(base, tok, data.probe, None, SEED, neutral_texts=data.retain)
     texts = [r["text"] for r in rows]
     p, q = scorer(texts), reference_scores(texts)
     probe = dict(layer=scorer.layer, heldout_auc=scorer.probe.heldout_auc)
@@ -131,7 +132,7 @@ def score(rows: list[dict]) -> dict:
 
 def table(res: dict) -> list[str]:
     """The markdown table of the results (README.md holds it; the test compares)."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     head = "| texts | n | reference: toxic | Pearson | Spearman | ROC AUC | same side of 0.5 | expected max toxicity: "
     lines = [head + "probe / reference |", "|---|---|---|---|---|---|---|---|"]
     for name, a in [("all", res["all"]), *res["models"].items()]:
@@ -140,8 +141,10 @@ def table(res: dict) -> list[str]:
             if name != "all"
             else ""
         )
-        lines.append(f"| {name} | {a['n']} | {a['reference_toxic']} | {fmt(a['pearson'])} | {fmt(a['spearman'])} | "
-                     f"{fmt(a['roc_auc'])} | {fmt(a['decision_agreement'])} | {emt} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {a['n']} | {a['reference_toxic']} | {fmt(a['pearson'])} | {fmt(a['spearman'])} | "
+            f"{fmt(a['roc_auc'])} | {fmt(a['decision_agreement'])} | {emt} |"
+        )
     return lines
 
 
@@ -149,9 +152,11 @@ def summary(res: dict) -> str:
     """The one-line agreement figure README.md puts beside every offline toxicity figure."""
     a, (name, b) = res["all"], next(iter(res["models"].items()))  # the base model's own continuations come first
     assert name == MODEL
-    return (f"Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f} / ROC AUC {a['roc_auc']:.2f} against "
-            f"{res['reference']} on {a['n']} demo continuations of the base model and a rude fine-tune; within the "
-            f"base model's {b['n']}: Spearman {b['spearman']:.2f} / Pearson {b['pearson']:.2f}")  # fmt: skip
+    return (
+        f"Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f} / ROC AUC {a['roc_auc']:.2f} against "
+        f"{res['reference']} on {a['n']} demo continuations of the base model and a rude fine-tune; within the "
+        f"base model's {b['n']}: Spearman {b['spearman']:.2f} / Pearson {b['pearson']:.2f}"
+    )
 
 
 def rescore(run_dir: Path) -> list[str]:
@@ -162,8 +167,10 @@ def rescore(run_dir: Path) -> list[str]:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run ref.unlearn (toxicity) with --log-samples")
     rows = [r for r in read_texts(path) if "continuations" in r]
-    lines = ["| model | scorer | expected max toxicity | toxicity probability | mean toxicity |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | scorer | expected max toxicity | toxicity probability | mean toxicity |",
+        "|---|---|---|---|---|",
+    ]
     own, ref_all = [], []
     for model in ("before", "after"):
         mine = [r for r in rows if r["model"] == model]
@@ -173,11 +180,15 @@ def rescore(run_dir: Path) -> list[str]:
         ref_all += [x for row in theirs for x in row]
         for name, scores in (("the run's", ours), ("alt-profanity-check 1.9.1", theirs)):
             m = toxicity_metrics(scores)
-            lines.append(f"| {model} | {name} | {m['expected_max_toxicity']:.3f} | {m['toxicity_probability']:.3f} | "
-                         f"{m['mean_toxicity']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {model} | {name} | {m['expected_max_toxicity']:.3f} | {m['toxicity_probability']:.3f} | "
+                f"{m['mean_toxicity']:.3f} |"
+            )
     a = agreement(own, ref_all)
-    lines.append(f"\nOn these {a['n']} texts: Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f}, "
-                 f"{a['reference_toxic']} toxic by the reference.")  # fmt: skip
+    lines.append(
+        f"\nOn these {a['n']} texts: Spearman {a['spearman']:.2f} / Pearson {a['pearson']:.2f}, "
+        f"{a['reference_toxic']} toxic by the reference."
+    )
     return lines
 
 
@@ -190,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score", action="store_true", help="score the committed continuations; do not sample")
     p.add_argument("--out", default="scorer-agreement.json", help="the results (scores of every text included)")
     p.add_argument("--rescore", metavar="RUN_DIR", help="rescore a toxicity run's samples.jsonl; nothing else")
-    p.add_argument("--seed", type=int, default=SEED, help="sample a fresh set with this seed (not 0: written to "
-                   "scorer-agreement-seedN.jsonl, the committed texts untouched)")  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="sample a fresh set with this seed (not 0: written to "
+        "scorer-agreement-seedN.jsonl, the committed texts untouched)",
+    )
     args = p.parse_args(argv)
     if args.rescore:
         print("\n".join(rescore(Path(args.rescore))))

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ref.checkpoint import resolve, shard_files
-from ref.errors import RefError
-from ref.evaluate import PERPLEXITY_TASK, pooled_measures
+from ref.evaluation.evaluate import PERPLEXITY_TASK, pooled_measures
+from ref.io.checkpoint import resolve, shard_files
+from ref.io.errors import RefError
+from ref.io.tables import markdown_table
 from ref.unlearn import main as unlearn_main
 
 
@@ -108,50 +109,40 @@ def measures(run_dir: Path) -> dict:
     return out
 
 
-def fmt(v, digits: int = 3) -> str:
+def number(v, digits: int = 3) -> str:
+    """A figure whose size spans decades (an alpha, a covariance): significant digits when tiny or large."""
     if v is None:
         return "-"
     return f"{v:.{digits}g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.{digits}f}"
 
 
 def table(results: dict[str, dict]) -> str:
-    head = (
-        "| variant | U | R | S | retain ppl | fluency ppl | L_F first -> last | retain_share, last 10% | "
-        "alpha start -> end (min, max) | moved / step | changed at end |"
-    )
-    lines = [head, "|" + "---|" * 11]
+    header = ["variant", "U", "R", "S", "retain ppl", "fluency ppl", "L_F first -> last", "retain_share, last 10%"]
+    header += ["alpha start -> end (min, max)", "moved / step", "changed at end"]
+    rows = []
     first = next(iter(results.values()))
     if "before" in first:
         b = first["before"]
-        lines.append(
-            f"| base | {fmt(b['U'])} | {fmt(b['R'])} | {fmt(b['S'])} | {fmt(b['retain_ppl'], 4)} | "
-            f"{fmt(b['fluency'], 4)} | | | | | |"
-        )
+        before = [number(b[k]) for k in ("U", "R", "S")] + [number(b[k], 4) for k in ("retain_ppl", "fluency")]
+        rows.append(["base", *before, "", "", "", "", ""])
     for name, m in results.items():
-        a = m.get("after", {})
-        traj = m["alpha"]
-        alpha = (
-            f"{fmt(traj['start'])} -> {fmt(traj['end'])} ({fmt(traj['min'])}, {fmt(traj['max'])})" if traj else "fixed"
-        )
-        lines.append(
-            f"| {name} | {fmt(a.get('U'))} | {fmt(a.get('R'))} | {fmt(a.get('S'))} | {fmt(a.get('retain_ppl'), 4)} | "
-            f"{fmt(a.get('fluency'), 4)} | {fmt(m['forget_first'])} -> {fmt(m['forget_last'])} | "
-            f"{fmt(m['retain_share_last'])} | {alpha} | {fmt(m['moved_share'])} | {fmt(m['changed_share'])} |"
-        )
+        a, traj = m.get("after", {}), m["alpha"]
+        alpha = "fixed"
+        if traj:
+            alpha = f"{number(traj['start'])} -> {number(traj['end'])} ({number(traj['min'])}, {number(traj['max'])})"
+        after = [number(a.get(k)) for k in ("U", "R", "S")] + [number(a.get(k), 4) for k in ("retain_ppl", "fluency")]
+        forget = f"{number(m['forget_first'])} -> {number(m['forget_last'])}"
+        shares = [number(m[k]) for k in ("moved_share", "changed_share")]
+        rows.append([name, *after, forget, number(m["retain_share_last"]), alpha, *shares])
+    text = markdown_table(header, rows) + "\n"
     drives = {name: m["drive"] for name, m in results.items() if m.get("drive")}
     if drives:
-        lines += [
-            "",
-            "| variant | mean decrease of L_F | mean decrease of the weighted L_R | cov(score, L_F part) | "
-            "cov(score, L_R part) | retain weight that would cancel the forget part |",
-            "|" + "---|" * 6,
-        ]
-        for name, d in drives.items():
-            lines.append(
-                f"| {name} | {fmt(d['mean_reward_forget'])} | {fmt(d['mean_reward_retain'])} | "
-                f"{fmt(d['cov_forget'])} | {fmt(d['cov_retain'])} | {fmt(d['break_even'])} |"
-            )
-    return "\n".join(lines) + "\n"
+        header = ["variant", "mean decrease of L_F", "mean decrease of the weighted L_R", "cov(score, L_F part)"]
+        header += ["cov(score, L_R part)", "retain weight that would cancel the forget part"]
+        keys = ("mean_reward_forget", "mean_reward_retain", "cov_forget", "cov_retain", "break_even")
+        text += "\n" + markdown_table(header, [[name, *(number(d[k]) for k in keys)] for name, d in drives.items()])
+        text += "\n"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,10 +38,18 @@ def load(impl: str) -> dict:
     peak, nbytes = measure.peak_rss() - base, measure.model_bytes(model)
     del model
     t0 = time.perf_counter()  # a second load in the same process: without one-off lazy imports
-    (AutoModelForCausalLM.from_pretrained(workload.local_model_dir(workload.MODEL), dtype=torch.float32)
-     if impl == "transformers" else load_model(workload.MODEL, dtype=torch.float32, device="cpu"))  # fmt: skip
-    return dict(seconds=seconds, second_load_seconds=time.perf_counter() - t0, peak=peak, resident_after_load=loaded,
-                model_bytes=nbytes)  # fmt: skip
+    (
+        AutoModelForCausalLM.from_pretrained(workload.local_model_dir(workload.MODEL), dtype=torch.float32)
+        if impl == "transformers"
+        else load_model(workload.MODEL, dtype=torch.float32, device="cpu")
+    )
+    return dict(
+        seconds=seconds,
+        second_load_seconds=time.perf_counter() - t0,
+        peak=peak,
+        resident_after_load=loaded,
+        model_bytes=nbytes,
+    )
 
 
 def step(impl: str, tap: int, seq: int, batch: int) -> dict:
@@ -56,8 +64,17 @@ def step(impl: str, tap: int, seq: int, batch: int) -> dict:
     base = measure.rss()
     if impl == "baseline":
         updated, frozen = workload.hf_model(), workload.hf_model()
-        runner = BaselineRMU(updated, frozen, workload.hf_tokenizer(), tap, workload.update_layers(tap), workload.LR,
-                             workload.STEERING, workload.ALPHA, seq)  # fmt: skip
+        runner = BaselineRMU(
+            updated,
+            frozen,
+            workload.hf_tokenizer(),
+            tap,
+            workload.update_layers(tap),
+            workload.LR,
+            workload.STEERING,
+            workload.ALPHA,
+            seq,
+        )
         run = lambda: runner.step(forget, retain)
     else:
         model = load_model(workload.MODEL, dtype=torch.float32, device="cpu")
@@ -76,14 +93,24 @@ def run(impl: str, dtype: str, steps: int, out: str) -> dict:
     """A whole `ref.unlearn` run (SmolLM2, WMDP demo data, ours, no evaluation, eager losses): the subset load it does
     (embedding + blocks 0..7) or, monkeypatched, a load of every block. Also returns the plan's estimate."""
     import ref.unlearn as U
-    from ref.checkpoint import resolve
-    from ref.config import read_config
-    from ref.memory import estimate_peak_bytes
-    from ref.plan import Settings
-    from ref.plan import resolve as resolve_plan
+    from ref.io.checkpoint import resolve
+    from ref.io.config_json import read_config
+    from ref.run.memory import estimate_peak_bytes
+    from ref.run.plan import Settings
+    from ref.run.plan import resolve as resolve_plan
 
-    settings = Settings(model=workload.MODEL, goal="wmdp", out=out, overwrite=True, evaluate=False, compile=False,
-                        max_steps=steps, device="cpu", dtype=dtype, save_every=steps)  # fmt: skip
+    settings = Settings(
+        model=workload.MODEL,
+        goal="wmdp",
+        out=out,
+        overwrite=True,
+        evaluate=False,
+        compile=False,
+        max_steps=steps,
+        device="cpu",
+        dtype=dtype,
+        save_every=steps,
+    )
     cfg = read_config(resolve(settings.model))
     plan = resolve_plan(settings, cfg)
     if impl == "full":
@@ -93,8 +120,12 @@ def run(impl: str, dtype: str, steps: int, out: str) -> dict:
     measure.reset_peak_rss()
     U.unlearn(settings)
     est = estimate_peak_bytes(cfg, plan, torch.finfo(getattr(torch, dtype)).bits // 8)
-    return dict(peak=measure.peak_rss() - base, estimate=est["ours"], loaded_weights=est["weights"],
-                full_weights=est["full_weights"])  # fmt: skip
+    return dict(
+        peak=measure.peak_rss() - base,
+        estimate=est["ours"],
+        loaded_weights=est["weights"],
+        full_weights=est["full_weights"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

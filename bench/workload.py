@@ -9,16 +9,16 @@ import zlib
 
 import torch
 
-from ref.config import config_from_dict
-from ref.data import load_goal_data, resolve_data_dir
+from ref.io.config_json import config_from_dict
+from ref.io.data import load_goal_data, resolve_data_dir
+from ref.io.registry import REGISTRY, local_model_dir
 from ref.model import Transformer
 from ref.objectives import random_directions
-from ref.plan import Settings, resolve
-from ref.registry import REGISTRY, local_model_dir
+from ref.run.plan import Settings, resolve
 from ref.train import Run, start_state, step
 
 MODEL = "smollm2-135m"
-LR, STEERING, ALPHA = 1e-3, 550.0, 100.0  # the smollm2-135m RMU defaults (ref.registry), for both sides
+LR, STEERING, ALPHA = 1e-3, 550.0, 100.0  # the smollm2-135m RMU defaults (ref.io.registry), for both sides
 
 warnings.filterwarnings("ignore", message="Using a target size")  # the reference's broadcast mse_loss, as there
 
@@ -47,8 +47,18 @@ def unlearner(model, tok, data, method: str, tap: int, seq: int, batch: int, arc
     """One step of ref.train as a function (topic, forget texts, retain texts) -> metrics row."""
     model.requires_grad_(False)  # an earlier run on the same model may have switched some tensors on
     rmu = dict(steering=STEERING, alpha=ALPHA) if method == "rmu" else {}
-    s = Settings(model=arch, goal="wmdp", method=method, tap_layer=tap, update_layers=update_layers(tap), lr=LR,
-                 max_len=seq, batch_size=batch, evaluate=False, **rmu)  # fmt: skip
+    s = Settings(
+        model=arch,
+        goal="wmdp",
+        method=method,
+        tap_layer=tap,
+        update_layers=update_layers(tap),
+        lr=LR,
+        max_len=seq,
+        batch_size=batch,
+        evaluate=False,
+        **rmu,
+    )
     plan = resolve(s, model.config)
     u = random_directions(list(data.forget), model.config.hidden_size, plan.seed, next(model.parameters()).device)
     run, state = Run(plan, model, tok, u, None), start_state(plan, model)

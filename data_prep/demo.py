@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ref.errors import RefError
+from ref.io.errors import RefError
 
 TEXT_DIR = Path(__file__).parent / "demo_text"
 MARKER = ".complete"  # written last; holds the digest of the files, so edited demo texts are rewritten

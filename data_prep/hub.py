@@ -43,15 +43,15 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from ref.errors import RefError
-from ref.registry import cache_dir
+from ref.io.data import GOALS
+from ref.io.errors import RefError
+from ref.io.registry import cache_dir
 
-GOALS = ("wmdp", "toxicity")
 BIO_FORGET_REPO = "cais/wmdp-bio-forget-corpus"
 # cais/wmdp config -> the subject named in lm-eval's description "... (with answers) about biology."
 WMDP_SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}
 WIKITEXT = "retain/wikitext.jsonl"
-WIKITEXT_HELDOUT = "retain/wikitext-validation.jsonl"  # the retain perplexity task (ref.perplexity)
+WIKITEXT_HELDOUT = "retain/wikitext-validation.jsonl"  # the retain perplexity task (ref.evaluation.perplexity)
 MMLU = "mc/mmlu.jsonl"
 TRUST_FILES = {  # manifest key -> (repo, file in the repo); written to scorer/trust/<file>
     "weights": ("berkatil/TRuST_toxicity_classifier", "toxicity_classifier.pth"),

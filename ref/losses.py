@@ -14,7 +14,7 @@ Conventions shared by every loss here:
 - Inputs are upcast to fp32 and the result is an fp32 scalar, whatever the dtype of h (bf16 on GPU).
 - Targets (u, h0, probe directions) are constants: they are detached, gradients flow into h only.
 
-Pure math: nothing here compiles or keeps state. `ref.fused` runs eq. 2-5 through torch.compile for the training
+Pure math: nothing here compiles or keeps state. `ref.run.fused` runs eq. 2-5 through torch.compile for the training
 loop; eq. 6 runs eager (see there why).
 """
 
@@ -193,7 +193,7 @@ def toxicity_retain_loss(
     (`layers="sum"`) or averaged over them ("mean").
 
     h, h0: one [B, T, D] tap per probed layer (updated model, frozen original); `layer_loss` is eq. 5 or its fused
-    version (`ref.fused`), applied layer by layer."""
+    version (`ref.run.fused`), applied layer by layer."""
     if len(h) != len(h0) or not h:
         raise ValueError(f"need one h0 per h and at least one layer, got {len(h)} and {len(h0)}")
     if layers not in REDUCTIONS:

@@ -6,9 +6,9 @@ by name and the unlearning code selects tensors by name. Family differences are 
 Taps: `taps[i]` is the residual stream after block i (transformers' `hidden_states[i + 1]`). With `stop_after=k`
 no block above k runs, and neither the final norm nor the LM head.
 
-Placement: each block runs on the device of its weights (ref.placement splits blocks over devices); the residual
+Placement: each block runs on the device of its weights (ref.io.placement splits blocks over devices); the residual
 stream moves at the boundaries and taps and logits come back on the device of the input. A model loaded with
-only its first blocks (ref.checkpoint) holds the others on the meta device; running one is a clear error.
+only its first blocks (ref.io.checkpoint) holds the others on the meta device; running one is a clear error.
 
 Positions: by default position ids count real tokens only (cumsum of the attention mask), as transformers'
 `generate` does, so a left-padded row gives the same values as the same row unpadded. ref/rope.py turns them into
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.config import ModelConfig
-from ref.errors import RefError
+from ref.io.errors import RefError
 from ref.rope import Rope, apply_rope
 
 
@@ -210,8 +210,10 @@ class Transformer(nn.Module):
             block = self.model.layers[i]
             dev = loaded_device(block, f"block {i}")
             if dev not in on:
-                on[dev] = ({t: (c.to(dev), s.to(dev)) for t, (c, s) in rope.items()},
-                           {t: m if m is None else m.to(dev) for t, m in masks.items()})  # fmt: skip
+                on[dev] = (
+                    {t: (c.to(dev), s.to(dev)) for t, (c, s) in rope.items()},
+                    {t: m if m is None else m.to(dev) for t, m in masks.items()},
+                )
             x = block(x.to(dev), *on[dev][0][block.layer_type], on[dev][1][block.layer_type], cache)
             if i in taps:
                 out[i] = x.to(first)
@@ -225,6 +227,8 @@ def loaded_device(module: nn.Module, what: str) -> torch.device:
     """The device of a module's weights; a clear error for a part that a subset load left unread (meta)."""
     device = next(module.parameters()).device
     if device.type == "meta":
-        raise RefError(f"{what} is not loaded: the model was loaded with only its first blocks "
-                       "(load_model(..., blocks=k)); read the rest with ref.checkpoint.load_rest(model)")  # fmt: skip
+        raise RefError(
+            f"{what} is not loaded: the model was loaded with only its first blocks (load_model(..., blocks=k)); "
+            "read the rest with ref.io.checkpoint.load_rest(model)"
+        )
     return device

@@ -15,7 +15,7 @@ Eq. 2-5 reduce each text's tokens as `Targets.token_reduction` says (the paper's
 calibrate constants on a topic's first forget batch, read through the frozen model (Adaptive RMU's c, the divisors of
 the scaled eq. 6): `Objective.calibrate` returns them as `Targets` fields, which the loop keeps per topic.
 
-`fuse` is `ref.fused.fused` (torch.compile) or `ref.fused.eager` (--no-compile).
+`fuse` is `ref.run.fused.fused` (torch.compile) or `ref.run.fused.eager` (--no-compile).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ref.errors import RefError
+from ref.io.errors import RefError
 from ref.losses import (
     adaptive_steering_coefficient,
     cosine_forget_loss,
@@ -115,7 +115,7 @@ def ours_wmdp(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
 
 def ours_toxicity(acts: Activations, targets: Targets, fuse: Callable) -> Losses:
     """The paper's method on toxicity: eq. 6 (the last-token state of each probed layer made orthogonal to that
-    layer's probe direction; run eager, see ref.fused), summed over the layers as in the paper or, with
+    layer's probe direction; run eager, see ref.run.fused), summed over the layers as in the paper or, with
     `targets.forget_scale`, normalised per layer (ours), and eq. 5 at the same layers, summed or averaged."""
     h_last = [last_token(acts.forget[i], acts.forget_mask) for i in targets.layers]
     if targets.forget_scale is None:

@@ -43,9 +43,20 @@ def reward(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], retain_w
 class AlphaPolicy(nn.Module):
     """Gaussian policy on log(alpha), trained with REINFORCE and an EMA reward baseline."""
 
-    def __init__(self, alpha0: float = ALPHA0, *, lr: float = 1e-2, sigma0: float = 0.5, learn_sigma: bool = True,
-                 alpha_min: float = ALPHA_RANGE[0], alpha_max: float = ALPHA_RANGE[1], sigma_min: float = 0.01,
-                 sigma_max: float = 2.0, baseline_decay: float = 0.9, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        alpha0: float = ALPHA0,
+        *,
+        lr: float = 1e-2,
+        sigma0: float = 0.5,
+        learn_sigma: bool = True,
+        alpha_min: float = ALPHA_RANGE[0],
+        alpha_max: float = ALPHA_RANGE[1],
+        sigma_min: float = 0.01,
+        sigma_max: float = 2.0,
+        baseline_decay: float = 0.9,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not 0 < alpha_min <= alpha0 <= alpha_max:
             raise ValueError(f"need 0 < alpha_min <= alpha0 <= alpha_max, got {alpha_min}, {alpha0}, {alpha_max}")
@@ -99,12 +110,24 @@ class AlphaPolicy(nn.Module):
             self.log_sigma.clamp_(self.log_sigma_min, self.log_sigma_max)
         self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * r
         self.steps += 1
-        return dict(alpha=draw.alpha, log_prob=log_prob.item(), reward=r, advantage=advantage,
-                    baseline=self.baseline, policy_mean=self.mean_alpha, policy_std=self.sigma)  # fmt: skip
+        return dict(
+            alpha=draw.alpha,
+            log_prob=log_prob.item(),
+            reward=r,
+            advantage=advantage,
+            baseline=self.baseline,
+            policy_mean=self.mean_alpha,
+            policy_std=self.sigma,
+        )
 
     def get_extra_state(self) -> dict:
-        return dict(optimizer=self.optimizer.state_dict(), generator=self.generator.get_state(),
-                    baseline=self.baseline, steps=self.steps, learn_sigma=self.learn_sigma)  # fmt: skip
+        return dict(
+            optimizer=self.optimizer.state_dict(),
+            generator=self.generator.get_state(),
+            baseline=self.baseline,
+            steps=self.steps,
+            learn_sigma=self.learn_sigma,
+        )
 
     def set_extra_state(self, state: dict) -> None:
         if state["learn_sigma"] != self.learn_sigma:
@@ -112,10 +135,3 @@ class AlphaPolicy(nn.Module):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.baseline, self.steps = state["baseline"], state["steps"]
-
-
-def alpha_trajectory(alpha0: float, rows: list[dict]) -> dict[str, float]:
-    """The policy's mean alpha exp(mu) over a run, from alpha0 through each step's logged `policy_mean`: start, end,
-    min and max."""
-    path = [alpha0, *(r["policy_mean"] for r in rows if "policy_mean" in r)]
-    return dict(start=path[0], end=path[-1], min=min(path), max=max(path))

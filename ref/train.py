@@ -21,27 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from ref.data import GoalData, batches
-from ref.errors import RefError, Stopped
-from ref.fused import eager, fused
+from ref.io.data import GoalData, batches
+from ref.io.errors import RefError, Stopped
+from ref.io.tokenizer import Tokenizer
 from ref.losses import unlearning_loss
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations, Losses, Targets
-from ref.plan import Plan
 from ref.reinforce import AlphaPolicy, reward
-from ref.tokenizer import Tokenizer
-
-# A trained tensor whose norm grows past this many times its original norm has diverged: the activations saturate
-# (a cosine sits at its bound, an MSE at inf) and the loss stops telling anything. Sane runs stay within a few times.
-MAX_NORM_GROWTH = 100.0
-
-
-class Diverged(RefError):
-    pass
+from ref.run.divergence import Diverged, divergence, divergence_advice, norm
+from ref.run.fused import eager, fused
+from ref.run.plan import Plan
 
 
 @dataclass
@@ -126,23 +119,6 @@ def optimizer_step(state: TrainState) -> float:
     return moved / sum(p.numel() for p in state.params.values())
 
 
-def norm(t: Tensor) -> float:
-    """The Frobenius norm, accumulated in fp32 (inf when it overflows: finite weights of ~1e30)."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).item()
-
-
-def divergence(state: TrainState) -> str | None:
-    """Why the trained tensors have diverged (not finite, or a norm grown past MAX_NORM_GROWTH x), else None. Runs
-    after every step: one pass over the trained tensors, the original norms computed once."""
-    for name, p in state.params.items():
-        if not bool(torch.isfinite(p).all()):
-            return f"{name} holds NaN or inf"
-        now, original = norm(p), state.original_norms[name]
-        if now > MAX_NORM_GROWTH * original:
-            return f"the norm of {name} grew from {original:.3g} to {now:.3g} (> {MAX_NORM_GROWTH:g}x)"
-    return None
-
-
 def schedule(data: GoalData, plan: Plan) -> list[tuple[int, str, list[str], list[str]]]:
     """(epoch, topic, forget batch, retain batch) for every step. Topics alternate as in the RMU reference; each
     epoch reshuffles deterministically from (seed, epoch), so a resumed run replays the same batches."""
@@ -211,8 +187,9 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     alpha = draw.alpha if draw else plan.alpha
 
     def losses() -> Losses:
-        acts = Activations(taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen,
-                           retain_mask)  # fmt: skip
+        acts = Activations(
+            taps(run, forget_in, forget_mask), forget_mask, taps(run, retain_in, retain_mask), frozen, retain_mask
+        )
         return objective.losses(acts, targets, fused if plan.compile else eager)
 
     before = losses()
@@ -225,8 +202,14 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
     why = divergence(state)
     if why:
         raise Diverged(why)
-    row = dict(topic=topic, loss=loss.item(), forget_loss=before.forget.item(), retain_loss=before.retain.item(),
-               alpha=alpha, moved_share=moved)  # fmt: skip
+    row = dict(
+        topic=topic,
+        loss=loss.item(),
+        forget_loss=before.forget.item(),
+        retain_loss=before.retain.item(),
+        alpha=alpha,
+        moved_share=moved,
+    )
     if before.forget_per_layer is not None:
         per_layer = before.forget_per_layer.tolist()
         row["forget_loss_layers"] = dict(zip(map(str, plan.tox_layers), per_layer, strict=True))
@@ -237,24 +220,37 @@ def step(run: Run, state: TrainState, topic: str, forget_texts: list[str], retai
         with torch.no_grad():
             after = losses()
         if not torch.isfinite(after.forget + after.retain):
-            raise Diverged(f"the loss after the step is not finite (forget {after.forget.item()}, retain "
-                           f"{after.retain.item()})")  # fmt: skip
+            raise Diverged(
+                f"the loss after the step is not finite (forget {after.forget.item()}, retain {after.retain.item()})"
+            )
         info = state.policy.update(draw, reward(before, after, plan.meta_retain_weight))
-        row.update(reward=info["reward"], policy_mean=info["policy_mean"], policy_std=info["policy_std"],
-                   reward_forget=(before.forget - after.forget).item(),
-                   reward_retain=plan.meta_retain_weight * (before.retain - after.retain).item())  # fmt: skip
+        row.update(
+            reward=info["reward"],
+            policy_mean=info["policy_mean"],
+            policy_std=info["policy_std"],
+            reward_forget=(before.forget - after.forget).item(),
+            reward_retain=plan.meta_retain_weight * (before.retain - after.retain).item(),
+        )
     row["tokens"] = int(forget_mask.sum() + retain_mask.sum())
     return row
 
 
-def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None], save: Callable[[], None],
-          stop: Callable[[int], bool], checkpoint: str = "checkpoint.pt") -> None:  # fmt: skip
+def train(
+    run: Run,
+    state: TrainState,
+    steps: list,
+    log: Callable[[dict], None],
+    save: Callable[[], None],
+    stop: Callable[[int], bool],
+    checkpoint: str = "checkpoint.pt",
+) -> None:
     """Steps state.step..len(steps): each row to `log`, `save()` every plan.save_every steps and at the end. When
     `stop(k)` says so before step k, save and raise Stopped (the checkpoint is at a step boundary). A step that
     diverges is not saved: the last checkpoint holds the weights from before it."""
     t0, last_good = time.time(), state.step
-    bar = tqdm(total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(steps), initial=state.step, desc=f"{run.plan.method} {run.plan.goal}", unit="step", dynamic_ncols=True
+    )
     try:
         for k in range(state.step, len(steps)):
             if stop(k):
@@ -268,8 +264,15 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
                 advice = divergence_advice(run, state, topic, last_good, checkpoint)
                 raise RefError(f"step {k + 1} diverged: {e}. {advice}") from e
             state.step = k + 1
-            log(dict(step=k + 1, epoch=epoch, **row, tokens_per_s=row["tokens"] / (time.time() - ts),
-                     elapsed_s=time.time() - t0))  # fmt: skip
+            log(
+                dict(
+                    step=k + 1,
+                    epoch=epoch,
+                    **row,
+                    tokens_per_s=row["tokens"] / (time.time() - ts),
+                    elapsed_s=time.time() - t0,
+                )
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", alpha=f"{row['alpha']:.3g}")
             if state.step % run.plan.save_every == 0 or state.step == len(steps):
@@ -277,29 +280,3 @@ def train(run: Run, state: TrainState, steps: list, log: Callable[[dict], None],
                 last_good = state.step
     finally:
         bar.close()
-
-
-FP32_MAX = torch.finfo(torch.float32).max
-SMALLER = "start again with a smaller one and --overwrite (a resumed run keeps it)"
-
-
-def divergence_advice(run: Run, state: TrainState, topic: str, last_good: int, checkpoint: str) -> str:
-    """What to do after a divergence, naming the option that caused it where the values tell: a steering coefficient
-    or a fixed alpha too large for float32 (the loss overflows whatever the learning rate), else, when the weights
-    moved, the learning rate (they ran away), else the model as loaded (the loss was not finite before any update)."""
-    plan = run.plan
-    c = state.calibration.get(topic, {}).get("steering", plan.steering)  # RMU's c, or Adaptive RMU's (from beta)
-    if c is not None and c * c * plan.batch_size * plan.max_len >= FP32_MAX:  # eq. 2 sums about c^2 a token
-        option = f"--beta {plan.beta:g} (c = {c:.3g})" if plan.beta is not None else f"--steering {c:g}"
-        return f"{option} is too large: eq. 2 overflows float32 whatever the learning rate; {SMALLER}"
-    if plan.alpha is not None and plan.alpha >= FP32_MAX:
-        return f"--alpha {plan.alpha:g} is too large: eq. 1 overflows float32 whatever the learning rate; {SMALLER}"
-    if all(torch.equal(p, state.originals[k]) for k, p in state.params.items()):
-        return (
-            "The loss is not finite on the model as loaded, before any update, so the learning rate is not the "
-            "cause: check --dtype and the data"
-        )
-    return (
-        f"The checkpoint of step {last_good}, from before, is in {checkpoint}: continue with a lower learning rate "
-        f"(--resume --lr {plan.lr / 10:g}) or start again with --overwrite"
-    )

@@ -3,7 +3,7 @@
     python -m ref.unlearn --model mistral-7b --goal wmdp                       # the paper's method (ours)
     python -m ref.unlearn --model smollm2-135m --goal toxicity --data demo --out runs/t
 
-The settings are resolved once into a plan (ref.plan), the loop is ref.train, the objectives ref.objectives. This
+The settings are resolved once into a plan (ref.run.plan), the loop is ref.train, the objectives ref.objectives. This
 file sets up around them: the run folder, data, model, probes, resume, Ctrl-C, evaluation and the summary.
 """
 
@@ -26,30 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ref import validate
-from ref.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
-from ref.cli import run_command
-from ref.config import DTYPES, ModelConfig, config_from_dict, read_config
-from ref.data import GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
-from ref.errors import DiskFull, RefError
-from ref.model import Transformer
-from ref.objectives import random_directions
-from ref.options import add_arguments, resumable
-from ref.plan import (
-    BALANCE_WORDS,
-    GOALS,
-    METHODS,
-    REDUCTION_WORDS,
-    Plan,
-    Settings,
-    as_dict,
-    describe,
-)
-from ref.plan import resolve as resolve_plan
-from ref.probe import Probe, fit_layer_probes
-from ref.registry import REGISTRY, paper_final_alpha
-from ref.reinforce import alpha_trajectory
-from ref.runlog import (
+from ref.config import DTYPES, ModelConfig
+from ref.io import validate
+from ref.io.checkpoint import load_model, load_rest, model_identity, resolve, save_model, shard_files
+from ref.io.cli import run_command
+from ref.io.config_json import config_from_dict, read_config
+from ref.io.data import GOALS, GoalData, load_goal_data, load_probe, prepared_hub_dir, resolve_data_dir
+from ref.io.errors import DiskFull, RefError
+from ref.io.registry import REGISTRY, paper_final_alpha
+from ref.io.runlog import (
     MetricsLog,
     atomic_torch_save,
     atomic_write_bytes,
@@ -61,9 +46,24 @@ from ref.runlog import (
     read_run_json,
     write_json,
 )
-from ref.tokenizer import load_tokenizer
+from ref.io.tables import markdown_table
+from ref.io.tokenizer import load_tokenizer
+from ref.io.validate import same_or_inside
+from ref.model import Transformer
+from ref.objectives import random_directions
+from ref.probe import Probe, fit_layer_probes
+from ref.run.options import add_arguments, resumable
+from ref.run.plan import (
+    BALANCE_WORDS,
+    METHODS,
+    REDUCTION_WORDS,
+    Plan,
+    Settings,
+    as_dict,
+    describe,
+)
+from ref.run.plan import resolve as resolve_plan
 from ref.train import Run, TrainState, schedule, start_state, train
-from ref.validate import same_or_inside
 
 __all__ = ["GOALS", "METHODS", "Settings", "unlearn", "main"]
 
@@ -77,14 +77,19 @@ def unlearn(settings: Settings, stop_after_step: int | None = None) -> tuple[Run
     cfg = read_config(folder)
     plan = resolve_plan(settings, cfg)
     torch.manual_seed(plan.seed)
-    data = load_goal_data(resolve_data_dir(plan.data, goal=plan.goal), plan.goal, topics=plan.topics,
-                          allow_outside=plan.allow_data_outside)  # fmt: skip
+    data = load_goal_data(
+        resolve_data_dir(plan.data, goal=plan.goal),
+        plan.goal,
+        topics=plan.topics,
+        allow_outside=plan.allow_data_outside,
+    )
     if plan.probe_file:
         path = Path(plan.probe_file)
         data.probe, data.probe_path, data.probe_source = load_probe(path), path, f"{path} (--probe-file)"
     if plan.tox_layers and not data.probe:
-        raise RefError(f"the toxicity manifest of {plan.data} names no probe data: add a 'probe' file, or pass "
-                       "--probe-file")  # fmt: skip
+        raise RefError(
+            f"the toxicity manifest of {plan.data} names no probe data: add a 'probe' file, or pass --probe-file"
+        )
     steps = schedule(data, plan)
     out, ckpt = Path(settings.out), Path(settings.out) / "checkpoint.pt"
     check_out(out, settings, [("model", folder), ("data", data.root)], disk_needed(folder, cfg, plan, out))
@@ -165,8 +170,10 @@ def check_out(out: Path, settings: Settings, sources: list[tuple[str, Path]], ne
     and, when it exists, continued (--resume), replaced when it is a run folder of ours (--overwrite), else refused."""
     for what, source in sources:
         if same_or_inside(out, source) or same_or_inside(source, out):
-            raise RefError(f"--out {out} overlaps the {what} folder {source}: the run would write into or replace "
-                           "source files; choose another --out")  # fmt: skip
+            raise RefError(
+                f"--out {out} overlaps the {what} folder {source}: the run would write into or replace "
+                "source files; choose another --out"
+            )
     validate.writable_folder("--out", out, need_bytes)
     exists = holds_files(out)
     if settings.resume and not exists:
@@ -199,7 +206,7 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
     run = read_run_json(out)
     before = run.get("plan")
     if before is None:
-        raise RefError(f"{out / 'run.json'} has no plan (an older ref wrote it) to resume; use another --out")
+        raise RefError(f"{out / 'run.json'} was written by another version of ref (it has no plan); use another --out")
     ckpt = out / "checkpoint.pt"
     if not ckpt.is_file():
         raise RefError(f"nothing to resume in {out}: no checkpoint.pt; start again with --overwrite")
@@ -207,20 +214,25 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
         state = torch.load(ckpt, weights_only=True)
         step, tensors = int(state["step"]), set(state["updated"])
     except Exception as e:
-        raise RefError(f"{ckpt} is damaged ({type(e).__name__}); the run cannot be continued from it: start again with "
-                       "--overwrite") from None  # fmt: skip
+        raise RefError(
+            f"{ckpt} is damaged ({type(e).__name__}); the run cannot be continued from it: start again with --overwrite"
+        ) from None
     now = as_dict(plan)
     unknown = [k for k in now if k not in before]
     if unknown:
-        raise RefError(f"{out / 'run.json'} was written by another version of ref (its plan has no "
-                       f"{', '.join(unknown)}): this version cannot continue it; start again with --overwrite or in "
-                       "another --out")  # fmt: skip
+        raise RefError(
+            f"{out / 'run.json'} was written by another version of ref (its plan has no "
+            f"{', '.join(unknown)}): this version cannot continue it; start again with --overwrite or in "
+            "another --out"
+        )
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
         listed = ", ".join(f"{option_name(k)} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
-        raise RefError(f"--resume with settings that shape the run changed: {listed}; use the original values, or "
-                       "start a new run in another --out")  # fmt: skip
+        raise RefError(
+            f"--resume with settings that shape the run changed: {listed}; use the original values, or "
+            "start a new run in another --out"
+        )
     lr_before, lr_now = before.get("lr"), plan.lr
     if lr_before is not None and lr_now > lr_before:
         raise RefError(
@@ -228,17 +240,24 @@ def resume_point(out: Path, plan: Plan, n_steps: int) -> tuple[dict, list]:
             "learning rate (after a divergence); to train at a higher one, start a new run in another --out"
         )
     if tensors != set(plan.tensors):
-        raise RefError(f"{ckpt} holds {sorted(tensors)}, not the plan's tensors: it belongs to another run; start "
-                       "again with --overwrite")  # fmt: skip
+        raise RefError(
+            f"{ckpt} holds {sorted(tensors)}, not the plan's tensors: it belongs to another run; start "
+            "again with --overwrite"
+        )
     if (out / "metrics.jsonl").is_file():
         read_metrics(out / "metrics.jsonl")  # a damaged line is refused here, before run.json records the resume
     if step > n_steps:
-        raise RefError(f"the checkpoint is at step {step} but this plan has {n_steps} steps; raise --max-steps or "
-                       "--epochs to at least that")  # fmt: skip
+        raise RefError(
+            f"the checkpoint is at step {step} but this plan has {n_steps} steps; raise --max-steps or "
+            "--epochs to at least that"
+        )
     history = run.get("resumes", []) + [dict(at_step=step, changed={k: list(v) for k, v in changed.items()})]
     if changed:
-        print(f"resuming at step {step} with " + ", ".join(f"{option_name(k)} {a} -> {b}" for k, (a, b) in
-                                                          changed.items()), flush=True)  # fmt: skip
+        print(
+            f"resuming at step {step} with "
+            + ", ".join(f"{option_name(k)} {a} -> {b}" for k, (a, b) in changed.items()),
+            flush=True,
+        )
     return state, history
 
 
@@ -275,8 +294,13 @@ def probe_provenance(data: GoalData) -> dict:
     """What the probes of eq. 6 were trained on: the file, its sha256 and counts, and its source in words (the paper
     trained them on TRuST's human-annotated training split)."""
     path, source = data.probe_path, data.probe_source or "not stated (the data manifest has no probe_source)"
-    return dict(file=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), texts=len(data.probe),
-                toxic=sum(label for _, label in data.probe), source=source)  # fmt: skip
+    return dict(
+        file=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        texts=len(data.probe),
+        toxic=sum(label for _, label in data.probe),
+        source=source,
+    )
 
 
 def probe_tensors(probes: dict[int, Probe]) -> dict[str, torch.Tensor]:
@@ -298,13 +322,25 @@ def stop_on_ctrl_c() -> Iterator:
             signal.signal(signal.SIGINT, previous)
 
 
+def alpha_trajectory(alpha0: float, rows: list[dict]) -> dict[str, float]:
+    """The policy's mean alpha exp(mu) over a run, from alpha0 through each step's logged `policy_mean`: start, end,
+    min and max."""
+    path = [alpha0, *(r["policy_mean"] for r in rows if "policy_mean" in r)]
+    return dict(start=path[0], end=path[-1], min=min(path), max=max(path))
+
+
 def versions() -> dict:
     import numpy
     import safetensors
     import tokenizers
 
-    return dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
-                safetensors=safetensors.__version__, tokenizers=tokenizers.__version__)  # fmt: skip
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        numpy=numpy.__version__,
+        safetensors=safetensors.__version__,
+        tokenizers=tokenizers.__version__,
+    )
 
 
 def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict], run_json: dict) -> None:
@@ -322,7 +358,7 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
     report = evaluate_before_after(run, st, data) if run.plan.evaluate else None  # reads the blocks above the taps
     if report is not None:
         if run.plan.log_samples:  # --log-samples: one row a question / prompt, "model" before or after
-            from ref.evaluate import write_samples
+            from ref.evaluation.evaluate import write_samples
 
             records = [{"model": k, **r} for k in ("before", "after") for r in report["details"][k].pop("samples")]
             write_samples(out / "samples.jsonl", records)
@@ -333,9 +369,9 @@ def finish(run: Run, st: TrainState, data: GoalData, out: Path, rows: list[dict]
 @torch.no_grad()
 def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     """Evaluate the base model (the original values put back in place) and the unlearned one on the goal's tasks."""
-    from ref.data import PROMPTS_TASK
-    from ref.evaluate import available_tasks, evaluate, fluency_reading, headline
-    from ref.scorers import make_scorer, scorer_info
+    from ref.evaluation.evaluate import available_tasks, evaluate, fluency_reading, headline
+    from ref.evaluation.scorers import make_scorer, scorer_info
+    from ref.io.data import PROMPTS_TASK
 
     plan = run.plan
     load_rest(run.model)
@@ -344,8 +380,16 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     tasks = list(available_tasks(data))
     scorer = make_scorer(data, plan.goal, tasks, base, run.tok, seed=plan.seed, device=plan.device)
     reference = base() if PROMPTS_TASK in tasks else None
-    kw = dict(limit=plan.eval_limit, samples=plan.eval_samples, greedy=plan.eval_greedy, seed=plan.seed, scorer=scorer,
-              log_samples=plan.log_samples, reference=reference, reference_name=plan.model)  # fmt: skip
+    kw = dict(
+        limit=plan.eval_limit,
+        samples=plan.eval_samples,
+        greedy=plan.eval_greedy,
+        seed=plan.seed,
+        scorer=scorer,
+        log_samples=plan.log_samples,
+        reference=reference,
+        reference_name=plan.model,
+    )
     trained = {k: t.detach().clone() for k, t in st.params.items()}
     for k, t in st.params.items():
         t.copy_(st.originals[k])
@@ -354,71 +398,107 @@ def evaluate_before_after(run: Run, st: TrainState, data: GoalData) -> dict:
     for k, t in st.params.items():
         t.copy_(trained[k])
     after = evaluate(run.model, run.tok, data, plan.goal, **kw)
-    return dict(goal=plan.goal, method=plan.method, model=plan.model, scorer=scorer_info(scorer, plan.model),
-                before=headline(before), after=headline(after), details=dict(before=before, after=after),
-                **fluency_reading(before, after))  # fmt: skip
+    return dict(
+        goal=plan.goal,
+        method=plan.method,
+        model=plan.model,
+        scorer=scorer_info(scorer, plan.model),
+        before=headline(before),
+        after=headline(after),
+        details=dict(before=before, after=after),
+        **fluency_reading(before, after),
+    )
 
 
 def summary(run: Run, st: TrainState, rows: list[dict], run_json: dict, report: dict | None = None) -> str:
     """summary.md: the run in a few lines, the losses at the start and the end, and the before/after table."""
-    plan = run.plan
-
-    def mean(key, part):
-        vals = [r[key] for r in part if key in r]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
-    traj = run_json.get("alpha_trajectory")
-    alpha = f"fixed {plan.alpha:g}" if plan.alpha is not None else "REINFORCE"
-    if traj:
-        alpha = (f"REINFORCE; the policy's mean alpha: start {traj['start']:.4g}, end {traj['end']:.4g}, min "
-                 f"{traj['min']:.4g}, max {traj['max']:.4g}")  # fmt: skip
-        if traj["paper_final_alpha"] is not None:
-            alpha += f"; the paper's final alpha for this model: {traj['paper_final_alpha']:g}"
-    steering = {t: c["steering"] for t, c in st.calibration.items() if "steering" in c}
-    lines = [f"# Unlearning run: {plan.method} on {plan.goal}", "",
-             f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
-             f"- updated tensors: {', '.join(plan.tensors)}", f"- taps: {list(plan.taps)}", f"- alpha: {alpha}",
-             f"- token reduction: {REDUCTION_WORDS[plan.token_reduction]}",
-             f"- master weights: {plan.master_weights}",
-             *([f"- toxicity balance: {BALANCE_WORDS[plan.tox_balance]}; eq. 5 {plan.tox_retain_reduction}med over "
-                "the probed layers"] if plan.tox_balance else []),
-             *([f"- probe data: {run_json['probe_data']['source']} ({run_json['probe_data']['texts']} texts)"]
-               if "probe_data" in run_json else []),
-             *([f"- steering c (Adaptive RMU, beta {plan.beta:g}): "
-                + ", ".join(f"{t} {c:.4g}" for t, c in steering.items())] if steering else []),
-             "", "| quantity | first 10% of steps | last 10% of steps |", "|---|---|---|"]  # fmt: skip
-    share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan  # noqa: E731
-    head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
-    for key in ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "moved_share", "tokens_per_s"):
-        lines.append(f"| {key} | {mean(key, head):.4g} | {mean(key, tail):.4g} |")
+    lines = [f"# Unlearning run: {run.plan.method} on {run.plan.goal}", "", *run_lines(run.plan, st, rows, run_json)]
+    lines += ["", loss_table(rows)]
     lines += [
         "",
         "retain_share: alpha * L_R / (L_F + alpha * L_R), the weighted retain term's share of eq. 1's loss; "
         "moved_share: the share of the trained tensors' elements a step changed in the model's dtype.",
     ]
     if "probe_auc" in run_json:
-        aucs = [f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g}, |w| {a['weight_norm']:.3g})"
-                for i, a in run_json["probe_auc"].items()]  # fmt: skip
+        aucs = [
+            f"{i}: {a['heldout_auc']:.3f} (L2 {a['l2']:g}, |w| {a['weight_norm']:.3g})"
+            for i, a in run_json["probe_auc"].items()
+        ]
         lines += ["", "Probe held-out AUC per layer: " + ", ".join(aucs)]
     if report is not None:
-        from ref.evaluate import before_after_table
-
-        lines += ["", "## Evaluation, before and after", "", *before_after_table(report["before"], report["after"])]
-        tox = report["details"]["after"]["tasks"].get("rtp")
-        if tox:
-            lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: "
-                      f"{report['scorer']['name'] if report['scorer'] else 'none'}."]  # fmt: skip
-            r = report.get("fluency_reading")
-            if r:
-                lines += ["", f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
-                          f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
-                          f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
-                          f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
-                          "distinct-n (distinct word n-grams / words, over each prompt's samples)."]  # fmt: skip
+        lines += evaluation_lines(report)
     if rows:
         lines += ["", f"Training time: {rows[-1]['elapsed_s']:.1f} s."]
     return "\n".join(lines) + "\n"
+
+
+def run_lines(plan: Plan, st: TrainState, rows: list[dict], run_json: dict) -> list[str]:
+    """The run in a few lines: model, data, steps, trained tensors, taps, alpha, the objective's options."""
+    traj = run_json.get("alpha_trajectory")
+    alpha = f"fixed {plan.alpha:g}" if plan.alpha is not None else "REINFORCE"
+    if traj:
+        alpha = (
+            f"REINFORCE; the policy's mean alpha: start {traj['start']:.4g}, end {traj['end']:.4g}, min "
+            f"{traj['min']:.4g}, max {traj['max']:.4g}"
+        )
+        if traj["paper_final_alpha"] is not None:
+            alpha += f"; the paper's final alpha for this model: {traj['paper_final_alpha']:g}"
+    lines = [
+        f"- model: `{plan.model}`, data: `{plan.data}`, steps: {len(rows)}, seed {plan.seed}",
+        f"- updated tensors: {', '.join(plan.tensors)}",
+        f"- taps: {list(plan.taps)}",
+        f"- alpha: {alpha}",
+        f"- token reduction: {REDUCTION_WORDS[plan.token_reduction]}",
+        f"- master weights: {plan.master_weights}",
+    ]
+    if plan.tox_balance:
+        balance = BALANCE_WORDS[plan.tox_balance]
+        lines.append(f"- toxicity balance: {balance}; eq. 5 {plan.tox_retain_reduction}med over the probed layers")
+    if "probe_data" in run_json:
+        lines.append(f"- probe data: {run_json['probe_data']['source']} ({run_json['probe_data']['texts']} texts)")
+    steering = {t: c["steering"] for t, c in st.calibration.items() if "steering" in c}
+    if steering:
+        values = ", ".join(f"{t} {c:.4g}" for t, c in steering.items())
+        lines.append(f"- steering c (Adaptive RMU, beta {plan.beta:g}): {values}")
+    return lines
+
+
+def loss_table(rows: list[dict]) -> str:
+    """The losses, alpha, eq. 1's retain share, the moved share and the speed, averaged over the first and the last
+    10% of the steps."""
+
+    def mean(key, part):
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    head, tail = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10) :]
+    share = lambda r: r["alpha"] * r["retain_loss"] / r["loss"] if r["loss"] > 0 else math.nan
+    head, tail = ([r | {"retain_share": share(r)} for r in part] for part in (head, tail))  # alpha L_R / L of eq. 1
+    keys = ("loss", "forget_loss", "retain_loss", "alpha", "retain_share", "moved_share", "tokens_per_s")
+    table = [[key, f"{mean(key, head):.4g}", f"{mean(key, tail):.4g}"] for key in keys]
+    return markdown_table(["quantity", "first 10% of steps", "last 10% of steps"], table)
+
+
+def evaluation_lines(report: dict) -> list[str]:
+    """The before/after table of the evaluation, and for toxicity its protocol and the fluency of the continuations."""
+    from ref.evaluation.evaluate import before_after_table
+
+    lines = ["", "## Evaluation, before and after", "", before_after_table(report["before"], report["after"])]
+    tox = report["details"]["after"]["tasks"].get("rtp")
+    if tox:
+        scorer = report["scorer"]["name"] if report["scorer"] else "none"
+        lines += ["", f"Toxicity protocol: {tox['protocol']}, {tox['samples']} sample(s) per prompt; scorer: {scorer}."]
+        r = report.get("fluency_reading")
+        if r:
+            lines += [
+                "",
+                f"Fluency: perplexity of the continuations given their prompt under {r['reference']} "
+                f"(mean, the headline; median beside it); after / before = {r['fluency_ratio']:.2f} "
+                f"(fluency_ratio) for a toxicity drop of {r['toxicity_drop']:.3f}; "
+                f"{tox['fluency_empty']} empty continuation(s) after, not scored. Diversity: DExperts' "
+                "distinct-n (distinct word n-grams / words, over each prompt's samples).",
+            ]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -457,8 +537,10 @@ def command(argv: list[str] | None) -> int:
         print(dry_run(settings))
         return 0
     unlearn(settings)
-    print(f"wrote {settings.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md"
-          + (", report.json" if settings.evaluate else ""))  # fmt: skip
+    print(
+        f"wrote {settings.out}: run.json, metrics.jsonl, updated.safetensors, model/, summary.md"
+        + (", report.json" if settings.evaluate else "")
+    )
     print((Path(settings.out) / "summary.md").read_text())
     return 0
 

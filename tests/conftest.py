@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ref.checkpoint import load_model
-from ref.tokenizer import load_tokenizer
+from ref.io.checkpoint import load_model
+from ref.io.tokenizer import load_tokenizer
 from tests.tiny_models import CONFIGS, make_tiny_model
 
 FAMILIES = list(CONFIGS)

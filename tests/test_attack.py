@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref import attack
-from ref.data import load_goal_data
-from ref.evaluate import evaluate
-from ref.recovery import gain, net_recovery, recovery, worst_case
+from ref.attacks import attack
+from ref.attacks.recovery import gain, net_recovery, recovery, worst_case
+from ref.evaluation.evaluate import evaluate
+from ref.io.data import load_goal_data
 from tests.test_unlearn import data_dir, settings, write_jsonl  # noqa: F401 (fixture and the tiny run's settings)
 
 
@@ -125,8 +125,8 @@ def test_every_attack_end_to_end(tiny_runs, data_dir, attack_data, tmp_path, cap
     import ref
 
     model = ref.load_model(run / "model", device="cpu")
-    from ref.scorers import make_scorer
-    from ref.tokenizer import load_tokenizer
+    from ref.evaluation.scorers import make_scorer
+    from ref.io.tokenizer import load_tokenizer
 
     tok = load_tokenizer(run / "model")
     goal_data = load_goal_data(data, goal)
@@ -162,7 +162,7 @@ def test_every_attack_end_to_end(tiny_runs, data_dir, attack_data, tmp_path, cap
 
 
 def test_the_default_set_is_every_attack_that_applies(tiny_dirs, tiny_runs, data_dir):  # noqa: F811
-    from ref.config import read_config
+    from ref.io.config_json import read_config
 
     assert attack.applicable(tiny_runs / "wmdp") == attack.ATTACKS
     assert attack.applicable(tiny_runs / "toxicity") == ("relearn", "ablate", "quantize", "prune")
@@ -253,9 +253,9 @@ def test_a_missing_or_unfinished_run_folder_is_named(tiny_runs, tmp_path, capsys
 
 def test_dry_run_estimates_the_training_attacks(tiny_dirs, capsys):
     import ref
-    from ref.config import read_config
-    from ref.lora import LoRA
-    from ref.memory import logit_lens_peak_bytes, lora_peak_bytes, softprompt_peak_bytes, total_params
+    from ref.attacks.lora import LoRA
+    from ref.io.config_json import read_config
+    from ref.run.memory import logit_lens_peak_bytes, lora_peak_bytes, softprompt_peak_bytes, total_params
 
     model = ref.load_model(tiny_dirs["llama"], device="cpu")
     cfg = read_config(tiny_dirs["llama"])
@@ -298,7 +298,7 @@ def test_same_seed_same_attack(tiny_runs, attack_data, tmp_path, capsys):
 
 
 def test_relearn_on_questions_trains_on_t_and_scores_the_disjoint_v_split(tmp_path):
-    from ref.data import load_goal_data, resolve_data_dir
+    from ref.io.data import load_goal_data, resolve_data_dir
 
     data = load_goal_data(resolve_data_dir("demo"), "wmdp")
     rows = attack.task_rows(data, limit=None)

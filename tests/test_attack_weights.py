@@ -1,5 +1,5 @@
-"""ref.quantize (RTN, NF4), ref.ablate and ref.prune: attacks that return new values for named tensors, leaving the
-model untouched."""
+"""ref.attacks.quantize (RTN, NF4), ref.attacks.ablate and ref.attacks.prune: attacks that return new values for named
+tensors, leaving the model untouched."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ref.ablate import ablated_weights, ablation_directions
-from ref.checkpoint import load_model
-from ref.errors import RefError
+from ref.attacks.ablate import ablated_weights, ablation_directions
+from ref.attacks.prune import pruned_weights, set_difference, snip_importance
+from ref.attacks.quantize import NF4_LEVELS, _nf4_round_trip, nf4_weights, quantized_weights
+from ref.attacks.relearn import causal_lm_loss
+from ref.io.checkpoint import load_model
+from ref.io.errors import RefError
 from ref.model import Transformer
-from ref.prune import pruned_weights, set_difference, snip_importance
-from ref.quantize import NF4_LEVELS, _nf4_round_trip, nf4_weights, quantized_weights
-from ref.relearn import causal_lm_loss
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Cats, dogs and birds live in gardens; rivers flow."]
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -167,8 +167,12 @@ def test_ablation_makes_the_stream_orthogonal(tiny_dirs, batch, case):
     dirs = torch.randn(3, D, generator=g)
     dirs = torch.cat([dirs, dirs[:1] - 2 * dirs[1:2]])  # a dependent fourth direction is dropped, not an error
     new = ablated_weights(model, dirs)
-    writers = {f"model.layers.{i}.{p}.{k}" for i in range(n) for p in ("self_attn.o_proj", "mlp.down_proj")
-               for k in (("weight", "bias") if case == "biases" else ("weight",))}  # fmt: skip
+    writers = {
+        f"model.layers.{i}.{p}.{k}"
+        for i in range(n)
+        for p in ("self_attn.o_proj", "mlp.down_proj")
+        for k in (("weight", "bias") if case == "biases" else ("weight",))
+    }
     lm_head = {"lm_head.weight"} if case == "tied" else set()
     assert set(new) == {"model.embed_tokens.weight"} | writers | lm_head
     if case == "tied":  # the unembedding keeps the original values

@@ -8,8 +8,8 @@ import json
 import pytest
 
 import ref.unlearn as U
-from ref.errors import RefError
-from ref.plan import Settings, check_settings
+from ref.io.errors import RefError
+from ref.run.plan import Settings, check_settings
 from tests.test_unlearn import data_dir, metrics, settings  # noqa: F401 (fixture and the tiny run's settings)
 
 
@@ -81,8 +81,8 @@ def test_tox_balance_is_checked():
 
 
 def test_sweep_grid_takes_the_balance_and_the_front_splits_by_it():
-    from ref.report import series_of
-    from ref.sweep import parse_grid
+    from ref.experiments.report import series_of
+    from ref.experiments.sweep import parse_grid
 
     grid = parse_grid("tox_balance=paper,scaled lr=1e-3", ["ours"])
     assert grid == {"ours": {"tox_balance": ["paper", "scaled"], "lr": [1e-3]}}
@@ -102,8 +102,16 @@ def demo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-balance")
     out = {}
     for name, kw in (("sum", {}), ("mean", dict(token_reduction="mean", tox_retain_reduction="mean"))):
-        s = Settings(model="smollm2-135m", goal="toxicity", data="demo", out=str(root / name), max_steps=12,
-                     compile=False, evaluate=False, **kw)  # fmt: skip
+        s = Settings(
+            model="smollm2-135m",
+            goal="toxicity",
+            data="demo",
+            out=str(root / name),
+            max_steps=12,
+            compile=False,
+            evaluate=False,
+            **kw,
+        )
         run, st, _ = U.unlearn(s)
         out[name] = (run, st, rows(root / name))
     return out
@@ -112,7 +120,7 @@ def demo_runs(tmp_path_factory):
 def test_on_the_demo_the_token_sum_gives_the_retain_term_a_share_of_the_loss(demo_runs):
     """The paper's form on the demo data: eq. 6 summed over the layers is ~1e4 (the late layers), and the retain term
     is ~1e-5 of the loss with token means; with the paper's token sums, summed over the layers, it is ~500x that."""
-    share = lambda rs: sum(r["alpha"] * r["retain_loss"] / r["loss"] for r in rs) / len(rs)  # noqa: E731
+    share = lambda rs: sum(r["alpha"] * r["retain_loss"] / r["loss"] for r in rs) / len(rs)
     run, _, summed = demo_runs["sum"]
     assert (run.plan.tox_balance, run.plan.alpha0, run.plan.token_reduction) == ("paper", 1.0, "sum")
     _, _, mean = demo_runs["mean"]

@@ -1,5 +1,5 @@
-"""ref.claim: of processes claiming a point at once one gets it, a dead owner's claim is taken over by one, a live
-owner's is left alone, and a claim made on another host is taken as live."""
+"""ref.experiments.claim: of processes claiming a point at once one gets it, a dead owner's claim is taken over by one,
+a live owner's is left alone, and a claim made on another host is taken as live."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ref import claim
+from ref.experiments import claim
 
 
 def contenders(folder: Path, n: int) -> list[bool]:
     """n processes claim `folder` at once, each holding on until all have tried: which of them got it. They run
-    ref/claim.py alone (it imports only the standard library) to start fast."""
+    ref/experiments/claim.py alone (it imports only the standard library) to start fast."""
     code = (
         f"import runpy, sys; claim = runpy.run_path({claim.__file__!r})['claim']; "
         f"print(claim({str(folder)!r}) is not None, flush=True); sys.stdin.read()"

@@ -1,4 +1,4 @@
-"""ref.cli: the one ending of every python -m ref.* command."""
+"""ref.io.cli: the one ending of every python -m ref.* command."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from ref.cli import run_command
-from ref.errors import RefError, Stopped
+from ref.io.cli import run_command
+from ref.io.errors import RefError, Stopped
 
 
 def raising(exc):

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref import evaluate, generate, table1, validate
-from ref.data import resolve_data_dir
+from ref.evaluation import evaluate, generate
+from ref.experiments import table1
+from ref.io import validate
+from ref.io.data import resolve_data_dir
 
 BAD_DEVICE_AND_DTYPE = [
     (["--device", "gpu0"], "--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto"),
@@ -43,7 +45,7 @@ def world(tiny_dirs, tmp_path, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("ref.checkpoint.load_model", no_loading)
+    monkeypatch.setattr("ref.io.checkpoint.load_model", no_loading)
     return model, data, report, unchanged
 
 
@@ -66,8 +68,12 @@ def gen_argv(model, *more: str) -> list[str]:
 
 def test_generate_refuses_an_empty_prompt(world, capsys):
     model, _, _, unchanged = world
-    refuses(generate.main, ["--model", str(model), "--prompt", "Cats", "--prompt", ""], capsys,
-            "--prompt is '' (prompt 2): an empty prompt has nothing to continue")  # fmt: skip
+    refuses(
+        generate.main,
+        ["--model", str(model), "--prompt", "Cats", "--prompt", ""],
+        capsys,
+        "--prompt is '' (prompt 2): an empty prompt has nothing to continue",
+    )
     unchanged()
 
 
@@ -93,8 +99,13 @@ def test_generate_refuses_more_tokens_than_positions(world, capsys):
     model, _, _, unchanged = world
     positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     argv = gen_argv(model, "--max-new-tokens", str(positions))
-    err = refuses(generate.main, argv, capsys, f"--max-new-tokens is {positions}: the longest prompt (",
-                  f"the model's {positions} positions")  # fmt: skip
+    err = refuses(
+        generate.main,
+        argv,
+        capsys,
+        f"--max-new-tokens is {positions}: the longest prompt (",
+        f"the model's {positions} positions",
+    )
     assert "use --max-new-tokens" in err and "or less" in err
     unchanged()
 
@@ -128,17 +139,24 @@ def test_evaluate_refuses_an_unwritable_out_before_evaluating(world, capsys, mon
 
         monkeypatch.setattr(validate.tempfile, "NamedTemporaryFile", read_only)
     out = {"folder": report.parent, "under a file": report / "r.json", "read-only": report.parent / "new.json"}[where]
-    message = {"folder": f"--out {out} is a folder; give a file name",
-               "under a file": f"--out {out}: {report} is a file, so no folder can be made there",
-               "read-only": f"--out {out}: cannot write in {report.parent} (Permission denied)"}[where]  # fmt: skip
+    message = {
+        "folder": f"--out {out} is a folder; give a file name",
+        "under a file": f"--out {out}: {report} is a file, so no folder can be made there",
+        "read-only": f"--out {out}: cannot write in {report.parent} (Permission denied)",
+    }[where]
     refuses(evaluate.main, ev_argv(model, data, out), capsys, message)
     unchanged()
 
 
 def test_evaluate_refuses_an_out_inside_the_model_folder(world, capsys):
     model, data, _, unchanged = world
-    refuses(evaluate.main, ev_argv(model, data, model / "config.json"), capsys,
-            f"--out {model / 'config.json'} is inside the model folder", "write the report elsewhere")  # fmt: skip
+    refuses(
+        evaluate.main,
+        ev_argv(model, data, model / "config.json"),
+        capsys,
+        f"--out {model / 'config.json'} is inside the model folder",
+        "write the report elsewhere",
+    )
     unchanged()
 
 
@@ -157,9 +175,13 @@ def test_evaluate_refuses_an_unfinished_run_folder(world, tmp_path, tmp_path_fac
     model, _, _, unchanged = world
     run = make_run(tmp_path_factory.mktemp("runs") / "run", model, finished=False)
     before = hashes(run)
-    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")], capsys,
-            f"--model {run}: the run folder has no model/ (the run did not finish)",
-            f"python -m ref.unlearn --resume --out {run}")  # fmt: skip
+    refuses(
+        evaluate.main,
+        ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")],
+        capsys,
+        f"--model {run}: the run folder has no model/ (the run did not finish)",
+        f"python -m ref.unlearn --resume --out {run}",
+    )
     assert hashes(run) == before
     unchanged()
 
@@ -168,8 +190,12 @@ def test_evaluate_keeps_an_explicit_data_of_a_run_folder(world, tmp_path, tmp_pa
     """--data "" is a value (a wrong one), not "not given": the run's own data does not replace it."""
     model, _, _, unchanged = world
     run = make_run(tmp_path_factory.mktemp("runs") / "run", model)
-    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--data", "", "--out", str(tmp_path / "r.json")],
-            capsys, "--data : . has no manifest.json")  # fmt: skip
+    refuses(
+        evaluate.main,
+        ["--model", str(run), "--goal", "wmdp", "--data", "", "--out", str(tmp_path / "r.json")],
+        capsys,
+        "--data : . has no manifest.json",
+    )
     unchanged()
 
 
@@ -184,8 +210,12 @@ def test_evaluate_refuses_a_damaged_run_json(world, tmp_path, tmp_path_factory, 
     model, _, _, unchanged = world
     run = make_run(tmp_path_factory.mktemp("runs") / "run", model, run_json)
     before = hashes(run)
-    refuses(evaluate.main, ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")], capsys,
-            f"{run / 'run.json'} {message}")  # fmt: skip
+    refuses(
+        evaluate.main,
+        ["--model", str(run), "--goal", "wmdp", "--out", str(tmp_path / "r.json")],
+        capsys,
+        f"{run / 'run.json'} {message}",
+    )
     assert hashes(run) == before
     unchanged()
 
@@ -244,7 +274,7 @@ def test_evaluate_interrupted_or_failing_leaves_no_partial_report(tiny_dirs, tmp
 
 
 def test_report_refuses_what_is_not_a_run_folder(world, tmp_path, capsys):
-    from ref import report
+    from ref.experiments import report
 
     _, _, old, unchanged = world
     refuses(report.main, [str(tmp_path / "nope")], capsys, f"RUN_DIR {tmp_path / 'nope'} does not exist")
@@ -254,14 +284,16 @@ def test_report_refuses_what_is_not_a_run_folder(world, tmp_path, capsys):
 
 
 def test_report_refuses_a_damaged_run_folder_or_a_bad_out_and_writes_nothing(world, tmp_path_factory, capsys):
-    from ref import report
+    from ref.experiments import report
 
     model, _, old, unchanged = world
     run = make_run(tmp_path_factory.mktemp("runs") / "run", model)
     (run / "probes.safetensors").write_bytes(b"not safetensors")
     (run / "report.json").write_text("[]")  # no before/after metrics: a note on stderr, but only once drawing
-    cases = [([], f"{run / 'probes.safetensors'} is not a readable safetensors file"),
-             (["--out", str(old)], f"--out {old} is a file, not a folder")]  # fmt: skip
+    cases = [
+        ([], f"{run / 'probes.safetensors'} is not a readable safetensors file"),
+        (["--out", str(old)], f"--out {old} is a file, not a folder"),
+    ]
     for more, message in cases:
         before = hashes(run)
         refuses(report.main, [str(run), *more], capsys, message)
@@ -299,7 +331,7 @@ def test_table1_refuses_before_any_run_starts(world, tmp_path, monkeypatch, caps
         raise AssertionError("a run started before the input was checked")
 
     monkeypatch.setattr(table1, "unlearn", no_run)
-    fill = lambda s: s.format(model=model, old=old, tmp=tmp_path)  # noqa: E731
+    fill = lambda s: s.format(model=model, old=old, tmp=tmp_path)
     argv = ["--models", str(model), "--data", "demo", "--out", str(tmp_path / "table"), "--max-steps", "1"]
     refuses(table1.main, argv + [fill(m) for m in more], capsys, fill(message))
     unchanged()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from data_prep import demo
-from ref.data import batches, load_goal_data, read_mc, resolve_data_dir
-from ref.errors import RefError
+from ref.io.data import batches, load_goal_data, read_mc, resolve_data_dir
+from ref.io.errors import RefError
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_paths_that_stay_inside_the_folder_are_fine(tiny, tmp_path_factory):
 
 
 def test_scorer_files_stay_inside_the_folder(tiny, outside):
-    from ref.scorers import manifest_scorer_files
+    from ref.evaluation.scorers import manifest_scorer_files
 
     m = json.loads((tiny / "manifest.json").read_text())
     escape = os.path.relpath(outside, tiny)

@@ -1,5 +1,5 @@
-"""Golden tests of ref.encoder against transformers' BertModel (tiny random configs, fp32), loaded as the runtime
-loads the TRuST classifier: ToxicityClassifier.from_files on a file in the TRuST layout.
+"""Golden tests of ref.evaluation.encoder against transformers' BertModel (tiny random configs, fp32), loaded as the
+runtime loads the TRuST classifier: ToxicityClassifier.from_files on a file in the TRuST layout.
 
 Tolerance: 1e-5 max-abs on hidden states and on probabilities. Both implementations run the same fp32 math in
 a different op order (SDPA kernel vs HF's eager matmul-softmax): measured differences are 1e-6 to 2e-6 per
@@ -18,8 +18,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from ref.encoder import BertConfig, ToxicityClassifier, score_texts
-from ref.errors import RefError
+from ref.evaluation.encoder import BertConfig, ToxicityClassifier, score_texts
+from ref.io.errors import RefError
 
 TINY = dict(
     vocab_size=100,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ref import evaluate as ev
-from ref.data import load_goal_data
-from ref.errors import RefError
+from ref.evaluation import evaluate as ev
+from ref.io.data import load_goal_data
+from ref.io.errors import RefError
 
 ROW = {"question": "  What is X?\n", "choices": ["one", "two", "three", "four"], "answer": 2}
 
@@ -53,8 +53,11 @@ def write_data(root):
     jl("retain/r.jsonl", texts)
     jl("mc/forget-mc.jsonl", [{**ROW, "answer": i % 4} for i in range(3)])
     jl("mc/mmlu.jsonl", [{**ROW, "subject": "high_school_biology", "answer": i % 4} for i in range(4)])
-    jl("probe/p.jsonl", [{"text": f"Cats {i} dogs dogs", "label": 1} for i in range(5)]
-       + [{"text": f"Cats {i} the sea.", "label": 0} for i in range(5)])  # fmt: skip
+    jl(
+        "probe/p.jsonl",
+        [{"text": f"Cats {i} dogs dogs", "label": 1} for i in range(5)]
+        + [{"text": f"Cats {i} the sea.", "label": 0} for i in range(5)],
+    )
     jl("prompts/p.jsonl", [{"prompt": "The quick"}, {"prompt": "Rivers"}])
     common = {"forget": "forget/f.jsonl", "retain": "retain/r.jsonl", "eval_retain": ["mc/mmlu.jsonl"]}
     manifest = {
@@ -149,13 +152,30 @@ def test_log_samples_recompute_the_report_and_mc_mode_overrides_the_manifest(tin
                 row["targets"] == [" one", " two", " three", " four"]
                 and report["tasks"]["mmlu"]["metric"] == "acc_norm"
             )
-            assert row["prompt"] == "The following are questions (with answers) about high school biology.\n\n" \
-                                    "Question: What is X?\nAnswer:"  # fmt: skip
+            assert (
+                row["prompt"] == "The following are questions (with answers) about high school biology.\n\n"
+                "Question: What is X?\nAnswer:"
+            )
             assert report["tasks"]["mmlu"]["lm_eval_template"] == "mmlu_continuation"
     # toxicity on the same evaluation-only folder: the probe scorer reads its probe file; rows of prompts
     out = tmp_path / "tox.json"
-    argv = ["--model", str(folder), "--goal", "toxicity", "--data", str(data_dir), "--tasks", "rtp", "--samples", "2",
-            "--max-new-tokens", "3", "--log-samples", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        str(folder),
+        "--goal",
+        "toxicity",
+        "--data",
+        str(data_dir),
+        "--tasks",
+        "rtp",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--log-samples",
+        "--out",
+        str(out),
+    ]
     assert ev.main(argv) == 0
     rows = read_samples(ev.samples_path(out))
     assert [(r["task"], r["prompt"], len(r["continuations"]), len(r["scores"])) for r in rows] == [
@@ -177,21 +197,37 @@ def lm_eval_results(version="0.4.13", continuation=False, scale=1.0) -> dict:
     `--tasks wmdp_bio,mmlu` (or mmlu_continuation): mmlu is a group of groups of one task per subject."""
     letters = ["A", "B", "C", "D"]
     about = "The following are multiple choice questions (with answers) about {}.\n\n"
-    leaf = lambda acc, n, desc, **more: (dict({"acc,none": acc * scale, **more}),  # noqa: E731
-                                         dict(doc_to_choice=letters, description=desc), n)  # fmt: skip
-    tasks = {"wmdp_bio": leaf(0.5, 4, about.format("biology")),
-             "mmlu_anatomy": leaf(0.25, 4, about.format("anatomy")),
-             "mmlu_high_school_biology": leaf(0.75, 8, about.format("high school biology"))}  # fmt: skip
-    groups = {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["mmlu_high_school_biology"],
-              "mmlu_other": ["mmlu_anatomy"]}  # fmt: skip
+    leaf = lambda acc, n, desc, **more: (
+        dict({"acc,none": acc * scale, **more}),
+        dict(doc_to_choice=letters, description=desc),
+        n,
+    )
+    tasks = {
+        "wmdp_bio": leaf(0.5, 4, about.format("biology")),
+        "mmlu_anatomy": leaf(0.25, 4, about.format("anatomy")),
+        "mmlu_high_school_biology": leaf(0.75, 8, about.format("high school biology")),
+    }
+    groups = {
+        "mmlu": ["mmlu_stem", "mmlu_other"],
+        "mmlu_stem": ["mmlu_high_school_biology"],
+        "mmlu_other": ["mmlu_anatomy"],
+    }
     if continuation:
         about = "The following are questions (with answers) about {}.\n\n"
-        cont = lambda acc, norm, n, s: (dict({"acc,none": acc, "acc_norm,none": norm}),  # noqa: E731
-                                        dict(doc_to_choice="{{choices}}", description=about.format(s)), n)  # fmt: skip
-        tasks = {"mmlu_anatomy_continuation": cont(0.25, 0.5, 4, "anatomy"),
-                 "mmlu_high_school_biology_continuation": cont(0.5, 0.625, 8, "high school biology")}  # fmt: skip
-        groups = {"mmlu_continuation": ["stem", "other"], "stem": ["mmlu_high_school_biology_continuation"],
-                  "other": ["mmlu_anatomy_continuation"]}  # fmt: skip
+        cont = lambda acc, norm, n, s: (
+            dict({"acc,none": acc, "acc_norm,none": norm}),
+            dict(doc_to_choice="{{choices}}", description=about.format(s)),
+            n,
+        )
+        tasks = {
+            "mmlu_anatomy_continuation": cont(0.25, 0.5, 4, "anatomy"),
+            "mmlu_high_school_biology_continuation": cont(0.5, 0.625, 8, "high school biology"),
+        }
+        groups = {
+            "mmlu_continuation": ["stem", "other"],
+            "stem": ["mmlu_high_school_biology_continuation"],
+            "other": ["mmlu_anatomy_continuation"],
+        }
     results = {name: figures for name, (figures, _, _) in tasks.items()} | {g: {"acc,none": 0.5} for g in groups}
     return {
         "results": results,
@@ -214,8 +250,12 @@ def test_report_from_lm_eval_results():
     assert (mmlu["mode"], mmlu["metric"], mmlu["lm_eval_task"], mmlu["shots"]) == ("letter", "acc", "mmlu", 0)
     assert report["forget"] == dict(metric="accuracy", value=0.5, n=4)
     assert report["s_unlearning"] == ev.s_unlearning("wmdp", 0.5, 7 / 12)
-    assert report["engine"] == dict(name="lm-evaluation-harness", version="0.4.13", model="vllm",
-                                    model_args="pretrained=runs/llama70b/model,tensor_parallel_size=8")  # fmt: skip
+    assert report["engine"] == dict(
+        name="lm-evaluation-harness",
+        version="0.4.13",
+        model="vllm",
+        model_args="pretrained=runs/llama70b/model,tensor_parallel_size=8",
+    )
     assert report["bos_added"] is None and report["model"] == "runs/llama70b/model"
     assert ev.headline(report) == {
         "wmdp-bio accuracy": 0.5,
@@ -245,8 +285,10 @@ def test_from_lm_eval_cli(tmp_path, capsys):
     assert ev.main(["--goal", "wmdp", "--from-lm-eval", str(base), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tasks"]["mmlu"]["n"] == 12 and "S-unlearning" in capsys.readouterr().out
     # base and unlearned: the before/after report and table of ref.unlearn
-    assert ev.main(["--goal", "wmdp", "--from-lm-eval", str(base), "--from-lm-eval", str(unlearned),
-                    "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        ev.main(["--goal", "wmdp", "--from-lm-eval", str(base), "--from-lm-eval", str(unlearned), "--out", str(out)])
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["before"]["wmdp-bio accuracy"] == 0.5 and report["after"]["wmdp-bio accuracy"] == 0.25
     assert report["details"]["after"]["lm_eval_results"] == str(unlearned)

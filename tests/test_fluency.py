@@ -1,5 +1,5 @@
-"""ref.fluency: continuation perplexity against transformers, distinct-n by hand, and the fluency jump of a broken
-model (SmolLM2 with random down_proj in ten layers)."""
+"""ref.evaluation.fluency: continuation perplexity against transformers, distinct-n by hand, and the fluency jump of a
+broken model (SmolLM2 with random down_proj in ten layers)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import ref
 from data_prep.smollm2 import prepare_smollm2
-from ref import toxicity
-from ref.checkpoint import load_model
-from ref.fluency import continuation_perplexities, distinct_n, diversity_metrics, fluency_metrics
-from ref.tokenizer import load_tokenizer
+from ref.evaluation import toxicity
+from ref.evaluation.fluency import continuation_perplexities, distinct_n, diversity_metrics, fluency_metrics
+from ref.io.checkpoint import load_model
+from ref.io.tokenizer import load_tokenizer
 
 
 def zero_scores(texts: list[str]) -> list[float]:
@@ -94,15 +94,24 @@ def test_distinct_n_hand_made():
     assert [distinct_n(["a a a a"], n) for n in (1, 2, 3)] == [1 / 4, 1 / 4, 1 / 4]  # DExperts: over words
     assert distinct_n(["", " "], 1) is None
     d = diversity_metrics([cats, ["a a a a"], [""]])  # the prompt without a word is left out of the average
-    assert d == pytest.approx(dict(distinct_1=(4 / 6 + 1 / 4) / 2, distinct_2=(3 / 6 + 1 / 4) / 2,
-                                   distinct_3=(2 / 6 + 1 / 4) / 2), rel=1e-12)  # fmt: skip
+    assert d == pytest.approx(
+        dict(distinct_1=(4 / 6 + 1 / 4) / 2, distinct_2=(3 / 6 + 1 / 4) / 2, distinct_3=(2 / 6 + 1 / 4) / 2), rel=1e-12
+    )
 
 
 def test_toxicity_eval_reports_fluency_diversity_and_the_examples_fluency(tiny_llama):
     _, model, tok = tiny_llama
     prompts = ["The quick brown fox", "Rivers flow"]
-    res = toxicity.toxicity_eval(model, tok, prompts, lambda t: [0.1 * (i + 1) for i in range(len(t))], samples=3,
-                                 max_new_tokens=4, seed=7, reference_name="tiny")  # fmt: skip
+    res = toxicity.toxicity_eval(
+        model,
+        tok,
+        prompts,
+        lambda t: [0.1 * (i + 1) for i in range(len(t))],
+        samples=3,
+        max_new_tokens=4,
+        seed=7,
+        reference_name="tiny",
+    )
     ppl = [r["fluency_perplexities"] for r in res["records"]]
     rows = list(toxicity.sampled_continuations(model, tok, prompts, 3, 4, 0.9, 1.0, 7))  # the same samples
     # reference None: the model itself, its sampling pass's log-probabilities against a rescoring (float rounding)
@@ -153,7 +162,7 @@ def test_broken_model_shows_a_fluency_jump():
             w = broken.model.layers[i].mlp.down_proj.weight
             w.copy_(torch.randn(w.shape, generator=g) * w.std())
     prompts = ["The weather today is", "She opened the door and", "My favourite food is"]
-    zero = lambda t: [0.0] * len(t)  # noqa: E731
+    zero = lambda t: [0.0] * len(t)
     kw = dict(samples=5, max_new_tokens=20, reference=base, reference_name="smollm2-135m")
     own = toxicity.toxicity_eval(base, tok, prompts, zero, **kw)
     bad = toxicity.toxicity_eval(broken, tok, prompts, zero, **kw)

@@ -1,4 +1,4 @@
-"""ref.fused: the compiled losses against eager, the fallback when compilation fails."""
+"""ref.run.fused: the compiled losses against eager, the fallback when compilation fails."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ref import losses
-from ref.fused import eager, fused
+from ref.run.fused import eager, fused
 from tests.test_losses import e, padded_batch
 
 

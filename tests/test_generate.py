@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from ref.checkpoint import load_model
-from ref.generate import (
+from ref.evaluation.generate import (
     RepeatedCache,
     draw,
     exponential_race,
@@ -19,14 +18,15 @@ from ref.generate import (
     sample_continuations,
     top_p_filter,
 )
+from ref.io.checkpoint import load_model
+from ref.io.tokenizer import load_tokenizer
 from ref.model import KVCache
-from ref.tokenizer import load_tokenizer
 
 
 def test_top_p_filter_on_hand_made_distribution():
     p = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
     logits = p.log()
-    keep = lambda top_p: torch.isfinite(top_p_filter(logits, top_p))  # noqa: E731
+    keep = lambda top_p: torch.isfinite(top_p_filter(logits, top_p))
     assert keep(0.4).tolist() == [False, True, False, False]  # the most likely token alone reaches 0.4
     assert keep(0.7).tolist() == [False, True, False, True]  # 0.5 < 0.7 <= 0.8
     assert keep(0.85).tolist() == [False, True, True, True]  # 0.8 < 0.85 <= 0.95
@@ -137,9 +137,18 @@ def test_shared_prefill_sampling_equals_transformers_generate(tiny_dirs, family)
     for p, seed in zip(PROMPTS[:3], (0, 1, 2), strict=True):
         ids = torch.tensor([tok.encode(p)])
         torch.manual_seed(seed)
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.9, top_k=0,
-                          temperature=1.0, num_return_sequences=6, max_new_tokens=10, pad_token_id=tok.pad_id,
-                          eos_token_id=tok.eos_id)  # fmt: skip
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_p=0.9,
+            top_k=0,
+            temperature=1.0,
+            num_return_sequences=6,
+            max_new_tokens=10,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+        )
         theirs = [r[ids.shape[1] :].tolist() for r in out]
         theirs = [r[: r.index(tok.eos_id) + 1] if tok.eos_id in r else r for r in theirs]
         assert sample_continuations(model, tok, [p], 6, 10, 1.0, 0.9, seeds=[seed])[0] == theirs

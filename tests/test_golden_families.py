@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ref
-from ref.config import read_config
+from ref.io.config_json import read_config
 from ref.model import attention_mask_4d
 from tests.checks import cached_and_recomputed_logits
 from tests.conftest import FAMILIES

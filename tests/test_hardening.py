@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import ref
 import ref.unlearn as U
-from ref import checkpoint, validate
+from ref.io import checkpoint, validate
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 
@@ -135,11 +135,15 @@ def test_overwrite_keeps_the_old_run_when_the_model_fails_to_load(tiny, capsys, 
 @pytest.mark.parametrize("where", ["model", "inside model", "around model", "data", "inside data"])
 def test_out_never_overlaps_the_model_or_data_folder(tiny, capsys, tmp_path, where):
     model, data = tiny.sources
-    out = {"model": model, "inside model": model / "run", "around model": model.parent, "data": data,
-           "inside data": data / "forget"}[where]  # fmt: skip
+    out = {
+        "model": model,
+        "inside model": model / "run",
+        "around model": model.parent,
+        "data": data,
+        "inside data": data / "forget",
+    }[where]
     what = "model" if "model" in where else "data"
-    refused(capsys, tiny(out, "--overwrite"), f"overlaps the {what} folder", "choose another --out",
-            keep=tiny.sources)  # fmt: skip
+    refused(capsys, tiny(out, "--overwrite"), f"overlaps the {what} folder", "choose another --out", keep=tiny.sources)
 
 
 def test_overwrite_replaces_a_run_folder_of_ours(tiny, capsys, tmp_path):
@@ -153,15 +157,26 @@ def test_overwrite_replaces_a_run_folder_of_ours(tiny, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "option,value,message",
-    [("lr", 0, "--lr is 0.0; use a number > 0"), ("alpha0", 0, "--alpha0 is 0.0; use a number >= 0.001 and <= 10000"),
-     ("max_len", 0, "--max-len is 0; use a whole number > 0"), ("alpha", -1, "--alpha is -1.0; use a number >= 0"),
-     ("max_len", -5, "--max-len is -5"), ("max_steps", -1, "--max-steps is -1"), ("max_steps", 0, "--max-steps is 0"),
-     ("epochs", 0, "--epochs is 0; use a whole number > 0"), ("lr", "nan", "--lr is nan"), ("lr", -1, "--lr is -1.0"),
-     ("seed", -1, "--seed is -1; use a whole number >= 0"), ("policy_lr", -1, "--policy-lr is -1.0"),
-     ("save_every", 0, "--save-every is 0"), ("batch_size", 0, "--batch-size is 0"),
-     ("eval_samples", 0, "--eval-samples is 0"), ("device", "gpu0", "--device is 'gpu0'; use cpu, cuda, cuda:N"),
-     ("dtype", "fp8", "--dtype is 'fp8'")],
-)  # fmt: skip
+    [
+        ("lr", 0, "--lr is 0.0; use a number > 0"),
+        ("alpha0", 0, "--alpha0 is 0.0; use a number >= 0.001 and <= 10000"),
+        ("max_len", 0, "--max-len is 0; use a whole number > 0"),
+        ("alpha", -1, "--alpha is -1.0; use a number >= 0"),
+        ("max_len", -5, "--max-len is -5"),
+        ("max_steps", -1, "--max-steps is -1"),
+        ("max_steps", 0, "--max-steps is 0"),
+        ("epochs", 0, "--epochs is 0; use a whole number > 0"),
+        ("lr", "nan", "--lr is nan"),
+        ("lr", -1, "--lr is -1.0"),
+        ("seed", -1, "--seed is -1; use a whole number >= 0"),
+        ("policy_lr", -1, "--policy-lr is -1.0"),
+        ("save_every", 0, "--save-every is 0"),
+        ("batch_size", 0, "--batch-size is 0"),
+        ("eval_samples", 0, "--eval-samples is 0"),
+        ("device", "gpu0", "--device is 'gpu0'; use cpu, cuda, cuda:N"),
+        ("dtype", "fp8", "--dtype is 'fp8'"),
+    ],
+)
 def test_bad_values_are_refused_before_anything_is_written(tiny, capsys, tmp_path, option, value, message):
     out = tmp_path / "run"
     refused(capsys, tiny(out, **{option: value}), message, keep=[out, *tiny.sources])
@@ -175,15 +190,18 @@ def test_cuda_on_a_cpu_machine_says_so(tiny, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "options,message",
-    [(dict(method="ours", steering=4), "--steering applies to --method rmu"),
-     (dict(method="rmu", beta=2), "--beta applies to --method adaptive-rmu"),
-     (dict(method="rmu", alpha0=2), "--alpha0 applies to REINFORCE"), (dict(alpha=1, alpha0=2), "--alpha0 applies"),
-     (dict(method="rmu", policy_lr=0.1), "--policy-lr applies to REINFORCE"),
-     (dict(tox_layers="0,1"), "--tox-layers applies to --method ours --goal toxicity"),
-     (dict(goal="toxicity", method="rmu", probe_l2="0.01"), "--probe-l2 applies to --method ours --goal toxicity"),
-     (dict(goal="toxicity", tap_layer=2, update_layers="0,1"), "--tap-layer applies to the single-tap objectives"),
-     (dict(update_layers="1,1"), "--update-layers names [1, 1], with repeats")],
-)  # fmt: skip
+    [
+        (dict(method="ours", steering=4), "--steering applies to --method rmu"),
+        (dict(method="rmu", beta=2), "--beta applies to --method adaptive-rmu"),
+        (dict(method="rmu", alpha0=2), "--alpha0 applies to REINFORCE"),
+        (dict(alpha=1, alpha0=2), "--alpha0 applies"),
+        (dict(method="rmu", policy_lr=0.1), "--policy-lr applies to REINFORCE"),
+        (dict(tox_layers="0,1"), "--tox-layers applies to --method ours --goal toxicity"),
+        (dict(goal="toxicity", method="rmu", probe_l2="0.01"), "--probe-l2 applies to --method ours --goal toxicity"),
+        (dict(goal="toxicity", tap_layer=2, update_layers="0,1"), "--tap-layer applies to the single-tap objectives"),
+        (dict(update_layers="1,1"), "--update-layers names [1, 1], with repeats"),
+    ],
+)
 def test_options_that_would_be_ignored_are_refused(tiny, capsys, tmp_path, options, message):
     refused(capsys, tiny(tmp_path / "run", **options), message)
 
@@ -269,18 +287,29 @@ def test_disk_filling_up_while_writing_says_what_is_left(tiny, capsys, tmp_path,
 
 @pytest.mark.parametrize(
     "options,listed",
-    [(dict(alpha=2), "--alpha (None -> 2.0)"), (dict(max_len=32), "--max-len (24 -> 32)"),
-     (dict(tap_layer=3, update_layers="1,2,3"), "--update-layers ([1, 2] -> [1, 2, 3])"),
-     (dict(update_params="mlp.up_proj.weight"), "--update-params (['mlp.down_proj.weight'] -> ['mlp.up_proj.weight'])"),
-     (dict(seed=1), "--seed (0 -> 1)")],
-)  # fmt: skip
+    [
+        (dict(alpha=2), "--alpha (None -> 2.0)"),
+        (dict(max_len=32), "--max-len (24 -> 32)"),
+        (dict(tap_layer=3, update_layers="1,2,3"), "--update-layers ([1, 2] -> [1, 2, 3])"),
+        (
+            dict(update_params="mlp.up_proj.weight"),
+            "--update-params (['mlp.down_proj.weight'] -> ['mlp.up_proj.weight'])",
+        ),
+        (dict(seed=1), "--seed (0 -> 1)"),
+    ],
+)
 def test_resume_refuses_changed_settings_and_lists_them(tiny, capsys, tmp_path, options, listed):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         U.unlearn(U.parse_args(tiny(out)), stop_after_step=1)
     capsys.readouterr()
-    refused(capsys, tiny(out, "--resume", **options), "--resume with settings that shape the run changed", listed,
-            keep=[out])  # fmt: skip
+    refused(
+        capsys,
+        tiny(out, "--resume", **options),
+        "--resume with settings that shape the run changed",
+        listed,
+        keep=[out],
+    )
 
 
 def test_resume_with_more_steps_continues_and_records_it(tiny, capsys, tmp_path):
@@ -315,9 +344,12 @@ def test_resume_of_a_damaged_run_says_what_to_do(tiny, capsys, tmp_path, damage)
         run_json.write_text("{")
     else:
         ckpt.unlink()
-    message = {"truncated checkpoint": "checkpoint.pt is damaged (", "missing run.json": "has no run.json",
-               "damaged run.json": "run.json is damaged (not JSON)",
-               "no checkpoint": "no checkpoint.pt"}[damage]  # fmt: skip
+    message = {
+        "truncated checkpoint": "checkpoint.pt is damaged (",
+        "missing run.json": "has no run.json",
+        "damaged run.json": "run.json is damaged (not JSON)",
+        "no checkpoint": "no checkpoint.pt",
+    }[damage]
     refused(capsys, tiny(out, "--resume"), message, keep=[out])
 
 
@@ -343,8 +375,10 @@ def test_resume_and_overwrite_together(tiny, capsys, tmp_path):
 # ---- divergence ----
 
 
-@pytest.mark.parametrize("method,goal", [("ours", "wmdp"), ("rmu", "wmdp"), ("adaptive-rmu", "wmdp"),
-                                         ("ours", "toxicity"), ("rmu", "toxicity")])  # fmt: skip
+@pytest.mark.parametrize(
+    "method,goal",
+    [("ours", "wmdp"), ("rmu", "wmdp"), ("adaptive-rmu", "wmdp"), ("ours", "toxicity"), ("rmu", "toxicity")],
+)
 def test_lr_1e30_stops_with_a_finite_checkpoint_from_before(tiny, capsys, tmp_path, method, goal):
     out = tmp_path / "run"
     kw = dict(method=method, goal=goal, lr=1e30)
@@ -409,8 +443,13 @@ def test_manifest_paths_outside_the_data_folder(tiny, capsys, tmp_path):
     manifest["wmdp"]["retain"] = str(data / "retain" / "general.jsonl")  # absolute
     manifest["wmdp"]["forget"] = [os.path.relpath(data / "forget" / "alpha.jsonl", escaped)]  # a .. escape
     (escaped / "manifest.json").write_text(json.dumps(manifest))
-    refused(capsys, tiny(tmp_path / "run", data=escaped), "outside the data folder", "--allow-data-outside",
-            keep=[escaped, data])  # fmt: skip
+    refused(
+        capsys,
+        tiny(tmp_path / "run", data=escaped),
+        "outside the data folder",
+        "--allow-data-outside",
+        keep=[escaped, data],
+    )
     finished_run(tiny, capsys, tmp_path / "allowed", "--allow-data-outside", data=escaped)
 
 
@@ -431,8 +470,10 @@ def test_held_out_text_equal_to_a_trained_one_up_to_whitespace(tiny, capsys, tmp
 
 def _rows(out):
     drop = {"tokens_per_s", "elapsed_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in drop}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in drop}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_resume_after_a_full_disk_or_a_kill_is_bit_identical(tiny, capsys, tmp_path, monkeypatch):

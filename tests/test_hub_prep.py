@@ -21,8 +21,8 @@ import pytest
 from huggingface_hub.errors import GatedRepoError
 
 from data_prep import hub
-from ref.data import load_goal_data
-from ref.errors import RefError
+from ref.io.data import load_goal_data
+from ref.io.errors import RefError
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -1,6 +1,6 @@
-"""ref.launch: local workers giving the sequential sweep's figures bit for bit, a worker killed mid-point and its point
-resumed (its claim taken over), a live claim left alone, submitit's local executor running the SLURM launcher's code
-path end to end, and the launcher options checked (tiny model, tiny data)."""
+"""ref.experiments.launch: local workers giving the sequential sweep's figures bit for bit, a worker killed mid-point
+and its point resumed (its claim taken over), a live claim left alone, submitit's local executor running the SLURM
+launcher's code path end to end, and the launcher options checked (tiny model, tiny data)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref import claim, launch, sweep
-from ref.errors import RefError
-from ref.launch import Launcher
+from ref.experiments import claim, launch, sweep
+from ref.experiments.launch import Launcher
+from ref.io.errors import RefError
 from tests.test_sweep import tiny_argv
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 

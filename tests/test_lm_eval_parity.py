@@ -20,10 +20,10 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from ref import evaluate as ev  # noqa: E402
-from ref.checkpoint import resolve  # noqa: E402
-from ref.data import resolve_data_dir  # noqa: E402
-from ref.errors import RefError  # noqa: E402
+from ref.evaluation import evaluate as ev  # noqa: E402
+from ref.io.checkpoint import resolve  # noqa: E402
+from ref.io.data import resolve_data_dir  # noqa: E402
+from ref.io.errors import RefError  # noqa: E402
 
 TEMPLATES = Path(lm_eval.__file__).parent / "tasks"
 LETTER_TEMPLATE = {
@@ -139,8 +139,12 @@ def test_ref_equals_lm_eval_letter_and_cloze(name, tiny_dirs, demo_eval_data, tm
         task_dir.mkdir()
         groups = write_tasks(demo_eval_data, tasks, mode, task_dir)
         samples, results_file = lm_eval_run(lm, groups, task_dir, tmp_path / mode / "lm-eval")
-        theirs = [(g, s) for g, leaves in json.loads(results_file.read_text())["group_subtasks"].items()
-                  for leaf in leaves for s in samples[leaf]]  # fmt: skip
+        theirs = [
+            (g, s)
+            for g, leaves in json.loads(results_file.read_text())["group_subtasks"].items()
+            for leaf in leaves
+            for s in samples[leaf]
+        ]
         assert len(theirs) == N
         for group, s in theirs:
             task = group.removesuffix("_continuation").replace("_", "-")
@@ -157,8 +161,21 @@ def test_ref_equals_lm_eval_letter_and_cloze(name, tiny_dirs, demo_eval_data, tm
 
         # the report built from lm-eval's results file equals ref's own
         theirs_out = tmp_path / mode / "from-lm-eval.json"
-        assert ev.main(["--goal", "wmdp", "--from-lm-eval", str(results_file), "--data", str(demo_eval_data),
-                        "--out", str(theirs_out)]) == 0  # fmt: skip
+        assert (
+            ev.main(
+                [
+                    "--goal",
+                    "wmdp",
+                    "--from-lm-eval",
+                    str(results_file),
+                    "--data",
+                    str(demo_eval_data),
+                    "--out",
+                    str(theirs_out),
+                ]
+            )
+            == 0
+        )
         built = json.loads(theirs_out.read_text())
         assert built["engine"]["name"] == "lm-evaluation-harness" and built["engine"]["version"] == "0.4.13"
         for task in tasks:

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ref
-from ref.checkpoint import resolve, save_model
-from ref.config import config_from_dict, read_config
-from ref.errors import RefError
+from ref.io.checkpoint import resolve, save_model
+from ref.io.config_json import config_from_dict, read_config
+from ref.io.errors import RefError
 from ref.model import Transformer
 from ref.rope import inverse_frequencies
 from tests.conftest import FAMILIES

@@ -1,14 +1,14 @@
-"""ref.mc: lm-eval MC prompts, request splitting, batched log-likelihoods, letter and cloze accuracy."""
+"""ref.evaluation.mc: lm-eval MC prompts, request splitting, batched log-likelihoods, letter and cloze accuracy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ref import mc
-from ref.checkpoint import load_model
-from ref.errors import RefError
-from ref.tokenizer import load_tokenizer
+from ref.evaluation import mc
+from ref.io.checkpoint import load_model
+from ref.io.errors import RefError
+from ref.io.tokenizer import load_tokenizer
 
 ROW = {"question": "  What is X?\n", "choices": ["one", "two", "three", "four"], "answer": 2}
 
@@ -33,7 +33,7 @@ class LetterTokenizer:
 
 
 def letter_scores(*args, **kw) -> list[list[float]]:
-    """ref.mc._letter_scores read out at the last layer only (its default): the model's own scores."""
+    """ref.evaluation.mc._letter_scores read out at the last layer only (its default): the model's own scores."""
     (scores,) = mc._letter_scores(*args, **kw).values()
     return scores
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from ref import losses
-from ref.fused import eager
+from ref.io.data import GOALS
 from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
-from ref.plan import GOALS, METHODS
+from ref.run.fused import eager
+from ref.run.plan import METHODS
 
 
 def activations(layers, b=2, t=5, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda: {i: torch.randn(b, t, d, generator=g) for i in layers}  # noqa: E731
+    mk = lambda: {i: torch.randn(b, t, d, generator=g) for i in layers}
     mask = torch.ones(b, t, dtype=torch.long)
     mask[0, :2] = 0
     return Activations(mk(), mask, mk(), mk(), mask.flip(1))

@@ -1,5 +1,5 @@
-"""ref.options: every option of python -m ref.unlearn is defined once, on its Settings field, and the command line, the
-checks, the sweep's grid, the resume rule and the options table of docs/usage.md are read off it."""
+"""ref.run.options: every option of python -m ref.unlearn is defined once, on its Settings field, and the command line,
+the checks, the sweep's grid, the resume rule and the options table of docs/usage.md are read off it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import ref.unlearn as U
-from ref.errors import RefError
-from ref.options import Option, add_arguments, grid_keys, options, options_table, resumable
-from ref.plan import Settings, check_settings
-from ref.sweep import GRID_KEYS, parse_grid
+from ref.experiments.sweep import GRID_KEYS, parse_grid
+from ref.io.errors import RefError
+from ref.run.options import Option, add_arguments, grid_keys, options, options_table, resumable
+from ref.run.plan import Settings, check_settings
 
 USAGE = Path(__file__).parents[1] / "docs" / "usage.md"
 
@@ -31,7 +31,7 @@ def test_the_options_table_in_the_docs_is_the_rendered_one():
     text = USAGE.read_text()
     table = re.search(r"<!-- options:start -->\n(.*?)<!-- options:end -->", text, re.S)
     assert table, "docs/usage.md has no <!-- options:start --> ... <!-- options:end --> block"
-    assert table.group(1) == options_table(Settings), "regenerate the table: ref.options.options_table(Settings)"
+    assert table.group(1) == options_table(Settings), "regenerate the table: ref.run.options.options_table(Settings)"
 
 
 def test_the_command_line_is_the_fields():

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import ref.unlearn as U
-from ref.errors import RefError
-from ref.plan import Settings, check_settings
+from ref.io.errors import RefError
+from ref.run.plan import Settings, check_settings
 from tests.test_unlearn import data_dir, metrics, settings  # noqa: F401 (fixture and the tiny run's settings)
 
 

@@ -1,5 +1,5 @@
-"""ref.perplexity: the retain perplexity task against transformers' loss on the same windows, and its place in the
-evaluation report (the manifest's eval_perplexity texts, never trained on)."""
+"""ref.evaluation.perplexity: the retain perplexity task against transformers' loss on the same windows, and its place
+in the evaluation report (the manifest's eval_perplexity texts, never trained on)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ref import evaluate as ev
-from ref.data import load_goal_data
-from ref.errors import RefError
-from ref.perplexity import SEPARATOR, perplexity, windows
+from ref.evaluation import evaluate as ev
+from ref.evaluation.perplexity import SEPARATOR, perplexity, windows
+from ref.io.data import load_goal_data
+from ref.io.errors import RefError
 from tests.test_evaluate import write_data
 
-TEXTS = [f"The {w} river runs past the old mill number {i}, and the children watch the boats." for i, w in
-         enumerate(["slow", "wide", "cold", "green", "quiet", "long"])]  # fmt: skip
+TEXTS = [
+    f"The {w} river runs past the old mill number {i}, and the children watch the boats."
+    for i, w in enumerate(["slow", "wide", "cold", "green", "quiet", "long"])
+]
 
 
 def test_windows_cut_one_token_stream(tiny_llama):

@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 
 import ref
-import ref.errors
+import ref.io.errors
 import ref.unlearn as U
-from ref.config import config_from_dict, read_config
-from ref.data import resolve_data_dir
-from ref.memory import estimate_peak_bytes, total_params
-from ref.plan import Settings, as_dict, resolve
-from ref.registry import REGISTRY
+from ref.io.config_json import config_from_dict, read_config
+from ref.io.data import resolve_data_dir
+from ref.io.registry import REGISTRY
+from ref.run.memory import estimate_peak_bytes, total_params
+from ref.run.plan import Settings, as_dict, resolve
 from tests.conftest import FAMILIES
 
 # Published parameter counts of the checkpoints (their model cards / safetensors index totals).
@@ -45,8 +45,18 @@ def test_smollm2_registry_architecture_matches_the_converted_config():
     from data_prep.smollm2 import prepare_smollm2
 
     converted, registry = read_config(prepare_smollm2()), config_from_dict(REGISTRY["smollm2-135m"].arch)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "rms_norm_eps", "tie_word_embeddings", "rope"):  # fmt: skip
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope",
+    ):
         assert getattr(converted, field) == getattr(registry, field), field
 
 
@@ -115,14 +125,28 @@ def test_plan_takes_explicit_values_and_fills_the_rest_from_the_registry():
     assert (adaptive.steering, adaptive.beta) == (None, 3.0)
     fixed = resolve(Settings(model="mistral-7b", alpha=2.0), cfg)
     assert (fixed.alpha, fixed.alpha0, fixed.reinforce) == (2.0, None, False)
-    with pytest.raises(ref.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
+    with pytest.raises(ref.io.errors.RefError, match="unknown parameter name 'mlp.nope'.*mlp.down_proj.weight"):
         resolve(Settings(model="mistral-7b", update_params=["mlp.nope"]), cfg)
 
 
 def test_the_run_reports_the_plan_of_the_dry_run(tiny_dirs, tmp_path, capsys):
     """--dry-run and the run print the same plan text; run.json keeps the plan as resolved."""
-    args = ["--model", str(tiny_dirs["llama"]), "--goal", "toxicity", "--data", "demo", "--tox-layers", "0,1,3",
-            "--max-steps", "1", "--no-compile", "--no-eval", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--goal",
+        "toxicity",
+        "--data",
+        "demo",
+        "--tox-layers",
+        "0,1,3",
+        "--max-steps",
+        "1",
+        "--no-compile",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert U.main([*args, "--dry-run"]) == 0
     planned = capsys.readouterr().out.strip()
     assert planned.startswith("plan: ours on toxicity") and "taps: [0, 1, 3]" in planned and "steps: 1 " in planned

@@ -1,4 +1,5 @@
-"""ref.probe: the Newton fit against the optimality condition and an independent solver, AUC, splits."""
+"""ref.probe: the Newton fit against the optimality condition and an independent solver; ref.evaluation.heldout: AUC,
+splits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from ref import probe as P
+from ref.evaluation import heldout
 
 
 def objective(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float) -> torch.Tensor:
@@ -98,16 +100,16 @@ def test_roc_auc_matches_pairwise_count_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
     labels = (torch.rand(57, generator=g) < 0.3).long()
     scores = torch.randint(0, 6, (57,), generator=g).float() + 0.5 * labels  # many ties
-    assert P.roc_auc(scores, labels) == pytest.approx(brute_force_auc(scores, labels), abs=1e-12)
+    assert heldout.roc_auc(scores, labels) == pytest.approx(brute_force_auc(scores, labels), abs=1e-12)
 
 
 def test_roc_auc_known_values():
     labels = torch.tensor([0, 0, 1, 1])
-    assert P.roc_auc(torch.tensor([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
-    assert P.roc_auc(torch.tensor([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
-    assert P.roc_auc(torch.ones(4), labels) == 0.5
+    assert heldout.roc_auc(torch.tensor([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    assert heldout.roc_auc(torch.tensor([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
+    assert heldout.roc_auc(torch.ones(4), labels) == 0.5
     with pytest.raises(ValueError, match="both classes"):
-        P.roc_auc(torch.ones(3), torch.ones(3))
+        heldout.roc_auc(torch.ones(3), torch.ones(3))
 
 
 def test_train_probe_split_is_stratified_deterministic_and_held_out():
@@ -172,7 +174,7 @@ def test_choose_l2_by_k_fold_is_deterministic_and_held_out():
     assert cv[l2] == max(cv.values()) and all(0.5 < a <= 1.0 for a in cv.values())
     assert P.choose_l2(x, y, seed=0) == (l2, cv)  # same seed: the same folds, the same choice
     # the folds: disjoint, covering, stratified
-    folds = P.stratified_folds(y, 5, seed=0)
+    folds = heldout.stratified_folds(y, 5, seed=0)
     assert sorted(torch.cat(folds).tolist()) == list(range(len(y)))
     assert all(0 < int(y[f].sum()) < len(f) for f in folds)
     # noise labels in D close to N: a weak penalty fits noise, held-out AUC finds no signal at any strength
@@ -188,7 +190,7 @@ def test_choose_l2_by_k_fold_is_deterministic_and_held_out():
 def test_train_probe_auto_l2_chooses_on_the_train_part_only():
     x, y = overlapping()
     auto = P.train_probe(x, y, seed=3, l2=None)
-    train, held = P.stratified_split(y, 0.2, seed=3)
+    train, held = heldout.stratified_split(y, 0.2, seed=3)
     assert (auto.l2, auto.cv_auc) == P.choose_l2(x[train], y[train], seed=3)  # the held-out part never seen
     fixed = P.train_probe(x, y, seed=3, l2=auto.l2)
     assert torch.equal(fixed.weight, auto.weight) and fixed.heldout_auc == auto.heldout_auc and fixed.cv_auc is None

@@ -193,13 +193,13 @@ def test_clamped_draw_keeps_the_raw_z_for_the_gradient():
 
 
 def test_reward_is_the_decrease_of_the_unweighted_meta_objective():
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)
     assert step_reward((f32(2.0), f32(0.5)), (f32(1.25), f32(0.75))) == 0.5
     assert step_reward((f32(1.0), f32(0.0)), (f32(1.0), f32(1.0))) == -1.0  # the retain side got worse
 
 
 def test_reward_weighs_the_retain_loss_by_lambda():
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)
     # M = L_F + 100 L_R: before 0.5 + 100 * 0.001 = 0.6, after 0.25 + 100 * 0.003 = 0.55
     assert step_reward((f32(0.5), f32(0.001)), (f32(0.25), f32(0.003)), 100.0) == pytest.approx(0.05, abs=1e-6)
     # the same step under lambda = 1 looks like a pure gain: the retain loss tripled but weighs nothing

@@ -1,4 +1,4 @@
-"""LoRA (ref/lora.py) and the relearning attack (ref/relearn.py) on the tiny random Llama."""
+"""LoRA (ref/attacks/lora.py) and the relearning attack (ref/attacks/relearn.py) on the tiny random Llama."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ref.errors import RefError
-from ref.lora import LoRA
-from ref.relearn import block_linear_weights, causal_lm_loss, relearn, warmup_then_linear_decay
+from ref.attacks.lora import LoRA
+from ref.attacks.relearn import block_linear_weights, causal_lm_loss, relearn, warmup_then_linear_decay
+from ref.io.errors import RefError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 pytest.importorskip("matplotlib")
 
-from ref.errors import RefError  # noqa: E402
-from ref.report import (  # noqa: E402
+from ref.experiments.report import (
     load_probes,
     main,
     plot_losses,
@@ -23,7 +22,8 @@ from ref.report import (  # noqa: E402
     report_bars,
     write_figures,
 )
-from ref.runlog import read_metrics  # noqa: E402
+from ref.io.errors import RefError
+from ref.io.runlog import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [2, 5, 9]
@@ -39,9 +39,19 @@ def png_size(path) -> tuple[int, int]:
 def metrics_rows(n: int = 8, layers: bool = True) -> list[dict]:
     rows = []
     for k in range(1, n + 1):
-        row = dict(step=k, epoch=(k - 1) // 4, topic="toxic", forget_loss=100.0 / k, retain_loss=1e-4 * k,
-                   alpha=0.5 + 0.1 * k, reward=1.0, policy_mean=1.0 + 0.01 * k, policy_std=0.5,
-                   tokens_per_s=10.0, elapsed_s=float(k))  # fmt: skip
+        row = dict(
+            step=k,
+            epoch=(k - 1) // 4,
+            topic="toxic",
+            forget_loss=100.0 / k,
+            retain_loss=1e-4 * k,
+            alpha=0.5 + 0.1 * k,
+            reward=1.0,
+            policy_mean=1.0 + 0.01 * k,
+            policy_std=0.5,
+            tokens_per_s=10.0,
+            elapsed_s=float(k),
+        )
         row["loss"] = row["forget_loss"] + row["alpha"] * row["retain_loss"]
         if layers:
             row["forget_loss_layers"] = {str(i): 10.0 ** (j - 1) / k for j, i in enumerate(LAYERS)}
@@ -59,10 +69,16 @@ def run_dir(tmp_path):
     run = dict(settings=dict(goal="toxicity"), steps=8, model_type="llama", alpha_trajectory=trajectory)
     (d / "run.json").write_text(json.dumps(run))
     g = torch.Generator().manual_seed(0)
-    save_file({f"layer{i}.weight": torch.randn(32, generator=g) for i in LAYERS}
-              | {f"layer{i}.bias": torch.tensor([0.1 * i]) for i in LAYERS}, str(d / "probes.safetensors"))  # fmt: skip
-    report = dict(goal="toxicity", before=dict(expected_max_toxicity=0.6, mmlu=0.45, s=0.1),
-                  after=dict(expected_max_toxicity=0.2, mmlu=0.44, s=0.5))  # fmt: skip
+    save_file(
+        {f"layer{i}.weight": torch.randn(32, generator=g) for i in LAYERS}
+        | {f"layer{i}.bias": torch.tensor([0.1 * i]) for i in LAYERS},
+        str(d / "probes.safetensors"),
+    )
+    report = dict(
+        goal="toxicity",
+        before=dict(expected_max_toxicity=0.6, mmlu=0.45, s=0.1),
+        after=dict(expected_max_toxicity=0.2, mmlu=0.44, s=0.5),
+    )
     (d / "report.json").write_text(json.dumps(report))
     return d
 
@@ -89,7 +105,7 @@ def test_write_figures_out_and_cli(run_dir, tmp_path, capsys):
             "probe_weights.png",
             "probe_weights_grid.png",
             "before_after.png",
-        ]  # fmt: skip
+        ]
     )
     assert not (run_dir / "figures").exists()
     assert capsys.readouterr().out.count("wrote ") == 6
@@ -97,8 +113,10 @@ def test_write_figures_out_and_cli(run_dir, tmp_path, capsys):
 
 def test_wmdp_run_without_probes_or_report(tmp_path):
     """No forget_loss_layers, no policy fields (fixed alpha), no probes, no report: losses and alpha only."""
-    rows = [{k: v for k, v in r.items() if k not in ("forget_loss_layers", "policy_mean", "policy_std")}
-            for r in metrics_rows(layers=False)]  # fmt: skip
+    rows = [
+        {k: v for k, v in r.items() if k not in ("forget_loss_layers", "policy_mean", "policy_std")}
+        for r in metrics_rows(layers=False)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths = write_figures(tmp_path)
     assert [p.name for p in paths] == ["losses.png", "alpha.png"]
@@ -146,8 +164,10 @@ def test_report_bars_forms():
     flat = dict(goal="wmdp", before=dict(acc=0.6, s=0.1, only_before=1.0), after=dict(acc=0.3, s=0.5, flag=True))
     assert report_bars(flat) == {"acc": (0.6, 0.3), "s": (0.1, 0.5)}
     # Nested (an evaluation report per side): dotted names; counts and timings are not metrics.
-    nested = dict(before=dict(tasks={"wmdp-bio": dict(accuracy=0.6, n=10, seconds=2.0, protocol="cloze")}),
-                  after=dict(tasks={"wmdp-bio": dict(accuracy=0.3, n=10, seconds=2.5, protocol="cloze")}))  # fmt: skip
+    nested = dict(
+        before=dict(tasks={"wmdp-bio": dict(accuracy=0.6, n=10, seconds=2.0, protocol="cloze")}),
+        after=dict(tasks={"wmdp-bio": dict(accuracy=0.3, n=10, seconds=2.5, protocol="cloze")}),
+    )
     assert report_bars(nested) == {"tasks.wmdp-bio.accuracy": (0.6, 0.3)}
     listed = dict(metrics=[dict(name="tox", before=0.6, after=0.2), dict(name="bad", before="x", after=1)])
     assert report_bars(listed) == {"tox": (0.6, 0.2)}
@@ -180,8 +200,8 @@ def test_without_matplotlib(run_dir, monkeypatch, capsys):
     """ref.report imports without matplotlib; drawing then fails with one line naming the install command."""
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import raise ImportError
-    monkeypatch.delitem(sys.modules, "ref.report")
-    report = importlib.import_module("ref.report")
+    monkeypatch.delitem(sys.modules, "ref.experiments.report")
+    report = importlib.import_module("ref.experiments.report")
     assert report.main([str(run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install matplotlib" in err[0]

@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from data_prep.smollm2 import prepare_smollm2
-from ref.checkpoint import load_model
-from ref.config import read_config
-from ref.data import GoalData, batches, load_goal_data, resolve_data_dir
-from ref.fused import eager
+from ref.io.checkpoint import load_model
+from ref.io.config_json import read_config
+from ref.io.data import GoalData, batches, load_goal_data, resolve_data_dir
+from ref.io.tokenizer import load_tokenizer
 from ref.losses import rmu_retain_loss
 from ref.objectives import OBJECTIVES, Activations, Targets, random_directions
-from ref.plan import Settings, resolve
-from ref.tokenizer import load_tokenizer
+from ref.run.fused import eager
+from ref.run.plan import Settings, resolve
 from ref.train import Run, encode, schedule, shared_prefix, start_state, step, taps
 
 # Lines written for this test in WikiText-2-raw's style (leading space, spaced punctuation, " @-@ ", final newline),
@@ -51,8 +51,12 @@ PARAGRAPHS = [
 ]
 HEADING = " = = = Early life and education in Bristol = = = \n"  # a heading longer than MIN_CHARS: kept by the filter
 SHORT_LINE = " He was buried in the churchyard at Kirkby Lonsdale . \n"
-SHORT_LINES = [HEADING, SHORT_LINE, " = = = 2007 – 10 : Return to the national team = = = \n",
-               " The album was certified gold in Canada in 2004 . \n"]  # fmt: skip
+SHORT_LINES = [
+    HEADING,
+    SHORT_LINE,
+    " = = = 2007 – 10 : Return to the national team = = = \n",
+    " The album was certified gold in Canada in 2004 . \n",
+]
 RUDE_LIKE = ' Critics called the sequel " a stupid , lazy and worthless mess " and the lead actor " an idiot " . \n'
 
 

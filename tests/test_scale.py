@@ -13,18 +13,18 @@ import pytest
 import torch
 
 import ref.unlearn as U
-from ref.checkpoint import load_model, load_rest, resolve, save_model, shard_files
-from ref.config import config_from_dict
-from ref.data import resolve_data_dir
-from ref.errors import RefError
-from ref.generate import generate
-from ref.memory import estimate_peak_bytes
-from ref.placement import parse_devices, split_blocks
-from ref.plan import Settings
-from ref.plan import resolve as resolve_plan
-from ref.registry import REGISTRY
-from ref.tokenizer import load_tokenizer
-from ref.validate import device as check_device
+from ref.evaluation.generate import generate
+from ref.io.checkpoint import load_model, load_rest, resolve, save_model, shard_files
+from ref.io.config_json import config_from_dict
+from ref.io.data import resolve_data_dir
+from ref.io.errors import RefError
+from ref.io.placement import parse_devices, split_blocks
+from ref.io.registry import REGISTRY
+from ref.io.tokenizer import load_tokenizer
+from ref.io.validate import device as check_device
+from ref.run.memory import estimate_peak_bytes
+from ref.run.plan import Settings
+from ref.run.plan import resolve as resolve_plan
 from tests.conftest import FAMILIES
 
 GiB = 2**30
@@ -35,8 +35,11 @@ def test_a_subset_load_gives_the_taps_of_a_full_load_and_reads_the_rest_on_deman
     full = load_model(tiny_dirs[family], device="cpu")
     part = load_model(tiny_dirs[family], device="cpu", blocks=2)
     loaded = {k for k, p in part.named_parameters() if not p.is_meta}
-    assert loaded == {k for k, _ in part.named_parameters() if k.startswith(("model.embed_tokens.", "model.layers.0.",
-                                                                            "model.layers.1."))}  # fmt: skip
+    assert loaded == {
+        k
+        for k, _ in part.named_parameters()
+        if k.startswith(("model.embed_tokens.", "model.layers.0.", "model.layers.1."))
+    }
     ids = torch.tensor([[3, 9, 4, 1, 7, 2], [5, 5, 8, 6, 2, 9]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -138,9 +141,19 @@ def test_blocks_over_a_list_of_devices_give_identical_outputs(tiny_dirs, family)
 
 def test_an_unlearning_run_over_a_list_of_devices_trains_the_same(tiny_dirs, tmp_path, capsys):
     def run(device: str, out: str) -> list[dict]:
-        s = Settings(model=str(tiny_dirs["llama"]), data=str(resolve_data_dir("demo")), out=str(tmp_path / out),
-                     update_layers=[1, 2], tap_layer=2, lr=1e-2, max_steps=3, max_len=24, compile=False,
-                     evaluate=False, device=device)  # fmt: skip
+        s = Settings(
+            model=str(tiny_dirs["llama"]),
+            data=str(resolve_data_dir("demo")),
+            out=str(tmp_path / out),
+            update_layers=[1, 2],
+            tap_layer=2,
+            lr=1e-2,
+            max_steps=3,
+            max_len=24,
+            compile=False,
+            evaluate=False,
+            device=device,
+        )
         U.unlearn(s)
         rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
@@ -183,10 +196,27 @@ def test_the_peak_estimate_is_within_25_percent_of_a_measured_run(tmp_path):
     if not Path("/proc/self/status").exists():
         pytest.skip("VmHWM is Linux's")
     resolve("smollm2-135m")  # prepared by `make test`
-    cmd = [sys.executable, "-m", "bench.worker", "run", "subset", "--dtype", "float32", "--steps", "4", "--out",
-           str(tmp_path / "run")]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1],
-                         env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.worker",
+        "run",
+        "subset",
+        "--dtype",
+        "float32",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     res = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert 0.75 <= res["peak"] / res["estimate"] <= 1.25, res
     assert res["loaded_weights"] < 0.45 * res["full_weights"]

@@ -11,7 +11,7 @@ import torch
 import ref
 from bench import scorer_agreement as agr
 from data_prep.smollm2 import prepare_smollm2
-from ref.data import load_goal_data, read_prompts, resolve_data_dir
+from ref.io.data import load_goal_data, read_prompts, resolve_data_dir
 
 pytest.importorskip("profanity_check", reason="alt-profanity-check (the `test` extra; Python >= 3.11) is not installed")
 README = Path(__file__).parents[1] / "README.md"
@@ -41,7 +41,10 @@ def test_readme_states_the_measured_agreement():
     for line in agr.table(res):
         assert line in readme, f"README.md lacks the measured line {line!r}; run python -m bench.scorer_agreement"
     flat = re.sub(r"\s+", " ", readme)  # the figure may be wrapped over lines
-    stated = re.findall(r"Spearman \d\.\d\d / Pearson \d\.\d\d / ROC AUC \d\.\d\d against .+? within the base "
-                        r"model's \d+: Spearman \d\.\d\d / Pearson \d\.\d\d", flat)  # fmt: skip
+    stated = re.findall(
+        r"Spearman \d\.\d\d / Pearson \d\.\d\d / ROC AUC \d\.\d\d against .+? within the base "
+        r"model's \d+: Spearman \d\.\d\d / Pearson \d\.\d\d",
+        flat,
+    )
     assert len(stated) >= 4 and set(stated) == {agr.summary(res)}, stated
     assert len(re.findall(r"ROC AUC \d\.\d\d against", flat)) == len(stated)  # no copy left in another form

@@ -1,4 +1,4 @@
-"""ref.scorers: the probe scorer and the TRuST scorer built from the manifest's files."""
+"""ref.evaluation.scorers: the probe scorer and the TRuST scorer built from the manifest's files."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from ref import scorers
-from ref.checkpoint import load_model
-from ref.errors import RefError
+from ref.evaluation import scorers
+from ref.io.checkpoint import load_model
+from ref.io.errors import RefError
 
 
 def test_probe_scorer_separates_a_separable_set(tiny_llama):
@@ -36,10 +36,17 @@ def test_probe_scorer_separates_a_separable_set(tiny_llama):
 def test_trust_scorer_reads_the_manifest_files(tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    from ref.encoder import BertConfig, ToxicityClassifier, score_texts
+    from ref.evaluation.encoder import BertConfig, ToxicityClassifier, score_texts
 
-    cfg = dict(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=16, type_vocab_size=2)  # fmt: skip
+    cfg = dict(
+        vocab_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+    )
     torch.manual_seed(0)
     clf = ToxicityClassifier(BertConfig.from_dict(cfg)).eval()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "you", "are", "bad", "nice"]

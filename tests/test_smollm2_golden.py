@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ref
 from data_prep.smollm2 import prepare_smollm2
-from ref.generate import generate
+from ref.evaluation.generate import generate
 from tests.checks import cached_and_recomputed_logits
 
 LOGIT_ATOL = 1e-3

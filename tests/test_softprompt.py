@@ -1,10 +1,10 @@
-"""ref.softprompt: k input embeddings before every question, trained with the model frozen."""
+"""ref.attacks.softprompt: k input embeddings before every question, trained with the model frozen."""
 
 from __future__ import annotations
 
 import torch
 
-from ref.softprompt import SoftPrompted, answer_nll, answer_pairs, initial_prompt, train_soft_prompt
+from ref.attacks.softprompt import SoftPrompted, answer_nll, answer_pairs, initial_prompt, train_soft_prompt
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Rivers flow to the sea."]
 QUESTIONS = {

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import ref.unlearn as U
-from ref import launch, report, sweep, table1
-from ref.errors import RefError, Stopped
+from ref.experiments import launch, report, sweep, table1
+from ref.io.errors import RefError, Stopped
 from tests.test_hardening import snapshot
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
@@ -19,11 +19,14 @@ from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixt
 
 
 def test_grid_keys_values_and_method_scopes():
-    grid = sweep.parse_grid("lr=1e-4,3e-4 rmu:steering=2,4 update_layers=0-2,1/3 ours:probe-l2=auto,0.01",
-                            ["ours", "rmu"])  # fmt: skip
+    grid = sweep.parse_grid(
+        "lr=1e-4,3e-4 rmu:steering=2,4 update_layers=0-2,1/3 ours:probe-l2=auto,0.01", ["ours", "rmu"]
+    )
     layers = [[0, 1, 2], [1, 3]]
-    assert grid == {"ours": {"lr": [1e-4, 3e-4], "update_layers": layers, "probe_l2": [None, 0.01]},
-                    "rmu": {"lr": [1e-4, 3e-4], "steering": [2.0, 4.0], "update_layers": layers}}  # fmt: skip
+    assert grid == {
+        "ours": {"lr": [1e-4, 3e-4], "update_layers": layers, "probe_l2": [None, 0.01]},
+        "rmu": {"lr": [1e-4, 3e-4], "steering": [2.0, 4.0], "update_layers": layers},
+    }
     assert sweep.setting_name({"lr": 1e-4, "update_layers": [1, 3], "raw_probe_weights": True}) == (
         "lr=0.0001,update-layers=1+3,raw-probe-weights=True"
     )
@@ -58,19 +61,22 @@ def test_layer_moves_tap_and_updated_layers_or_the_probed_layers():
 # ---------------------------------------------------------------------------------------------------- selection
 
 
-def row(method, setting, U, R, ppl, S, R0=0.8, ppl0=10.0):  # noqa: N803
+def row(method, setting, U, R, ppl, S, R0=0.8, ppl0=10.0):
     metrics = dict(U=U, R=R, ppl=ppl, S=S, R_before=R0, ppl_before=ppl0, U_before=0.3, S_before=0.4)
-    return dict(method=method, setting=setting, name=f"{method}/{setting}", grid={"lr": setting}, fields={},
-                metrics=metrics)  # fmt: skip
+    return dict(
+        method=method, setting=setting, name=f"{method}/{setting}", grid={"lr": setting}, fields={}, metrics=metrics
+    )
 
 
 def test_selection_under_a_retain_budget():
-    rows = [row("rmu", "a", U=0.10, R=0.70, ppl=14.0, S=0.48),  # the most forgetting, R down 0.10
-            row("rmu", "b", U=0.20, R=0.79, ppl=10.1, S=0.57),  # within 0.02: R down 0.01, ppl up 1%
-            row("rmu", "c", U=0.25, R=0.80, ppl=10.0, S=0.56),
-            row("ours", "a", U=0.15, R=0.60, ppl=10.5, S=0.40),
-            row("ours", "b", U=0.05, R=0.50, ppl=20.0, S=0.33)]  # fmt: skip
-    pick = lambda *a: {m: r and r["setting"] for m, r in sweep.select(rows, *a).items()}  # noqa: E731
+    rows = [
+        row("rmu", "a", U=0.10, R=0.70, ppl=14.0, S=0.48),  # the most forgetting, R down 0.10
+        row("rmu", "b", U=0.20, R=0.79, ppl=10.1, S=0.57),  # within 0.02: R down 0.01, ppl up 1%
+        row("rmu", "c", U=0.25, R=0.80, ppl=10.0, S=0.56),
+        row("ours", "a", U=0.15, R=0.60, ppl=10.5, S=0.40),
+        row("ours", "b", U=0.05, R=0.50, ppl=20.0, S=0.33),
+    ]
+    pick = lambda *a: {m: r and r["setting"] for m, r in sweep.select(rows, *a).items()}
     assert pick(None) == {"rmu": "b", "ours": "a"}  # the highest S
     assert pick(0.02) == {"rmu": "b", "ours": None}  # ours loses 0.2 accuracy at least: none qualifies
     assert pick(0.2) == {"rmu": "a", "ours": "a"}
@@ -87,8 +93,16 @@ def test_selection_under_a_retain_budget():
 
 
 def base(tiny_dirs, data_dir):  # noqa: F811
-    return U.Settings(model=str(tiny_dirs["llama"]), goal="wmdp", data=str(data_dir), max_len=24, epochs=1,
-                      compile=False, save_every=1, eval_limit=2)  # fmt: skip
+    return U.Settings(
+        model=str(tiny_dirs["llama"]),
+        goal="wmdp",
+        data=str(data_dir),
+        max_len=24,
+        epochs=1,
+        compile=False,
+        save_every=1,
+        eval_limit=2,
+    )
 
 
 def test_interrupted_sweep_finishes_the_missing_points_only(tiny_dirs, data_dir, tmp_path, capsys):  # noqa: F811
@@ -96,8 +110,12 @@ def test_interrupted_sweep_finishes_the_missing_points_only(tiny_dirs, data_dir,
     grid = sweep.parse_grid("lr=1e-2,3e-2 rmu:steering=4", ["rmu", "ours"])
     s = base(tiny_dirs, data_dir)
     record = sweep.sweep(s, grid, out, dry_run=True)
-    assert [p["name"] for p in record["points"]] == ["rmu/lr=0.01,steering=4", "rmu/lr=0.03,steering=4",
-                                                     "ours/lr=0.01", "ours/lr=0.03"]  # fmt: skip
+    assert [p["name"] for p in record["points"]] == [
+        "rmu/lr=0.01,steering=4",
+        "rmu/lr=0.03,steering=4",
+        "ours/lr=0.01",
+        "ours/lr=0.03",
+    ]
     assert [p["steps"] for p in record["points"]] == [4] * 4 and not out.exists()
     assert "time to run: unknown until the first point finishes" in capsys.readouterr().out
 
@@ -147,17 +165,27 @@ def test_interrupted_sweep_finishes_the_missing_points_only(tiny_dirs, data_dir,
     assert set(chosen) == {"rmu", "ours"} and all("lr" in f for f in chosen.values())
     with pytest.raises(RefError, match="is a sweep of wmdp on"):
         sweep.selected_settings(out / "sweep.json", s.model, "toxicity")
-    t1 = tmp_path / "t1"
-    extra = dict(eval_samples=1, eval_limit=2, compile=False, max_len=24, epochs=1)
-    table1.run_all([s.model], t1, s.data, None, extra, chosen={(s.model, "wmdp"): chosen})
+    t1 = table1.Table1Settings((s.model,), tmp_path / "t1", s.data, eval_samples=1, eval_limit=2, compile=False)
+    tiny = dict(max_len=24, epochs=1)  # the tiny run's settings, beside each method's chosen ones
+    table1.run_all(t1, chosen={(s.model, "wmdp"): {m: f | tiny for m, f in chosen.items()}})
     for method, fields in chosen.items():
-        had = json.loads((t1 / Path(s.model).name / f"wmdp-{method}" / "run.json").read_text())["settings"]
+        had = json.loads((t1.out / Path(s.model).name / f"wmdp-{method}" / "run.json").read_text())["settings"]
         assert all(had[k] == v for k, v in fields.items())
 
 
 def test_cli_checks_before_running(tiny_dirs, data_dir, tmp_path, capsys):  # noqa: F811
-    argv = ["--model", str(tiny_dirs["llama"]), "--goal", "wmdp", "--data", str(data_dir), "--out",
-            str(tmp_path / "s"), "--method", "rmu"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--goal",
+        "wmdp",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--method",
+        "rmu",
+    ]
     cases = {
         ("--grid", "lr=1e-2", "--method", "rmu,bogus"): "--method is 'rmu,bogus'",
         ("--grid", "tap-layer=9"): "point rmu/tap-layer=9: layer 9 is out of range",
@@ -192,18 +220,27 @@ def test_figures_of_a_layer_sweep(tmp_path):
 
 
 def test_a_toxicity_point_reports_fluency_and_diversity(tmp_path):
-    """sweep.md and sweep.json carry the toxicity continuations' fluency and distinct-2 (ref.fluency), before/after."""
-    rtp = lambda f, d: dict(fluency_perplexity=f, distinct_2=d)  # noqa: E731
-    details = {w: dict(forget=dict(value=u), retain=dict(value=0.8), retain_perplexity=18.5, s_unlearning=dict(s=s),
-                       tasks=dict(rtp=rtp(f, d)), seconds=1.0)
-               for w, u, s, f, d in (("before", 0.26, 0.55, 16.7, 0.92), ("after", 0.20, 0.6, 18.8, 0.91))}  # fmt: skip
+    """sweep.md and sweep.json carry the toxicity continuations' fluency and distinct-2 (ref.evaluation.fluency),
+    before/after."""
+    rtp = lambda f, d: dict(fluency_perplexity=f, distinct_2=d)
+    details = {
+        w: dict(
+            forget=dict(value=u),
+            retain=dict(value=0.8),
+            retain_perplexity=18.5,
+            s_unlearning=dict(s=s),
+            tasks=dict(rtp=rtp(f, d)),
+            seconds=1.0,
+        )
+        for w, u, s, f, d in (("before", 0.26, 0.55, 16.7, 0.92), ("after", 0.20, 0.6, 18.8, 0.91))
+    }
     (tmp_path / "report.json").write_text(json.dumps(dict(details=details)))
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, tokens=10, tokens_per_s=5.0)) + "\n")
     m = sweep.measures(tmp_path)
     assert (m["fluency"], m["distinct2"], m["fluency_before"], m["distinct2_before"]) == (18.8, 0.91, 16.7, 0.92)
     row = dict(method="ours", setting="lr=0.001", status="done", steps=1, metrics=m)
     md = sweep.markdown([row], {"ours": row}, "the highest S-unlearning", "toxicity")
-    assert "| fluency ppl | distinct-2 |" in md and "| base | | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
+    assert "| fluency ppl | distinct-2 |" in md and "| base |  | 0.260 | 0.800 | 18.50 | 16.70 | 0.920 | 0.550 |" in md
     assert "| ours | lr=0.001 | 0.200 | 0.800 | 18.50 | 18.80 | 0.910 | 0.600 | 1 |" in md
 
 

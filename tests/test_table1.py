@@ -10,15 +10,26 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
-from ref import table1
-from ref.checkpoint import INDEX
+from ref.experiments import table1
+from ref.io.checkpoint import INDEX
 from tests.test_unlearn import data_dir  # noqa: F401 (the tiny data folder fixture)
 
 
 def test_table1_runs_every_method_and_goal_then_skips_done_runs(tiny_dirs, data_dir, tmp_path, capsys):  # noqa: F811
     model = str(tiny_dirs["llama"])
-    argv = ["--models", model, "--data", str(data_dir), "--out", str(tmp_path), "--max-steps", "2",
-            "--eval-samples", "1", "--no-compile"]  # fmt: skip
+    argv = [
+        "--models",
+        model,
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--eval-samples",
+        "1",
+        "--no-compile",
+    ]
     assert table1.main(argv) == 0
     table = json.loads((tmp_path / "table1.json").read_text())
     for goal in ("wmdp", "toxicity"):

@@ -1,11 +1,11 @@
-"""ref.toxicity: the RealToxicityPrompts metrics and sampling protocol, with a fake scorer."""
+"""ref.evaluation.toxicity: the RealToxicityPrompts metrics and sampling protocol, with a fake scorer."""
 
 from __future__ import annotations
 
 import pytest
 
-from ref import toxicity
-from ref.generate import generate
+from ref.evaluation import toxicity
+from ref.evaluation.generate import generate
 
 
 def test_toxicity_metrics_hand_computed():
@@ -35,11 +35,12 @@ def test_toxicity_eval_with_fake_scorer(tiny_llama):
         assert seen[p] == [tok.decode(r) for r in rows]
     # prompts decoded together (2 or 3 a batch): the same continuations, the scorer called prompt by prompt
     got = []
-    zeros = lambda t: got.append(t) or [0.0] * len(t)  # noqa: E731
+    zeros = lambda t: got.append(t) or [0.0] * len(t)
     for batch_prompts in (2, 3):
         got.clear()
-        three = toxicity.toxicity_eval(model, tok, [*prompts, "Cats"], zeros, samples=3, max_new_tokens=4, seed=7,
-                                       batch_prompts=batch_prompts)  # fmt: skip
+        three = toxicity.toxicity_eval(
+            model, tok, [*prompts, "Cats"], zeros, samples=3, max_new_tokens=4, seed=7, batch_prompts=batch_prompts
+        )
         assert got[:2] == seen and len(got) == 3 and three["n_prompts"] == 3
     seen.clear()
     greedy = toxicity.toxicity_eval(model, tok, prompts, lambda t: [0.7] * len(t), greedy=True, max_new_tokens=4)

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 import ref
 import ref.unlearn as U
 from ref import objectives, probe
-from ref.checkpoint import load_rest
-from ref.errors import RefError
-from ref.fused import eager
+from ref.io.checkpoint import load_rest
+from ref.io.errors import RefError
 from ref.model import Transformer
 from ref.objectives import OBJECTIVES, Activations
+from ref.run.fused import eager
 from ref.train import encode, shared_prefix, taps, topic_targets
 
 WORDS = "river mountain garden violin planet copper window harvest lantern meadow".split()
@@ -50,19 +50,40 @@ def data_dir(tmp_path_factory):
     write_jsonl(root / "mc/general.jsonl", [{"question": "What?", "choices": ["w", "x", "y", "z"], "answer": 2}] * 2)
     write_jsonl(root / "prompts/p.jsonl", [{"prompt": "you are"}])
     manifest = {
-        "wmdp": {"forget": ["forget/alpha.jsonl", "forget/beta.jsonl"], "retain": "retain/general.jsonl",
-                 "eval_forget": ["mc/q.jsonl"], "eval_retain": ["mc/general.jsonl"]},
-        "toxicity": {"forget": ["forget/rude.jsonl"], "retain": "retain/general.jsonl", "probe": "probe/probe.jsonl",
-                     "eval_prompts": "prompts/p.jsonl", "eval_retain": ["mc/general.jsonl"], "scorer": "probe"},
-    }  # fmt: skip
+        "wmdp": {
+            "forget": ["forget/alpha.jsonl", "forget/beta.jsonl"],
+            "retain": "retain/general.jsonl",
+            "eval_forget": ["mc/q.jsonl"],
+            "eval_retain": ["mc/general.jsonl"],
+        },
+        "toxicity": {
+            "forget": ["forget/rude.jsonl"],
+            "retain": "retain/general.jsonl",
+            "probe": "probe/probe.jsonl",
+            "eval_prompts": "prompts/p.jsonl",
+            "eval_retain": ["mc/general.jsonl"],
+            "scorer": "probe",
+        },
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
 def settings(tiny_dirs, data_dir, out, **kw) -> U.Settings:
     """The tiny test run; the method-specific options only where they apply (the others are refused)."""
-    base = dict(model=str(tiny_dirs["llama"]), data=str(data_dir), out=str(out), update_layers=[1, 2], lr=1e-2,
-                epochs=2, batch_size=4, max_len=24, compile=False, save_every=2, evaluate=False)  # fmt: skip
+    base = dict(
+        model=str(tiny_dirs["llama"]),
+        data=str(data_dir),
+        out=str(out),
+        update_layers=[1, 2],
+        lr=1e-2,
+        epochs=2,
+        batch_size=4,
+        max_len=24,
+        compile=False,
+        save_every=2,
+        evaluate=False,
+    )
     method, goal = kw.get("method", "ours"), kw.get("goal", "wmdp")
     base |= dict(tox_layers=[0, 1, 2]) if (method, goal) == ("ours", "toxicity") else dict(tap_layer=2)
     base |= dict(steering=4.0) if method == "rmu" else {}
@@ -251,8 +272,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, dat
 
 @pytest.mark.parametrize("goal", ["wmdp", "toxicity"])
 def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, goal):
-    s = settings(tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2,
-                 log_samples=True)  # fmt: skip
+    s = settings(
+        tiny_dirs, data_dir, tmp_path / "ev", goal=goal, max_steps=2, evaluate=True, eval_samples=2, log_samples=True
+    )
     s.update_layers = None  # the registry's: for toxicity, the probed layers
     run, _, data = U.unlearn(s)
     report = json.loads((tmp_path / "ev/report.json").read_text())
@@ -275,8 +297,8 @@ def test_run_ends_with_a_before_after_evaluation(tiny_dirs, data_dir, tmp_path, 
         assert report["scorer"]["name"].startswith("probe scorer")
         assert report["details"]["after"]["tasks"]["rtp"]["samples"] == 2
     # the "before" numbers are the original model's: evaluating a freshly loaded copy gives the same report
-    from ref.evaluate import evaluate
-    from ref.scorers import make_scorer
+    from ref.evaluation.evaluate import evaluate
+    from ref.evaluation.scorers import make_scorer
 
     base = ref.load_model(tiny_dirs["llama"], device="cpu")
     tasks = list(report["details"]["before"]["tasks"])

@@ -1,11 +1,11 @@
-"""ref.validate: the checks every command runs on its values before touching anything."""
+"""ref.io.validate: the checks every command runs on its values before touching anything."""
 
 from __future__ import annotations
 
 import pytest
 
-from ref import validate
-from ref.errors import RefError
+from ref.io import validate
+from ref.io.errors import RefError
 
 
 def fails(match, fn, *args, **kw):
@@ -30,8 +30,12 @@ def test_numbers():
 def test_device_and_dtype():
     validate.device("--device", "cpu")
     validate.device("--device", None)
-    fails(r"--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto", validate.device,
-          "--device", "gpu0")  # fmt: skip
+    fails(
+        r"--device is 'gpu0'; use cpu, cuda, cuda:N, mps, a comma-separated list or auto",
+        validate.device,
+        "--device",
+        "gpu0",
+    )
     fails(r"--device is 'tpu'", validate.device, "--device", "tpu")
     if not __import__("torch").cuda.is_available():
         fails(r"--device is 'cuda' but (this torch is a CPU build|no CUDA device)", validate.device, "--device", "cuda")

@@ -1,0 +1,1 @@
+"""Attacks on an unlearned model: relearning, ablation, quantisation, few-shot, soft prompts, logit lens, pruning."""

@@ -1,0 +1,1 @@
+"""Evaluation: multiple choice, toxicity with fluency, perplexity, scorers, sampling."""

@@ -1,0 +1,1 @@
+"""Experiments over many runs: sweeps and their launcher, Table 1, figures."""

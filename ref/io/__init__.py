@@ -1,0 +1,1 @@
+"""Input and output: checkpoints, tokenizers, placement, the model registry, data, run folders, checks, errors."""
