@@ -131,7 +131,7 @@ def score(rows: list[dict]) -> dict:
 
 
 def table(res: dict) -> list[str]:
-    """The markdown table of the results (README.md holds it; the test compares)."""
+    """The markdown table of the results (docs/investigations/scorer-agreement.md holds it; the test compares)."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     head = "| texts | n | reference: toxic | Pearson | Spearman | ROC AUC | same side of 0.5 | expected max toxicity: "
     lines = [head + "probe / reference |", "|---|---|---|---|---|---|---|---|"]
@@ -149,7 +149,7 @@ def table(res: dict) -> list[str]:
 
 
 def summary(res: dict) -> str:
-    """The one-line agreement figure README.md puts beside every offline toxicity figure."""
+    """The one-line agreement figure docs/results.md states (the test compares)."""
     a, (name, b) = res["all"], next(iter(res["models"].items()))  # the base model's own continuations come first
     assert name == MODEL
     return (

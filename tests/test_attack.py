@@ -25,8 +25,8 @@ def test_recovery_is_the_share_of_the_unlearning_effect_undone():
 
 
 def test_net_recovery_subtracts_what_the_attack_gives_the_base():
-    # the README's demo: relearning on 60 forget texts brings the unlearned model from 0.450 to 0.700 (recovery 1.0)
-    # and the untouched base from 0.700 to 0.775 (a shift of 0.075 / 0.25 = 0.3): net 1.0 - 0.3 = 0.7
+    # the demo of docs/results.md: relearning on 60 forget texts brings the unlearned model from 0.450 to 0.700
+    # (recovery 1.0) and the untouched base from 0.700 to 0.775 (a shift of 0.075 / 0.25 = 0.3): net 1.0 - 0.3 = 0.7
     base, unlearned = {"U": 0.700, "R": 0.7}, {"U": 0.450, "R": 0.7}
     net = net_recovery(base, unlearned, {"U": 0.775, "R": 0.8}, {"U": 0.700, "R": 0.8})
     assert net["U"] == pytest.approx(0.7) and net["R"] is None

@@ -1,6 +1,7 @@
-"""Why an RMU run's logged retain loss (eq. 3) can jump on one step (issue 16, item 4), measured on SmolLM2-135M.
+"""Why an RMU run's logged retain loss (eq. 3) can jump on one step, measured on SmolLM2-135M
+(docs/investigations/rmu-retain-jump.md).
 
-The issue saw rmu and adaptive-rmu (SmolLM2-135M, toxicity, registry defaults, hub data, 100 steps) log a retain loss
+Hub-data runs of rmu and adaptive-rmu (SmolLM2-135M, toxicity, registry defaults, 100 steps) logged a retain loss
 of 3.78 and 7.83 on step 100 against 0.1-0.6 before. What is measured here:
 
 - the schedule: step 100 is an ordinary step (epoch 0, retain batch 99 of the epoch's shuffle, 4 texts, read once;
@@ -11,7 +12,7 @@ of 3.78 and 7.83 on step 100 against 0.1-0.6 before. What is measured here:
   lifts a batch's eq. 3 by more than 10x (its tokens are steered towards c * u like forget tokens), while a heading
   or a short line lifts it by less than 1.5x, and a batch of four short lines by 3-10x.
 
-Which kind of batch the real step 100 held is a hypothesis: the hub data cannot be read here (README, "Unlearning").
+Which kind of batch the real step 100 held is a hypothesis: the hub data cannot be read here.
 """
 
 from __future__ import annotations

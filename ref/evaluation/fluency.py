@@ -91,7 +91,7 @@ def continuation_nll(
     [len(conts[r])] each. The prompts but their last tokens are prefilled once, left padded, without the LM head;
     the rows select their prompt's keys and values and run right padded. The log-probabilities are computed as the
     sampling pass computes them (ref.evaluation.generate.token_logprobs, the vocabulary as the last dimension: a float32
-    cross_entropy over [B, V, T] logits sums the softmax's denominator less accurately, README "Evaluation")."""
+    cross_entropy over [B, V, T] logits sums the softmax's denominator less accurately)."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad([p[:-1] for p in prompts], tok.pad_id))
     cache = KVCache()

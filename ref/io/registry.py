@@ -223,7 +223,7 @@ UNLEARN_DEFAULTS: dict[str, UnlearnDefaults] = {
     # SmolLM2-135M (30 layers, hidden 576): the reference's layer 7 (a quarter of the depth, as 7 of 32);
     # lr 1e-3: at 5e-5 the cosine forget loss moves by 2% in the 30 demo steps (0.99 -> 0.97), at 1e-3 to 0.33.
     # steering 550: about 5x the median layer-7 token norm (111) on the demo forget corpus (Adaptive RMU's rule).
-    # Revisited by the toxicity sweep of the README ("Sweeps and matched comparisons"): the best lr differs by method
+    # Revisited by the toxicity sweep of docs/results.md ("Sweeps"): the best lr differs by method
     # (ours 3e-3; rmu and adaptive-rmu 3e-4, which did not hold up on a larger evaluation), this table holds one lr
     # for every method and goal, and WMDP was not swept; so the values stay, and a comparison of methods takes each
     # one's sweep-selected, confirmed setting (ref.table1 --from-sweep) instead.
