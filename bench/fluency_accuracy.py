@@ -25,9 +25,13 @@ from ref.io.tokenizer import left_pad
 MODEL = "smollm2-135m"
 
 
-def whole_sequence(model, tok, prompts: list[str], rows: list[list[list[int]]], form: str) -> list[float | None]:
-    """Each continuation's perplexity from one forward over prompt + continuation (32 a batch, left padded): "bvt",
-    float32 cross_entropy over [B, V, T] logits; "f64", float64 log-softmax over the vocabulary."""
+def whole_sequence_perplexities(
+    model, tok, prompts: list[str], rows: list[list[list[int]]], form: str = "last"
+) -> list[list[float | None]]:
+    """Each continuation's perplexity (a trailing EOS dropped; None: an empty continuation) from one forward over its
+    whole prompt + continuation, 32 sequences a batch, left padded: the rescoring without a shared prefill. The NLL
+    of the continuation's tokens: "last", float32 cross_entropy with the vocabulary as the last dimension (as
+    transformers' loss); "bvt", float32 cross_entropy over [B, V, T] logits; "f64", float64 log-softmax."""
     flat = [(tok.encode(p), strip_eos(r, tok.eos_id)) for p, rs in zip(prompts, rows, strict=True) for r in rs]
     todo = [i for i, (_, c) in enumerate(flat) if c]
     ppl: list[float | None] = [None] * len(flat)
@@ -36,14 +40,17 @@ def whole_sequence(model, tok, prompts: list[str], rows: list[list[list[int]]], 
         ids, mask = left_pad([flat[i][0] + flat[i][1] for i in idx], tok.pad_id)
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-        if form == "bvt":
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        targets = ids[:, 1:]
+        if form == "last":
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        elif form == "bvt":
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         else:
-            nll = -torch.log_softmax(logits.double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            nll = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
         for j, i in enumerate(idx):
-            n = len(flat[i][1])
-            ppl[i] = math.exp(float(nll[j, ids.shape[1] - 1 - n :].mean()))
-    return ppl
+            ppl[i] = math.exp(float(nll[j, ids.shape[1] - 1 - len(flat[i][1]) :].mean()))
+    it = iter(ppl)
+    return [[next(it) for _ in rs] for rs in rows]
 
 
 def main() -> int:
@@ -54,10 +61,10 @@ def main() -> int:
     ways = {
         "own log-probabilities (sampling pass)": logprob_perplexities(rows, [lp for _, lp in sampled], tok.eos_id),
         "one prefill a prompt": continuation_perplexities(model, tok, prompts, rows),
+        "float32 cross_entropy over [B, V, T]": whole_sequence_perplexities(model, tok, prompts, rows, "bvt"),
     }
     ways = {name: [v for r in ppl for v in r] for name, ppl in ways.items()}
-    ways["float32 cross_entropy over [B, V, T]"] = whole_sequence(model, tok, prompts, rows, "bvt")
-    f64 = whole_sequence(model, tok, prompts, rows, "f64")
+    f64 = [v for r in whole_sequence_perplexities(model, tok, prompts, rows, "f64") for v in r]
 
     def mean(values: list[float | None]) -> float:
         kept = [v for v in values if v is not None]

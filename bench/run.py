@@ -551,33 +551,6 @@ def rows_launch(models: Models, data, a) -> list[dict]:
     ]
 
 
-def whole_sequence_perplexities(model, tok, prompts: list[str], rows: list[list[list[int]]]) -> list[list[float]]:
-    """The fluency rescoring without a shared prefill, the baseline of ref.evaluation.fluency.continuation_perplexities:
-    every continuation (a trailing EOS dropped) with its whole prompt, 32 sequences a batch, left padded; exp of the
-    mean NLL of the continuation's tokens (cross_entropy over the vocabulary as the last dimension, as transformers'
-    loss; None: an empty continuation)."""
-    import math
-
-    import torch.nn.functional as F
-
-    from ref.evaluation.fluency import strip_eos
-    from ref.io.tokenizer import left_pad
-
-    flat = [(tok.encode(p), strip_eos(r, tok.eos_id)) for p, rs in zip(prompts, rows, strict=True) for r in rs]
-    todo = [i for i, (_, c) in enumerate(flat) if c]
-    ppl = [None] * len(flat)
-    for k in range(0, len(todo), 32):
-        idx = todo[k : k + 32]
-        ids, mask = left_pad([flat[i][0] + flat[i][1] for i in idx], tok.pad_id)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids[:, 1:].shape)
-        for j, i in enumerate(idx):
-            ppl[i] = math.exp(float(nll[j, ids.shape[1] - 1 - len(flat[i][1]) :].mean()))
-    it = iter(ppl)
-    return [[next(it) for _ in rs] for rs in rows]
-
-
 def largest_relative_difference(a: list[list[float | None]], b: list[list[float | None]]) -> float:
     pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
     if any((x is None) != (y is None) for x, y in pairs):
@@ -592,6 +565,7 @@ def rows_fluency(models: Models, data, a) -> list[dict]:
     reference, so the samples are the same): the reference runs each prompt once and the prompt's continuations on its
     KV cache, against the sampling alone, and that rescoring against the rescoring of whole sequences. Each row gives
     the largest relative difference between its perplexities and the whole-sequence rescoring's."""
+    from bench.fluency_accuracy import whole_sequence_perplexities
     from ref import load_model
     from ref.evaluation.fluency import continuation_perplexities
     from ref.evaluation.toxicity import sampled_continuations, toxicity_eval
